@@ -1,0 +1,186 @@
+"""Physically remove groups: the dense, smaller model whose outputs equal the masked one.
+
+``compact(model, groups)`` slices every parameter named by the groups (output
+rows and input columns alike, LoRA factors included), refreshes the width
+attributes of the touched modules (``nn.Linear.in_features``, peft's
+``in_features``/``out_features``, the attention module's head counts) and
+rewrites the config: global widths when every layer ends up alike, otherwise
+transformers' ``per_layer_config`` (layer index -> overrides), which
+:func:`lorashear.load_pretrained` rebuilds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+from .graph.adapters import LayerWidths, adapter_for
+from .graph.groups import Group, removal_plan
+
+logger = logging.getLogger(__name__)
+
+
+def _param_owners(model: torch.nn.Module) -> dict[int, list[tuple[torch.nn.Module, str]]]:
+    owners: dict[int, list[tuple[torch.nn.Module, str]]] = defaultdict(list)
+    for module in model.modules():
+        for attr, p in module._parameters.items():  # noqa: SLF001 - torch's own registry
+            if p is not None:
+                owners[id(p)].append((module, attr))
+    return owners
+
+
+def _base_config(model: torch.nn.Module) -> Any:
+    if hasattr(model, "get_base_model"):
+        return model.get_base_model().config
+    return model.config
+
+
+@torch.no_grad()
+def compact(model: torch.nn.Module, groups: Iterable[Group], *, merge_lora: bool = False) -> torch.nn.Module:
+    """Remove ``groups`` from ``model`` in place and return the (smaller) model.
+
+    Args:
+        model: the model the groups were discovered on (peft-wrapped or not).
+        groups: groups from :func:`lorashear.discover` on this model.
+        merge_lora: merge LoRA into the base weights afterwards and return the plain
+            transformers model (``merge_and_unload``).
+    """
+    groups = list(groups)
+    if not groups:
+        return model.merge_and_unload() if merge_lora and hasattr(model, "merge_and_unload") else model
+    config = _base_config(model)
+    adapter = adapter_for(config)
+    new_widths, hidden_removed = _new_widths(adapter, groups)
+
+    named = dict(model.named_parameters())
+    plan = removal_plan(groups)
+    missing = [n for n in plan if n not in named]
+    if missing:
+        raise ConfigError(f"groups name parameters this model does not have (e.g. {missing[0]}); "
+                          "discover groups on the same model you compact")
+    owners = _param_owners(model)
+    touched: set[int] = set()
+    for name, dims in plan.items():
+        p = named[name]
+        new = p.data
+        for dim, removed in sorted(dims.items()):
+            keep = torch.tensor([i for i in range(new.shape[dim]) if i not in removed], dtype=torch.long,
+                                device=new.device)
+            new = new.index_select(dim, keep)
+        replacement = torch.nn.Parameter(new.contiguous(), requires_grad=p.requires_grad)
+        for module, attr in owners[id(p)]:
+            module._parameters[attr] = replacement  # noqa: SLF001
+            touched.add(id(module))
+    for module in model.modules():
+        if id(module) in touched or _has_touched_child(module, touched):
+            _refresh_widths(module)
+
+    if hidden_removed:
+        _rescale_norms_for_hidden(model, config, hidden_removed)
+    _update_config(model, config, adapter, new_widths)
+    if merge_lora and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return model
+
+
+def _has_touched_child(module: torch.nn.Module, touched: set[int]) -> bool:
+    return any(id(child) in touched for child in module.children())
+
+
+def _refresh_widths(module: torch.nn.Module) -> None:
+    if isinstance(module, torch.nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, torch.nn.Embedding):
+        module.num_embeddings, module.embedding_dim = module.weight.shape
+    base = getattr(module, "base_layer", None)
+    if base is not None and isinstance(base, torch.nn.Linear) and hasattr(module, "in_features"):
+        module.out_features, module.in_features = base.weight.shape
+
+
+def _new_widths(adapter, groups: Sequence[Group]) -> tuple[dict[int, LayerWidths], int]:
+    removed: dict[int, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
+    hidden = set()
+    for g in groups:
+        if g.kind == "hidden_channel":
+            hidden.add(g.index)
+        elif g.layer is not None:
+            removed[g.layer][g.kind].add(g.index)
+    out: dict[int, LayerWidths] = {}
+    for layer in range(adapter.num_layers):
+        w = adapter.layer_widths(layer)
+        r = removed.get(layer, {})
+        kv = w.num_key_value_heads
+        slots = w.num_attention_heads // kv
+        if kv == w.num_attention_heads:  # plain multi-head attention: a head is its own KV group
+            gone = len(r.get("attention_head", set()) | r.get("kv_group", set()))
+            new_kv = kv - gone
+            heads = new_kv
+        else:
+            new_kv = kv - len(r.get("kv_group", set()))
+            heads = new_kv * (slots - len(r.get("attention_head", set())))
+        if heads <= 0 or new_kv <= 0:
+            raise ConfigError(f"layer {layer}: the selection removes every attention head; keep at least one "
+                              "KV group and one query-head slot per layer")
+        out[layer] = LayerWidths(heads, new_kv, w.intermediate_size - len(r.get("mlp_channel", set())))
+    return out, len(hidden)
+
+
+def _rescale_norms_for_hidden(model: torch.nn.Module, config: Any, removed: int) -> None:
+    """RMSNorm over fewer channels: keep outputs equal by scaling weights and epsilon.
+
+    With ``n`` channels of which ``k`` are zero, ``x / sqrt(S/n + eps)`` equals
+    ``sqrt(n/(n-k)) * x / sqrt(S/(n-k) + eps * n/(n-k))``.
+    """
+    n = int(config.hidden_size)
+    kept = n - removed
+    factor = math.sqrt(n / kept)
+    eps_key = "rms_norm_eps" if hasattr(config, "rms_norm_eps") else None
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        eps_attr = next((a for a in ("variance_epsilon", "eps") if hasattr(module, a)), None)
+        if weight is None or eps_attr is None or weight.dim() != 1 or weight.shape[0] != kept:
+            continue
+        offset = 1.0 if "gemma" in type(module).__name__.lower() else 0.0
+        weight.data.copy_((weight.data + offset) * factor - offset)
+        setattr(module, eps_attr, float(getattr(module, eps_attr)) * n / kept)
+    config.hidden_size = kept
+    if eps_key:
+        setattr(config, eps_key, float(getattr(config, eps_key)) * n / kept)
+
+
+def _update_config(model: torch.nn.Module, config: Any, adapter, widths: dict[int, LayerWidths]) -> None:
+    distinct = set(widths.values())
+    layers_name, layers = adapter.decoder_layers(model)
+    # head_dim must not be re-derived from hidden_size // num_attention_heads after pruning
+    config.head_dim = adapter.head_dim
+    if len(distinct) == 1:
+        w = next(iter(distinct))
+        config.per_layer_config = None
+        config.num_attention_heads = w.num_attention_heads
+        config.num_key_value_heads = w.num_key_value_heads
+        config.intermediate_size = w.intermediate_size
+        for idx, layer in enumerate(layers):
+            adapter.apply_layer_widths(layer, config, w)
+        return
+    # heterogeneous: global values stay the largest widths; each layer gets overrides
+    config.per_layer_config = None
+    config.num_attention_heads = max(w.num_attention_heads for w in distinct)
+    config.num_key_value_heads = max(w.num_key_value_heads for w in distinct)
+    config.intermediate_size = max(w.intermediate_size for w in distinct)
+    overrides = {
+        idx: {"num_attention_heads": w.num_attention_heads, "num_key_value_heads": w.num_key_value_heads,
+              "intermediate_size": w.intermediate_size}
+        for idx, w in widths.items()
+    }
+    config.per_layer_config = overrides
+    # Family configs (e.g. LlamaConfig.validate_architecture) check the global head count against
+    # hidden_size; the global values above are the unpruned-style maxima, so reading them is safe.
+    config.allow_global_per_layer_attribute_access = True
+    for idx, layer in enumerate(layers):
+        adapter.apply_layer_widths(layer, config.per_layer_config[idx], widths[idx])
