@@ -34,6 +34,7 @@ class ModelAdapter:
     """Generic decoder-only adapter (LLaMA conventions); families override what differs."""
 
     model_types: tuple[str, ...] = ()
+    supports_hidden_pruning: bool = False
     #: config keys that may differ per layer after pruning
     per_layer_keys: tuple[str, ...] = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
@@ -119,10 +120,23 @@ class ModelAdapter:
 
 
 class LlamaAdapter(ModelAdapter):
-    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo2")
+    model_types = ("llama", "mistral", "qwen2")
+    #: hidden-channel removal is exact here (RMSNorm rescaled, nothing else reads hidden_size at run time)
+    supports_hidden_pruning = True
 
 
-_ADAPTERS: dict[str, type[ModelAdapter]] = {t: LlamaAdapter for t in LlamaAdapter.model_types}
+class NoHiddenAdapter(LlamaAdapter):
+    """Families whose forward reads ``hidden_size`` or shares the norm epsilon with per-head norms
+    (Gemma's embedding scale, Qwen3's q/k norms, Phi-3): hidden channels are reported, never pruned."""
+
+    model_types = ("qwen3", "gemma", "gemma2", "phi3")
+    supports_hidden_pruning = False
+
+
+_ADAPTERS: dict[str, type[ModelAdapter]] = {
+    **{t: LlamaAdapter for t in LlamaAdapter.model_types},
+    **{t: NoHiddenAdapter for t in NoHiddenAdapter.model_types},
+}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_ADAPTERS))
 
 

@@ -189,10 +189,15 @@ def _build_groups(model: torch.nn.Module, trace: TraceResult, named: dict[str, t
             head_atoms[atoms[0]] = "attention_head"
             continue
         for a in atoms:
-            alone = any(
-                not all(np.any(_coords_for(table, trace.param_spaces[p][d], b) >= 0) for b in atoms)
-                for p, d, _ in occurrences.get(a, [])
-            )
+            # the KV-group atom also indexes elements (key/value rows) where the other head atoms do not
+            alone = False
+            for p, d, arr in occurrences.get(a, []):
+                coords, _ = table.coordinates(trace.param_spaces[p][d])
+                by_atom = {table.find(k): v for k, v in coords.items()}
+                mine = arr >= 0
+                if any(np.any(mine & (by_atom.get(b, np.full_like(arr, -1)) < 0)) for b in atoms if b != a):
+                    alone = True
+                    break
             head_atoms[a] = "kv_group" if alone else "attention_head"
     del all_spaces
 
@@ -225,6 +230,9 @@ def _build_groups(model: torch.nn.Module, trace: TraceResult, named: dict[str, t
         if kind != "hidden_channel" and "normalized" in info.tags:
             prunable = False
             reasons.append("normalised over")
+        if kind == "hidden_channel" and not adapter.supports_hidden_pruning:
+            prunable = False
+            reasons.append(f"hidden-channel removal is not exact for model type '{adapter.model_type}'")
         if kind == "hidden_channel" and "mean_centered" in info.tags:
             prunable = False
             reasons.append("LayerNorm mean-centres the hidden channels")
@@ -289,16 +297,6 @@ def _tagged_spaces(table, tag: str) -> list[int]:
         if table.find(sid) == sid and tag in table._info[sid].tags:  # noqa: SLF001
             out.append(sid)
     return out
-
-
-def _coords_for(table, sid: int | None, atom: int) -> np.ndarray:
-    if sid is None:
-        return np.array([-1])
-    coords, _ = table.coordinates(sid)
-    for a, arr in coords.items():
-        if table.find(a) == atom:
-            return arr
-    return np.array([-1])
 
 
 def _order_key(occ: list[tuple[str, int, np.ndarray]], layer_of: dict[str, int]) -> tuple[int, str]:
