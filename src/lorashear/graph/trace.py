@@ -594,14 +594,33 @@ def _arg(args: tuple, kwargs: dict, pos: int, name: str) -> Any:
     return args[pos] if len(args) > pos else None
 
 
+def _configs_to_force_eager(model: torch.nn.Module) -> list[Any]:
+    seen: dict[int, Any] = {}
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation") and id(cfg) not in seen:
+            seen[id(cfg)] = cfg
+    return list(seen.values())
+
+
 def trace_spaces(model: torch.nn.Module, input_ids: torch.Tensor, named_params: dict[str, torch.nn.Parameter]) -> TraceResult:
     """Run ``model(input_ids)`` under :class:`SpaceTracer` and return the coupled spaces."""
     params = {id(p): (n, p) for n, p in named_params.items()}
     tracer = SpaceTracer(params)
     for n, p in named_params.items():
         tracer.ensure_param(n, p)
-    with torch.no_grad(), tracer:
-        output = model(input_ids=input_ids, use_cache=False)
+    attention_mask = torch.ones_like(input_ids)
+    configs = _configs_to_force_eager(model) if input_ids.device.type == "meta" else []
+    saved = [(cfg, cfg._attn_implementation) for cfg in configs]  # noqa: SLF001
+    try:
+        # on meta, the SDPA mask helpers read tensor values; eager attention does not
+        for cfg, _ in saved:
+            cfg._attn_implementation = "eager"  # noqa: SLF001
+        with torch.no_grad(), tracer:
+            output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for cfg, impl in saved:
+            cfg._attn_implementation = impl  # noqa: SLF001
     logits = output.logits if hasattr(output, "logits") else output[0]
     out_spaces = tracer.spaces(logits) or ()
     for s in out_spaces:
