@@ -191,3 +191,35 @@ def test_load_pretrained_accepts_plain_directory(tmp_path) -> None:
     again = lorashear.load_pretrained(tmp_path / "plain")
     with torch.no_grad():
         assert torch.equal(again(IDS).logits, model(IDS).logits)
+
+
+def test_unhandled_operator_error_names_model_type_and_operator() -> None:
+    from types import SimpleNamespace
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = torch.nn.Linear(8, 16)
+            self.down = torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            h = torch.fft.fft(self.up(x)).real  # an operator with no channel rule
+            return x + self.down(h)
+
+    class Odd(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = SimpleNamespace(model_type="oddnet", num_hidden_layers=1, num_attention_heads=1,
+                                          hidden_size=8, vocab_size=11)
+            self.embed = torch.nn.Embedding(11, 8)
+            self.layers = torch.nn.ModuleList([Block()])
+            self.head = torch.nn.Linear(8, 11)
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            h = self.embed(input_ids)
+            for layer in self.layers:
+                h = layer(h)
+            return SimpleNamespace(logits=self.head(h))
+
+    with pytest.raises(lorashear.LorashearError, match=r"oddnet.*fft"):
+        lorashear.discover(Odd())
