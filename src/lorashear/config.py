@@ -109,6 +109,14 @@ def dataclass_from_dict(cls: type[T], values: dict[str, Any]) -> T:
         raise ConfigError(f"bad options for {cls.__name__}: {exc}") from exc
 
 
+def check_known_keys(values: dict[str, Any], *classes: type) -> None:
+    """Reject YAML keys that belong to none of ``classes`` (a typo must not pass silently)."""
+    names = {f.name for cls in classes for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(k for k in values if k.replace("-", "_") not in names)
+    if unknown:
+        raise ConfigError(f"unknown option(s) in config file: {', '.join(unknown)}")
+
+
 def dataclass_from_args(cls: type[T], namespace: argparse.Namespace, yaml_values: dict[str, Any] | None = None) -> T:
     """Build ``cls`` from YAML values overridden by the flags given on the command line."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
