@@ -1,0 +1,415 @@
+"""LHSPG: LoRA Half-Space Projected Gradient (paper Alg. 4), as an optimizer wrapper.
+
+Wrap the optimizer of a peft LoRA model's trainable factors::
+
+    inner = torch.optim.AdamW(lora_params, lr=2e-4)
+    opt = LHSPG(model, graph.prunable(), inner, plan=plan, config=LHSPGConfig(...))
+    for batch in data:
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()          # inner.step(), then the LHSPG update of the base weights
+        opt.zero_grad()
+
+or keep your optimizer and call :meth:`LHSPG.post_step` after each of its steps
+(the "step hook" form). Learning-rate schedulers attach to the inner optimizer.
+
+What one call of :meth:`post_step` does at optimizer step ``k`` (see
+:class:`~lorashear.lhspg.schedule.PruningSchedule` for the timeline):
+
+1. **Progressive forgetting** (inside a period, position ``t``) of every group
+   ``g`` of the current redundant set::
+
+       x~_g = [x + s B A]_g - lambda_g [x]_g / ||[x]_g||,  lambda_g = ||[x]_g|| / (T_p - t)
+            = (1 - 1/(T_p - t)) [x]_g + [s B A]_g
+
+   then the half-space projection ``x~_g = 0`` if ``<x~_g, x_g> < eps ||x_g||^2``
+   (also when ``x_g`` is already 0 [ours]: a group that reached zero stays there);
+   the LoRA part just folded is zeroed: **rows of lora_B** for slices on output
+   rows (q/k/v/gate/up rows), **columns of lora_A** for slices on input columns
+   (o_proj/down_proj columns) — ``s B A[:, j]`` is exactly the contribution of
+   column ``j`` of ``A``, so adding it to ``x[:, j]`` and zeroing ``A[:, j]`` leaves
+   the effective weight ``W = x + s B A`` unchanged. At the period's last step
+   (``T_p - t = 1``) the decay takes all of ``x_g`` and the group is set to
+   exactly 0 (the update of that one step is dropped with it [ours]); the group is
+   then *committed*.
+2. Committed groups are held at exactly zero (base and LoRA slices).
+3. At a period boundary, the next period's redundant groups are selected by
+   saliency (lowest first, per kind, quota ``floor(K/P)``, remainder to the last
+   period). Selection uses the LoRA update accumulated so far, so it runs
+   *before* the merge below [ours].
+4. At a period's end, ``s B A`` is merged into ``x`` for every LoRA layer (the
+   redundant/committed parts are already 0 there), ``B`` is reset to 0 (``A`` is
+   kept, as after peft's own init) and the inner optimizer's state for both
+   factors is cleared: the LoRA restarts from the merged point with the
+   effective weights unchanged.
+
+All group arithmetic is vectorised per weight through
+:class:`~lorashear.lhspg.tables.SliceTable`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..graph.groups import Group
+from .saliency import CRITERIA, criteria, group_statistics, saliency
+from .schedule import PruningSchedule, split_quota
+from .tables import LoraInfo, SliceTable, find_loras, gather, lora_rows, scatter
+from .targets import TargetPlan, layer_rounding
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LHSPGConfig:
+    """Settings of the LHSPG optimizer."""
+
+    warmup_steps: int = field(default=10, metadata={"help": "LoRA-only steps before the first pruning period (T_w)"})
+    num_periods: int = field(default=10, metadata={"help": "number of pruning periods (P)"})
+    period_steps: int = field(default=10, metadata={"help": "optimizer steps per pruning period (T_p)"})
+    epsilon: float = field(default=0.0, metadata={
+        "help": "half-space projection threshold: zero a fading group once <x~,x> < epsilon ||x||^2"})
+    saliency_weights: tuple[float, ...] = field(default=(1.0, 1.0, 1.0, 1.0, 1.0), metadata={
+        "help": "weights of magnitude, avg_magnitude, cosine, taylor_first, taylor_second"})
+    merge_at_period_end: bool = field(default=True, metadata={
+        "help": "merge s*B*A into the base weights at each period's end and restart the LoRA factors"})
+    reset_optimizer_state: bool = field(default=True, metadata={
+        "help": "clear the optimizer state of the LoRA factors when they restart"})
+
+    def __post_init__(self) -> None:
+        self.saliency_weights = tuple(float(w) for w in self.saliency_weights)
+        if len(self.saliency_weights) != len(CRITERIA):
+            raise ConfigError(f"saliency_weights needs {len(CRITERIA)} values ({', '.join(CRITERIA)}), "
+                              f"got {len(self.saliency_weights)}")
+        if any(w < 0 for w in self.saliency_weights) or not any(self.saliency_weights):
+            raise ConfigError("saliency_weights must be >= 0 and not all 0")
+        if self.epsilon < 0:
+            raise ConfigError(f"epsilon must be >= 0, got {self.epsilon}")
+        self.schedule  # validates the step counts
+
+    @property
+    def schedule(self) -> PruningSchedule:
+        return PruningSchedule(self.warmup_steps, self.num_periods, self.period_steps)
+
+
+def _inner(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under wrappers such as accelerate's ``AcceleratedOptimizer``."""
+    while hasattr(optimizer, "optimizer") and not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class LHSPG:
+    """LoRA Half-Space Projected Gradient over a peft LoRA model and its prunable groups.
+
+    Args:
+        model: the peft-wrapped model (unwrapped from DDP) whose parameter names the groups use.
+        groups: candidate groups; only ``prunable`` groups of the plan's kinds are ever selected.
+        optimizer: the optimizer of the LoRA factors (AdamW, SGD, ...), possibly wrapped.
+        plan: how many groups of each kind to remove (:func:`~lorashear.lhspg.targets.plan_targets`).
+        config: schedule and saliency settings.
+        exclude: ids of groups never to select (e.g. unprunable per knowledge analysis).
+        broadcast: in multi-process runs, a function returning rank 0's copy of a list
+            (e.g. ``accelerate.utils.broadcast_object_list``-based) so every rank selects alike.
+    """
+
+    def __init__(self, model: torch.nn.Module, groups: Iterable[Group], optimizer: Any, *, plan: TargetPlan,
+                 config: LHSPGConfig | None = None, exclude: Iterable[int] = (),
+                 broadcast: Callable[[list[int]], list[int]] | None = None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.plan = plan
+        self.config = config or LHSPGConfig()
+        self.schedule = self.config.schedule
+        self.broadcast = broadcast
+        groups = list(groups)
+        excluded = set(exclude)
+        self.candidates: list[Group] = [g for g in groups if g.prunable and g.kind in plan.counts
+                                        and g.id not in excluded]
+        self._pos = {g.id: i for i, g in enumerate(self.candidates)}
+        if len(self._pos) != len(self.candidates):
+            raise ValueError("group ids must be unique")
+        self.params: dict[str, torch.nn.Parameter] = dict(model.named_parameters(remove_duplicate=False))
+        self.loras: dict[str, LoraInfo] = find_loras(model)
+        missing = {s.name for g in self.candidates for s in g.slices} - set(self.params)
+        if missing:
+            raise ValueError(f"groups name parameters the model does not have: {sorted(missing)[:3]}")
+        self._kinds = [k for k in plan.counts if any(g.kind == k for g in self.candidates)]
+        self._layer_width: dict[str, Counter] = {k: Counter(g.layer for g in groups if g.kind == k)
+                                                 for k in self._kinds}
+        self.step_count = 0
+        self.selected_period = -1
+        self.redundant: list[int] = []  # candidate positions of the current period
+        self.committed: list[int] = []
+        self.history: list[dict[str, Any]] = []
+        self.last_zeroed = 0
+        self._red_table: SliceTable | None = None
+        self._hold_list: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+
+    # ---------------------------------------------------------------- optimizer protocol
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """The inner optimizer step on the LoRA factors, then :meth:`post_step`."""
+        loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        self.post_step()
+        return loss
+
+    # ---------------------------------------------------------------- the LHSPG update
+    @torch.no_grad()
+    def post_step(self) -> None:
+        """LHSPG's work after optimizer step number :attr:`step_count` (0-based)."""
+        s = self.step_count
+        sched = self.schedule
+        pos = sched.position(s)
+        period_end = False
+        if pos is not None:
+            p, t = pos
+            if self.selected_period < p:  # T_w = 0: nothing to select from before step 0
+                self._select(p)
+            last = t == sched.period_steps - 1
+            self._forget(t, last)
+            if last:
+                self._commit()
+                period_end = True
+        self._hold()
+        nxt = sched.period_starting_at(s + 1)
+        if nxt is not None and self.selected_period < nxt:
+            self._select(nxt)
+        if period_end and self.config.merge_at_period_end:
+            self.merge_lora()
+        self.step_count += 1
+
+    def _forget(self, t: int, last: bool) -> None:
+        table = self._red_table
+        if table is None or not len(table):
+            self.last_zeroed = 0
+            return
+        n = len(table)
+        c = 1.0 / (self.schedule.period_steps - t)
+        dev = table.entries[0].idx.device
+        norm_sq = torch.zeros(n, dtype=torch.float64, device=dev)
+        inner = torch.zeros(n, dtype=torch.float64, device=dev)
+        pending = []
+        for e in table.base_entries:
+            p = self.params[e.name]
+            x = gather(p, e.dim, e.idx)  # (k, rest) fp32
+            u = lora_rows(self.loras.get(e.name), e.dim, e.idx, p.dim())
+            x_new = x * (1.0 - c) if u is None else x * (1.0 - c) + u
+            norm_sq.index_add_(0, e.gid, (x * x).sum(1).double())
+            inner.index_add_(0, e.gid, (x_new * x).sum(1).double())
+            pending.append((e, p, x_new))
+        zero = (inner < self.config.epsilon * norm_sq) | (norm_sq == 0)
+        if last:
+            zero[:] = True
+        keep = (~zero).to(torch.float32)
+        for e, p, x_new in pending:  # rows before columns (table order)
+            scatter(p, e.dim, e.idx, x_new * keep[e.gid].unsqueeze(1))
+            lora = self.loras.get(e.name)
+            if lora is not None and p.dim() == 2:
+                if e.dim == 0:
+                    lora.B.index_fill_(0, e.idx, 0.0)  # folded rows of s*B*A
+                else:
+                    lora.A.index_fill_(1, e.idx, 0.0)  # folded columns of s*B*A
+        for e in table.lora_entries:
+            self.params[e.name].index_fill_(e.dim, e.idx, 0.0)
+        self.last_zeroed = int(zero.sum())
+
+    def _commit(self) -> None:
+        self.committed.extend(self.redundant)
+        self.redundant = []
+        self._red_table = None
+        self._rebuild_hold()
+
+    def _rebuild_hold(self) -> None:
+        """Index lists that keep committed groups (and their folded LoRA parts) at zero."""
+        self._hold_list = []
+        if not self.committed:
+            return
+        table = SliceTable([self.candidates[i] for i in self.committed], self.params)
+        for (name, dim), idx in table.union().items():
+            p = self.params[name]
+            self._hold_list.append((p, dim, idx))
+            lora = self.loras.get(name)
+            if lora is not None and p.dim() == 2:
+                self._hold_list.append((lora.B, 0, idx) if dim == 0 else (lora.A, 1, idx))
+
+    def _hold(self) -> None:
+        for p, dim, idx in self._hold_list:
+            p.index_fill_(dim, idx, 0.0)
+
+    @torch.no_grad()
+    def merge_lora(self) -> None:
+        """Merge ``s B A`` into every base weight, reset ``B`` to 0 and the factors' optimizer state.
+
+        The effective weights ``x + s B A`` are unchanged."""
+        state = _inner(self.optimizer).state
+        for name, lora in self.loras.items():
+            base = self.params[name]
+            base.add_(lora.delta().to(base.dtype))
+            lora.B.zero_()
+            if self.config.reset_optimizer_state:
+                state.pop(lora.A, None)
+                state.pop(lora.B, None)
+
+    # ---------------------------------------------------------------- selection
+    def _select(self, period: int) -> None:
+        taken = set(self.committed) | set(self.redundant)
+        cands = [i for i in range(len(self.candidates)) if i not in taken]
+        chosen: list[int] = []
+        if cands:
+            table = SliceTable([self.candidates[i] for i in cands], self.params)
+            stats = group_statistics(table, self.params, self.loras)
+            kind_id = {k: j for j, k in enumerate(self._kinds)}
+            clusters = torch.tensor([kind_id.get(self.candidates[i].kind, 0) for i in cands], dtype=torch.long)
+            score = saliency(criteria(stats), self.config.saliency_weights, clusters).cpu().tolist()
+            chosen = self._choose(period, cands, score)
+        if self.broadcast is not None:
+            chosen = list(self.broadcast(chosen))
+        self.redundant = chosen
+        self._red_table = SliceTable([self.candidates[i] for i in chosen], self.params) if chosen else None
+        self.selected_period = period
+        self.history.append({"period": period, "step": self.step_count,
+                             "selected": [self.candidates[i].id for i in chosen]})
+        logger.debug("period %d: %d groups selected", period, len(chosen))
+
+    def _choose(self, period: int, cands: list[int], score: list[float]) -> list[int]:
+        P = self.schedule.num_periods
+        by_kind: dict[str, list[tuple[float, int]]] = defaultdict(list)
+        for i, sc in zip(cands, score):
+            by_kind[self.candidates[i].kind].append((sc, i))
+        removed = Counter(self.candidates[i].kind for i in self.committed)
+        removed_layer = Counter((self.candidates[i].kind, self.candidates[i].layer) for i in self.committed)
+        chosen: list[int] = []
+        claimed: set[tuple[str, int, int]] | None = set() if self._kinds_overlap() else None
+        m = self.plan.round_to
+        for k in self._kinds:
+            items = sorted(by_kind.get(k, []))
+            # never empty a layer: keep at least max(1, round_to) structures of each kind per layer
+            cap = {layer: w - max(1, m) - removed_layer[(k, layer)] for layer, w in self._layer_width[k].items()}
+            per_layer = self.plan.per_layer.get(k) if self.plan.per_layer else None
+            layer_items: dict[Any, list[tuple[float, int]]] = defaultdict(list)
+            for sc, i in items:
+                layer_items[self.candidates[i].layer].append((sc, i))
+            if per_layer is not None:
+                for layer, total in per_layer.items():
+                    q = split_quota(total, P)[period]
+                    chosen += self._take(layer_items.get(layer, []), q, claimed, cap)
+            elif m > 1 and period == P - 1:
+                kept = {layer: w - removed_layer[(k, layer)] for layer, w in self._layer_width[k].items()
+                        if layer in layer_items}
+                take = layer_rounding(kept, {layer: len(v) for layer, v in layer_items.items()},
+                                      self.plan.counts[k] - removed[k], m,
+                                      {layer: [sc for sc, _ in v] for layer, v in layer_items.items()})
+                for layer, q in take.items():
+                    chosen += self._take(layer_items[layer], q, claimed, None)
+            else:
+                q = split_quota(self.plan.counts[k], P)[period]
+                chosen += self._take(items, q, claimed, cap)
+        return chosen
+
+    def _kinds_overlap(self) -> bool:
+        return "kv_group" in self._kinds and "attention_head" in self._kinds
+
+    def _take(self, items: Sequence[tuple[float, int]], q: int, claimed: set[tuple[str, int, int]] | None,
+              cap: dict[Any, int] | None) -> list[int]:
+        """The ``q`` lowest-saliency items, skipping layers at their cap and (with overlapping
+        kinds) groups sharing a slice with one already chosen this period."""
+        out: list[int] = []
+        for _, i in items:
+            if len(out) >= q:
+                break
+            layer = self.candidates[i].layer
+            if cap is not None and layer is not None and cap.get(layer, 1) <= 0:
+                continue
+            if claimed is not None:
+                keys = {(s.name, s.dim, j) for s in self.candidates[i].slices for j in s.indices}
+                if keys & claimed:
+                    continue
+                claimed |= keys
+            if cap is not None and layer is not None and layer in cap:
+                cap[layer] -= 1
+            out.append(i)
+        if len(out) < q:
+            logger.warning("only %d of %d groups could be selected (per-layer minimum widths)", len(out), q)
+        return out
+
+    # ---------------------------------------------------------------- reporting / state
+    @property
+    def selected_groups(self) -> list[Group]:
+        """Committed groups followed by the current period's redundant ones."""
+        return [self.candidates[i] for i in self.committed + self.redundant]
+
+    @property
+    def committed_groups(self) -> list[Group]:
+        return [self.candidates[i] for i in self.committed]
+
+    @property
+    def target_groups(self) -> int:
+        return sum(self.plan.counts.values())
+
+    def sparsity(self) -> float:
+        """Fraction of the candidate groups that are committed (exactly zero)."""
+        return len(self.committed) / max(1, len(self.candidates))
+
+    @property
+    def phase(self) -> str:
+        pos = self.schedule.position(self.step_count)
+        if self.step_count < self.schedule.warmup_steps:
+            return "warmup"
+        return f"period {pos[0]}" if pos is not None else "finetune"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step_count": self.step_count,
+            "selected_period": self.selected_period,
+            "redundant": [self.candidates[i].id for i in self.redundant],
+            "committed": [self.candidates[i].id for i in self.committed],
+            "history": self.history,
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step_count"])
+        self.selected_period = int(state["selected_period"])
+        self.redundant = [self._pos[i] for i in state["redundant"]]
+        self.committed = [self._pos[i] for i in state["committed"]]
+        self.history = list(state["history"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._red_table = (SliceTable([self.candidates[i] for i in self.redundant], self.params)
+                           if self.redundant else None)
+        self._rebuild_hold()
+
+
+def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable parameters of a peft model (the LoRA factors)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], name: str = "adamw", lr: float = 2e-4,
+                   weight_decay: float = 0.0, momentum: float = 0.9) -> torch.optim.Optimizer:
+    """AdamW or SGD over ``params`` (the inner optimizer of :class:`LHSPG`)."""
+    params = list(params)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ConfigError(f"unknown optimizer {name!r}; use adamw or sgd")
+
+
+def effective_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``x + s B A`` for every LoRA base weight (fp32 copies), keyed by the base weight's name."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {name: params[name].detach().float() + lora.delta() for name, lora in find_loras(model).items()}

@@ -1,0 +1,286 @@
+"""Translate a parameter-ratio target into numbers of groups to prune.
+
+The target is a fraction of the *whole* model's parameters (embeddings counted,
+LoRA not counted: LoRA is merged away before the model is saved). It is split
+over the group kinds being pruned (a *cluster*: ``attention`` = query-head slots
+and KV groups, ``mlp`` = MLP channels, ``hidden`` = residual channels):
+
+- default [ours]: every kind loses the same fraction of its prunable parameters;
+- per-cluster ratios (``attention_ratio`` / ``mlp_ratio``): that fraction of the
+  cluster's prunable parameters; the other clusters make up the rest of ``ratio``
+  when it is given;
+- ``uniform_per_layer``: the same number of groups per layer (the saved model
+  then has a plain Hugging Face config);
+- ``round_to``: kept widths per layer (channels, head slots) are multiples of it.
+
+Group counts are rounded so the removed parameters are as close as possible to
+the target; :class:`TargetPlan` records what is expected, the run reports what
+was achieved.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError
+from ..graph.groups import GROUP_KINDS, Group
+
+CLUSTER_OF_KIND: dict[str, str] = {
+    "attention_head": "attention",
+    "kv_group": "attention",
+    "mlp_channel": "mlp",
+    "hidden_channel": "hidden",
+}
+
+
+@dataclass
+class TargetConfig:
+    """How much to prune and how to spread it."""
+
+    ratio: float | None = field(default=None, metadata={
+        "help": "fraction of all model parameters to remove (embeddings counted), e.g. 0.2"})
+    attention_ratio: float | None = field(default=None, metadata={
+        "help": "fraction of the attention cluster's prunable parameters to remove (overrides the even split)"})
+    mlp_ratio: float | None = field(default=None, metadata={
+        "help": "fraction of the MLP cluster's prunable parameters to remove (overrides the even split)"})
+    uniform_per_layer: bool = field(default=False, metadata={
+        "help": "remove the same number of groups of each kind in every layer (plain HF config)"})
+    round_to: int = field(default=1, metadata={
+        "help": "keep per-layer widths (channels, head slots) a multiple of this"})
+    kinds: tuple[str, ...] = field(default=("attention_head", "mlp_channel"), metadata={
+        "help": "group kinds to prune: attention_head, kv_group, mlp_channel, hidden_channel"})
+
+    def __post_init__(self) -> None:
+        self.kinds = tuple(self.kinds)
+        for name in ("ratio", "attention_ratio", "mlp_ratio"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {value}")
+        if self.ratio is None and self.attention_ratio is None and self.mlp_ratio is None:
+            raise ConfigError("give a target: --ratio, or --attention-ratio / --mlp-ratio")
+        if self.round_to < 1:
+            raise ConfigError(f"round_to must be >= 1, got {self.round_to}")
+        bad = [k for k in self.kinds if k not in GROUP_KINDS]
+        if bad or not self.kinds:
+            raise ConfigError(f"unknown group kind(s) {bad}; choose from {', '.join(GROUP_KINDS)}")
+
+    def cluster_ratio(self, cluster: str) -> float | None:
+        return {"attention": self.attention_ratio, "mlp": self.mlp_ratio}.get(cluster)
+
+
+@dataclass
+class TargetPlan:
+    """Groups to remove per kind (and per layer in uniform mode), with the expected parameter drop."""
+
+    counts: dict[str, int]
+    group_params: dict[str, float]
+    total_params: int
+    embedding_params: int
+    target_params: int
+    expected_removed: int
+    per_layer: dict[str, dict[int, int]] | None = None
+    round_to: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def expected_ratio(self) -> float:
+        return self.expected_removed / self.total_params
+
+    @property
+    def target_ratio(self) -> float:
+        return self.target_params / self.total_params
+
+    @property
+    def expected_non_embedding_ratio(self) -> float:
+        return self.expected_removed / max(1, self.total_params - self.embedding_params)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "counts": dict(self.counts),
+            "group_params": dict(self.group_params),
+            "per_layer": {k: {str(layer): n for layer, n in v.items()} for k, v in self.per_layer.items()}
+            if self.per_layer else None,
+            "round_to": self.round_to,
+            "total_params": self.total_params,
+            "embedding_params": self.embedding_params,
+            "target_params": self.target_params,
+            "target_ratio": self.target_ratio,
+            "expected_removed": self.expected_removed,
+            "expected_ratio": self.expected_ratio,
+            "expected_non_embedding_ratio": self.expected_non_embedding_ratio,
+            "notes": list(self.notes),
+        }
+
+
+def _layer_widths(all_groups: Sequence[Group], kind: str) -> dict[int, int]:
+    widths: dict[int, int] = defaultdict(int)
+    for g in all_groups:
+        if g.kind == kind and g.layer is not None:
+            widths[g.layer] += 1
+    return dict(widths)
+
+
+def plan_targets(
+    candidates: Sequence[Group],
+    *,
+    total_params: int,
+    embedding_params: int,
+    config: TargetConfig,
+    all_groups: Sequence[Group] | None = None,
+) -> TargetPlan:
+    """Number of groups of each kind to prune so the parameter drop is closest to the target.
+
+    Args:
+        candidates: prunable groups that may be selected (unprunable ones already removed).
+        total_params: parameters of the model without LoRA (tied weights once).
+        embedding_params: input embeddings (+ an untied output head), for the non-embedding ratio.
+        config: the target.
+        all_groups: every group of the graph, for per-layer widths (defaults to ``candidates``).
+    """
+    all_groups = list(all_groups if all_groups is not None else candidates)
+    by_kind: dict[str, list[Group]] = defaultdict(list)
+    for g in candidates:
+        if g.kind in config.kinds and g.prunable:
+            by_kind[g.kind].append(g)
+    kinds = [k for k in config.kinds if by_kind.get(k)]
+    notes: list[str] = []
+    if not kinds:
+        raise ConfigError(f"no prunable groups of kind(s) {', '.join(config.kinds)}")
+    size = {k: sum(g.base_params for g in by_kind[k]) / len(by_kind[k]) for k in kinds}
+    pool = {k: sum(g.base_params for g in by_kind[k]) for k in kinds}
+
+    # Desired parameters removed per kind.
+    desired: dict[str, float] = {}
+    fixed = [k for k in kinds if config.cluster_ratio(CLUSTER_OF_KIND[k]) is not None]
+    free = [k for k in kinds if k not in fixed]
+    for k in fixed:
+        desired[k] = config.cluster_ratio(CLUSTER_OF_KIND[k]) * pool[k]  # type: ignore[operator]
+    if config.ratio is not None:
+        target = config.ratio * total_params
+        rest = target - sum(desired.values())
+        free_pool = sum(pool[k] for k in free)
+        if rest < 0:
+            notes.append("the per-cluster ratios alone exceed --ratio; --ratio is not reached exactly")
+            rest = 0.0
+        if free and rest > free_pool:
+            raise ConfigError(
+                f"ratio {config.ratio:.3f} is unreachable: the prunable groups hold at most "
+                f"{(free_pool + sum(desired.values())) / total_params:.3f} of the model")
+        if not free and rest > 0:
+            notes.append("every pruned cluster has a fixed ratio; --ratio is reported, not enforced")
+        for k in free:
+            desired[k] = rest * pool[k] / free_pool if free_pool else 0.0
+    else:
+        for k in free:
+            desired[k] = 0.0
+        target = sum(desired.values())
+
+    # never empty a layer: at most width - max(1, round_to) structures of a kind per layer
+    m = config.round_to
+    limit: dict[str, int] = {}
+    for k in kinds:
+        widths = _layer_widths(all_groups, k)
+        per: dict[object, int] = defaultdict(int)
+        for g in by_kind[k]:
+            per[g.layer] += 1
+        limit[k] = sum(n if layer is None else min(n, max(0, widths.get(layer, n) - max(1, m)))
+                       for layer, n in per.items())
+    counts = {k: min(limit[k], max(0, round(desired[k] / size[k]))) for k in kinds}
+    per_layer: dict[str, dict[int, int]] | None = None
+    if config.uniform_per_layer:
+        per_layer = {}
+        step_size: dict[str, float] = {}
+        for k in kinds:
+            layers: dict[int, int] = defaultdict(int)
+            for g in by_kind[k]:
+                if g.layer is None:
+                    raise ConfigError(f"uniform_per_layer cannot spread {k} groups: they span layers")
+                layers[g.layer] += 1
+            widths = _layer_widths(all_groups, k)
+            if len(set(widths.values())) > 1:
+                notes.append(f"{k}: layers differ in width; uniform mode removes the same count from each")
+            n_layers = len(layers)
+            width = min(widths[layer] for layer in layers)
+            cap = min(min(layers.values()), max(0, width - max(1, m)))
+            feasible = [q for q in range(0, cap + 1) if (width - q) % m == 0 or q == 0]
+            want = counts[k] / n_layers
+            q = min(feasible, key=lambda q: abs(q - want))
+            per_layer[k] = {layer: q for layer in sorted(layers)}
+            counts[k] = q * n_layers
+            step_size[k] = size[k] * n_layers * m
+            if len(layers) < len(widths):
+                notes.append(f"{k}: {len(widths) - len(layers)} layer(s) are unprunable; the saved config "
+                             "has per-layer sizes")
+        # Tune the finest-grained kind to land closest to the target.
+        fine = min(kinds, key=lambda k: step_size[k])
+        per_layer, counts = _tune_uniform(per_layer, counts, fine, size, target, by_kind, all_groups, m)
+    else:
+        fine = min(kinds, key=lambda k: size[k])
+        removed = sum(counts[k] * size[k] for k in kinds)
+        if config.ratio is not None and fine in free:
+            extra = round((target - removed) / size[fine])
+            counts[fine] = min(limit[fine], max(0, counts[fine] + extra))
+    expected = int(round(sum(counts[k] * size[k] for k in kinds)))
+    if config.ratio is not None and abs(expected - target) > 0.005 * total_params:
+        notes.append(f"closest reachable: {expected / total_params:.4f} for a target of {config.ratio:.4f}")
+    for k in config.kinds:
+        if k not in kinds:
+            notes.append(f"no prunable {k} groups")
+    return TargetPlan(counts=counts, group_params=size, total_params=total_params,
+                      embedding_params=embedding_params, target_params=int(round(target)),
+                      expected_removed=expected, per_layer=per_layer, round_to=m, notes=notes)
+
+
+def _tune_uniform(per_layer, counts, fine, size, target, by_kind, all_groups, m):
+    layers = per_layer[fine]
+    n_layers = len(layers)
+    q = next(iter(layers.values()))
+    widths = _layer_widths(all_groups, fine)
+    width = min(widths[layer] for layer in layers)
+    cap = min(min(sum(1 for g in by_kind[fine] if g.layer == layer) for layer in layers), max(0, width - max(1, m)))
+    others = sum(counts[k] * size[k] for k in counts if k != fine)
+    feasible = [c for c in range(0, cap + 1) if (width - c) % m == 0 or c == 0]
+    best = min(feasible, key=lambda c: (abs(others + c * n_layers * size[fine] - target), abs(c - q)))
+    per_layer[fine] = {layer: best for layer in layers}
+    counts[fine] = best * n_layers
+    return per_layer, counts
+
+
+def layer_rounding(kept_widths: dict[int, int], removable: dict[int, int], want_removed: int,
+                   m: int, cost: dict[int, list[float]]) -> dict[int, int]:
+    """Choose how many more groups to remove per layer so every kept width is a multiple of ``m``
+    and the total removed is closest to ``want_removed``.
+
+    Args:
+        kept_widths: current kept width per layer (before this removal).
+        removable: candidates left per layer.
+        want_removed: how many groups to remove in total now.
+        m: the multiple.
+        cost: per layer, the saliencies of its candidates in increasing order.
+
+    Returns ``{layer: count}``. Greedy: first remove ``kept % m`` from every layer (forced),
+    then add blocks of ``m`` from the layer whose next block is cheapest until the total is closest.
+    """
+    take = {}
+    for layer, kept in kept_widths.items():
+        forced = kept % m
+        take[layer] = min(forced, removable.get(layer, 0)) if forced <= removable.get(layer, 0) else 0
+    total = sum(take.values())
+    while True:
+        best_layer, best_cost = None, math.inf
+        for layer in kept_widths:
+            n = take[layer]
+            if n + m > removable.get(layer, 0) or kept_widths[layer] - n - m < m:
+                continue
+            c = sum(cost[layer][n:n + m])
+            if c < best_cost:
+                best_layer, best_cost = layer, c
+        if best_layer is None or abs(total + m - want_removed) >= abs(total - want_removed):
+            break
+        take[best_layer] += m
+        total += m
+    return take
