@@ -29,6 +29,13 @@ _LAZY = {
     "save_pretrained": "lorashear.export",
     "load_pretrained": "lorashear.export",
     "LorashearError": "lorashear.errors",
+    "LHSPG": "lorashear.lhspg",
+    "LHSPGConfig": "lorashear.lhspg",
+    "TargetConfig": "lorashear.lhspg",
+    "plan_targets": "lorashear.lhspg",
+    "PruneConfig": "lorashear.training.prune",
+    "TrainConfig": "lorashear.training",
+    "run_prune": "lorashear.training.prune",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])
@@ -38,6 +45,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import LorashearError
     from .export import load_pretrained, save_pretrained
     from .graph.discover import discover
+    from .lhspg import LHSPG, LHSPGConfig, TargetConfig, plan_targets
+    from .training import TrainConfig
+    from .training.prune import PruneConfig, run_prune
     from .graph.groups import Group, StructureGraph, zero_groups
     from .models.loading import load_model, load_tokenizer
     from .models.reference import REFERENCE_MODEL_NAME
