@@ -1,0 +1,34 @@
+"""Knowledge distribution analysis (paper Alg. 3): find the node groups that must never be pruned.
+
+    from lorashear.knowledge import KnowledgeConfig, analyze_knowledge, load_knowledge
+    result = analyze_knowledge(model, graph, tokens, KnowledgeConfig(ratios=(0.2, 0.5), gamma=0.2))
+    result.save(out_dir)                        # knowledge.json
+    keep = load_knowledge(out_dir).unprunable_groups(graph)
+"""
+
+from .analysis import (
+    BLOCK_KINDS,
+    NodeGroup,
+    Proxy,
+    SliceSnapshot,
+    analyze_knowledge,
+    avg_magnitude_proxy,
+    deviation,
+    magnitude_proxy,
+    masked,
+    mean_token_nll,
+    node_groups,
+    random_proxy,
+    rank_scores,
+    resolve_proxy,
+)
+from .config import KnowledgeConfig, num_to_prune, num_unprunable
+from .plot import plot_knowledge
+from .result import KNOWLEDGE_FILENAME, KnowledgeResult, NodeGroupResult, load_knowledge
+
+__all__ = [
+    "BLOCK_KINDS", "KNOWLEDGE_FILENAME", "KnowledgeConfig", "KnowledgeResult", "NodeGroup", "NodeGroupResult",
+    "Proxy", "SliceSnapshot", "analyze_knowledge", "avg_magnitude_proxy", "deviation", "load_knowledge",
+    "magnitude_proxy", "masked", "mean_token_nll", "node_groups", "num_to_prune", "num_unprunable",
+    "plot_knowledge", "random_proxy", "rank_scores", "resolve_proxy",
+]
