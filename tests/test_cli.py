@@ -39,7 +39,8 @@ def test_unknown_model_is_one_line_exit_2(argv, capsys) -> None:
 
 def test_missing_data_file_is_one_line_exit_2(tmp_path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "lorashear", "-q", "run", "--eval-data", str(tmp_path / "missing.txt")],
+        [sys.executable, "-m", "lorashear", "-q", "analyze", "smollm2-135m-instruct", "--data",
+         str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.strip().splitlines() if "error" in line]
