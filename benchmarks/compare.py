@@ -416,11 +416,12 @@ def notes(rows: list[dict], ratios: list[float], a: argparse.Namespace) -> list[
             docs = a.limit * max(1, len(l["tasks"]))
             noise = 2 * (2 * 0.25 / docs) ** 0.5  # ~2 standard errors of a difference of two mean accuracies
             within = abs((l["mean_acc"] or 0) - (t["mean_acc"] or 0)) < noise
+            acc_part = (f"its average zero-shot acc is {'higher' if l['mean_acc'] > t['mean_acc'] else 'not higher'} "
+                        f"({l['mean_acc']:.4f} vs {t['mean_acc']:.4f}), but within noise (~2 s.e. = {noise:.3f} at "
+                        f"{docs} documents), so no winner on accuracy" if within
+                        else f"it {verdict_acc} it on average zero-shot acc ({l['mean_acc']:.4f} vs {t['mean_acc']:.4f})")
             out.append(f"- {pct}%, equal budget B: lorashear {verdict_ppl} Torch-Pruning + LoRA on held-out "
-                       f"perplexity ({l['perplexity']:.2f} vs {t['perplexity']:.2f}) and {verdict_acc} it on "
-                       f"average zero-shot acc ({l['mean_acc']:.4f} vs {t['mean_acc']:.4f}"
-                       + (f"; a difference within noise, ~2 s.e. = {noise:.3f} at {docs} documents)." if within
-                          else ")."))
+                       f"perplexity ({l['perplexity']:.2f} vs {t['perplexity']:.2f}); {acc_part}.")
         else:
             out.append(f"- {pct}%: the equal-budget comparison (lorashear vs Torch-Pruning + LoRA) is incomplete; "
                        "see the status column.")
