@@ -50,3 +50,21 @@ def test_missing_data_file_is_one_line_exit_2(tmp_path) -> None:
 def test_module_entry_point_runs() -> None:
     proc = subprocess.run([sys.executable, "-m", "lorashear", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and "lorashear" in proc.stdout
+
+
+def test_groups_json_and_table(tmp_path, capsys) -> None:
+    import json
+
+    from tiny_models import tiny_model
+
+    tiny_model("qwen3").save_pretrained(tmp_path / "m")
+    assert main(["-q", "groups", str(tmp_path / "m"), "--json", "--lora-rank", "2"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["model_type"] == "qwen3" and data["lora"] is True
+    kinds = {g["kind"] for g in data["groups"]}
+    assert kinds == {"attention_head", "kv_group", "mlp_channel"}
+    mlp = next(g for g in data["groups"] if g["kind"] == "mlp_channel")
+    assert any("lora_B" in s[0] for s in mlp["slices"]) and mlp["layer"] == 0
+    assert main(["-q", "groups", str(tmp_path / "m"), "--per-layer"]) == 0
+    table = capsys.readouterr().out
+    assert "mlp_channel" in table and "query-head slots" in table
