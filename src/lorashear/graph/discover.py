@@ -156,6 +156,8 @@ def _build_groups(model: torch.nn.Module, trace: TraceResult, named: dict[str, t
 
     # atom -> list of (param, dim, coords)
     occurrences: dict[int, list[tuple[str, int, np.ndarray]]] = defaultdict(list)
+    #: (param, dim) -> {atom: coordinate array}, computed once and reused when classifying heads
+    dim_coords: dict[tuple[str, int], dict[int, np.ndarray]] = {}
     blocked_atoms: set[int] = set()
     for pname, spaces in trace.param_spaces.items():
         for dim, sid in enumerate(spaces):
@@ -166,8 +168,10 @@ def _build_groups(model: torch.nn.Module, trace: TraceResult, named: dict[str, t
                 continue
             coords, blocked = table.coordinates(sid)
             blocked_atoms |= blocked
-            for atom, arr in coords.items():
-                occurrences[table.find(atom)].append((pname, dim, arr))
+            by_atom = {table.find(atom): arr for atom, arr in coords.items()}
+            dim_coords[(pname, dim)] = by_atom
+            for atom, arr in by_atom.items():
+                occurrences[atom].append((pname, dim, arr))
 
     # hidden atoms: those of the embedding output (dim 1 of an embedding weight traced as 'vocab' x hidden)
     hidden_atoms: set[int] = set()
@@ -178,7 +182,6 @@ def _build_groups(model: torch.nn.Module, trace: TraceResult, named: dict[str, t
     # head spaces: spaces tagged attention_heads -> their atoms
     head_atoms: dict[int, str] = {}
     seen_head_spaces: set[int] = set()
-    all_spaces = {table.find(s) for sp in trace.param_spaces.values() for s in sp if s is not None}
     candidate_heads = _tagged_spaces(table, "attention_heads")
     for hs in candidate_heads:
         if hs in seen_head_spaces:
@@ -192,14 +195,12 @@ def _build_groups(model: torch.nn.Module, trace: TraceResult, named: dict[str, t
             # the KV-group atom also indexes elements (key/value rows) where the other head atoms do not
             alone = False
             for p, d, arr in occurrences.get(a, []):
-                coords, _ = table.coordinates(trace.param_spaces[p][d])
-                by_atom = {table.find(k): v for k, v in coords.items()}
+                by_atom = dim_coords[(p, d)]
                 mine = arr >= 0
                 if any(np.any(mine & (by_atom.get(b, np.full_like(arr, -1)) < 0)) for b in atoms if b != a):
                     alone = True
                     break
             head_atoms[a] = "kv_group" if alone else "attention_head"
-    del all_spaces
 
     groups: list[Group] = []
     notes: list[str] = []
