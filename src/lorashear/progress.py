@@ -1,9 +1,12 @@
-"""Progress bars follow ``lorashear -q`` (which sets ``LORASHEAR_DISABLE_PROGRESS``)."""
+"""One switch for every progress bar: ``lorashear -q`` sets ``LORASHEAR_DISABLE_PROGRESS``."""
 
 from __future__ import annotations
 
 import os
 
+PROGRESS_ENV = "LORASHEAR_DISABLE_PROGRESS"
+
 
 def progress_disabled() -> bool:
-    return os.environ.get("LORASHEAR_DISABLE_PROGRESS", "").strip().lower() not in ("", "0", "false", "no")
+    """True when ``$LORASHEAR_DISABLE_PROGRESS`` is set to anything but empty, 0, false or no."""
+    return os.environ.get(PROGRESS_ENV, "").strip().lower() not in ("", "0", "false", "no")

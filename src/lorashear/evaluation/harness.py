@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, LorashearError
-from ._progress import progress_disabled
+from ..progress import progress_disabled
 from .tasks import TASK_PREFIX, expand_task_names, is_offline_task, task_chance, temporary_task_dir
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, DataError
-from ._progress import progress_disabled
+from ..progress import progress_disabled
 
 if TYPE_CHECKING:
     import torch

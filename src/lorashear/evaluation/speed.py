@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, LorashearError
-from ._progress import progress_disabled
+from ..progress import progress_disabled
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

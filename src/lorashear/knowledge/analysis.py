@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,6 +32,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from ..graph.groups import Group, GroupKind, StructureGraph, removal_plan, zero_groups
+from ..progress import progress_disabled
 from .config import KnowledgeConfig, num_to_prune, num_unprunable
 
 logger = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ def rank_scores(scores: Sequence[float], gamma: float) -> tuple[list[int], list[
 def _progress_disabled(progress: bool | None) -> bool:
     if progress is not None:
         return not progress
-    return bool(os.environ.get("LORASHEAR_DISABLE_PROGRESS"))
+    return progress_disabled()
 
 
 def check_tokens(tokens: torch.Tensor) -> torch.Tensor:

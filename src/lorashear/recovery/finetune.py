@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from ..errors import ConfigError, DataError
-from ..evaluation._progress import progress_disabled
+from ..progress import progress_disabled
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -34,6 +34,7 @@ from ..errors import ConfigError
 from ..graph.groups import Group
 from ..lhspg.optimizer import LHSPG, LHSPGConfig, lora_parameters, make_optimizer
 from ..lhspg.targets import TargetPlan
+from ..progress import progress_disabled
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -135,8 +136,7 @@ def batch_indices(num_sequences: int, micro_index: int, batch_size: int, *, seed
 
 
 def _progress_disabled(cfg: TrainConfig, accelerator: Any) -> bool:
-    return (not cfg.progress or not accelerator.is_local_main_process
-            or os.environ.get("LORASHEAR_DISABLE_PROGRESS", "") not in ("", "0"))
+    return not cfg.progress or not accelerator.is_local_main_process or progress_disabled()
 
 
 def train_lhspg(
