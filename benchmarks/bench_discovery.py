@@ -33,10 +33,9 @@ def main() -> None:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if args.lora_rank:
-        from peft import LoraConfig, get_peft_model
+        from lorashear.models.lora import LoraSettings, attach_lora
 
-        model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=[
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        model = attach_lora(model, LoraSettings(r=args.lora_rank, alpha=2 * args.lora_rank, dropout=0.0))
     n_params = sum(p.numel() for p in model.parameters())
     rss_before = peak_rss_mib()
     start = time.perf_counter()

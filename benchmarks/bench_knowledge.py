@@ -28,7 +28,7 @@ def load_tokens(args, tokenizer, config):
         if len(ids) < need:
             ids = (ids * (need // max(len(ids), 1) + 1))[:need]
         return torch.tensor(ids[:need]).view(config.num_sequences, config.seq_len), f"file:{args.text_file}"
-    from lorashear.commands.analyze import build_eval_tokens
+    from lorashear.stages.analyze import build_eval_tokens
 
     return build_eval_tokens(tokenizer, config), config.data
 

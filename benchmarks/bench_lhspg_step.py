@@ -99,11 +99,10 @@ def main(argv=None) -> int:
     if args.shape == "7b" and args.device == "cpu" and not args.layers:
         ap.error("--shape 7b on CPU needs --layers (e.g. --layers 1)")
 
-    from peft import LoraConfig, get_peft_model
-
     import lorashear
     from lorashear.lhspg import LHSPG, LHSPGConfig, TargetConfig, plan_targets
-    from lorashear.training.prune import count_params, embedding_params
+    from lorashear.models.lora import LoraSettings, attach_lora
+    from lorashear.models.params import count_params, embedding_params
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -111,8 +110,7 @@ def main(argv=None) -> int:
     model = build_model(args, dtype)
     before = count_params(model)
     emb = embedding_params(model)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model = attach_lora(model, LoraSettings(r=8, alpha=16, dropout=0.0))  # q,k,v,o,gate,up,down
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     t = time.perf_counter()

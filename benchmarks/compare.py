@@ -235,11 +235,13 @@ class Bench:
         if hit:
             return hit
         import lorashear
+        from lorashear.config import config_from_dict
         from lorashear.recovery import FinetuneConfig, finetune
 
         a = self.args
         model = lorashear.load_model(source_dir)
-        cfg = FinetuneConfig(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, seed=a.seed)
+        cfg = config_from_dict(FinetuneConfig, {"steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
+                                                "lr": a.lr, "seed": a.seed})
         result = finetune(model, self.tokenizer, self.train_ids(), cfg)
         out = self.work / name
         lorashear.save_pretrained(result.model, out, self.tokenizer)

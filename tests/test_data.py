@@ -1,8 +1,13 @@
-"""Tests for lorashear.data: spec grammar, readers, packing, built-ins, hub errors."""
+"""Tests for lorashear.data: spec grammar, readers, packing, built-ins, hub errors.
+
+Packing uses the reference tokenizer and the built-ins need the set-up corpora: those tests are
+marked integration.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -18,7 +23,7 @@ from lorashear.data import (
     parse_data_spec,
     prepare_builtin_data,
 )
-from lorashear.data.builtin import builtin_document_ids
+from lorashear.data.builtin import BUILTIN_ALIASES, builtin_document_ids
 from lorashear.data.rlazyload import unserialize
 from lorashear.data.splits import split_documents
 from lorashear.errors import ConfigError, DataError, LorashearError
@@ -106,7 +111,7 @@ def test_read_json_list_and_instruction_records(tmp_path):
 
 
 def test_read_parquet(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa  # a dependency of datasets, so always installed
     import pyarrow.parquet as pq
 
     path = tmp_path / "a.parquet"
@@ -166,7 +171,7 @@ def test_describe_local(tmp_path):
     info = describe(str(tmp_path / "a.txt"))
     assert info["kind"] == "local" and info["num_texts"] == 2 and info["num_words"] == 3
     assert info["split"] == "all" and len(info["sha256"]) == 64
-    json.dumps(info)
+    assert json.loads(json.dumps(info)) == info  # JSON-ready as it is
 
 
 # --- hub ----------------------------------------------------------------------------------------
@@ -189,24 +194,44 @@ def _documents(n: int = 12) -> list[str]:
     return [f"Document number {i}. {PARAGRAPH}" for i in range(n)]
 
 
+@pytest.mark.integration
 def test_pack_shape_and_dtype(tokenizer):
     packed = pack_texts(_documents(), tokenizer, seq_len=32, num_sequences=5)
     assert packed.shape == (5, 32) and packed.dtype == torch.long
 
 
+@pytest.mark.integration
 def test_pack_same_seed_same_tensor(tokenizer):
     a = pack_texts(_documents(), tokenizer, seq_len=16, seed=3)
     b = pack_texts(_documents(), tokenizer, seq_len=16, seed=3)
     assert torch.equal(a, b)
 
 
+@pytest.mark.integration
 def test_pack_different_seed_different_order(tokenizer):
     a = pack_texts(_documents(), tokenizer, seq_len=16, seed=0)
     b = pack_texts(_documents(), tokenizer, seq_len=16, seed=1)
     assert a.shape == b.shape and not torch.equal(a, b)
-    assert sorted(a.flatten().tolist()) != [] and a.numel() == b.numel()
+    # both hold whole documents joined by EOS, the same documents in a different order
+    encoded = [tuple(tokenizer(d, add_special_tokens=False)["input_ids"]) for d in _documents()]
+
+    def documents_in(packed):  # the documents that end inside the packed tokens, in order
+        documents, current = [], []
+        for token in packed.flatten().tolist():
+            if token == tokenizer.eos_token_id:
+                documents.append(tuple(current))
+                current = []
+            else:
+                current.append(token)
+        return documents
+
+    order_a, order_b = documents_in(a), documents_in(b)
+    assert len(order_a) >= 2 and len(order_b) >= 2
+    assert set(order_a) <= set(encoded) and set(order_b) <= set(encoded)
+    assert order_a != order_b
 
 
+@pytest.mark.integration
 def test_pack_joins_documents_with_eos(tokenizer):
     docs = ["alpha beta gamma", "delta epsilon"]
     total = sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 1 for d in docs)
@@ -217,11 +242,13 @@ def test_pack_joins_documents_with_eos(tokenizer):
     assert tokenizer.eos_token_id not in no_eos[0].tolist()
 
 
+@pytest.mark.integration
 def test_pack_returns_what_fits_when_short(tokenizer):
     packed = pack_texts(_documents(2), tokenizer, seq_len=16, num_sequences=1000)
     assert 0 < packed.shape[0] < 1000
 
 
+@pytest.mark.integration
 def test_pack_errors(tokenizer):
     with pytest.raises(DataError, match="no text"):
         pack_texts([], tokenizer, seq_len=8)
@@ -233,6 +260,7 @@ def test_pack_errors(tokenizer):
         pack_texts(["hi"], tokenizer, seq_len=0)
 
 
+@pytest.mark.integration
 def test_format_instruction_uses_chat_template(tokenizer):
     text = format_instruction("Name a colour.", "Blue.", tokenizer)
     assert "Name a colour." in text and "Blue." in text and "### Instruction" not in text
@@ -258,14 +286,21 @@ def builtins_ready():
     return prepare_builtin_data()  # idempotent: a no-op once the set-up script has run it
 
 
+@pytest.mark.integration
 def test_builtin_sources_have_origin(builtins_ready):
     assert {"austen", "wikipedia", "debian-handbook", "chatterbot"} <= set(BUILTIN_SOURCES)
-    for name in BUILTIN_SOURCES:
-        manifest = json.loads((builtins_ready[name] / "manifest.json").read_text(encoding="utf-8"))
+    # evaluation-only sources are optional at set-up (prepare_builtin_data() only warns about them)
+    assert {n for n, s in BUILTIN_SOURCES.items() if not s.evaluation_only} <= set(builtins_ready)
+    for name, directory in builtins_ready.items():
+        manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
         assert manifest["origin"]["package"] and manifest["origin"]["licence"]
-        assert manifest["splits"]["train"]["documents"] > manifest["splits"]["validation"]["documents"] > 0
+        if BUILTIN_SOURCES[name].evaluation_only:
+            assert manifest["splits"]["train"]["documents"] == 0 < manifest["splits"]["validation"]["documents"]
+        else:
+            assert manifest["splits"]["train"]["documents"] > manifest["splits"]["validation"]["documents"] > 0
 
 
+@pytest.mark.integration
 def test_calibration_and_heldout_are_disjoint(builtins_ready):
     calibration = set(builtin_document_ids("calibration"))
     heldout = set(builtin_document_ids("heldout"))
@@ -279,6 +314,7 @@ def test_calibration_and_heldout_are_disjoint(builtins_ready):
     assert long_heldout and not calibration_paragraphs & set(long_heldout)
 
 
+@pytest.mark.integration
 def test_builtin_texts_are_prose(builtins_ready):
     for name in ("austen", "wikipedia", "debian-handbook"):
         texts = load_texts(f"builtin:{name}", split="validation")
@@ -286,6 +322,7 @@ def test_builtin_texts_are_prose(builtins_ready):
         assert words / len(texts) > 500, name  # long documents, not fragments
 
 
+@pytest.mark.integration
 def test_builtin_aliases_fix_their_split(builtins_ready):
     with pytest.raises(DataError, match="always the train split"):
         load_texts("builtin:calibration:split=validation")
@@ -296,6 +333,7 @@ def test_builtin_aliases_fix_their_split(builtins_ready):
     assert {o["package"] for o in info["origin"]} == {"r-cran-janeaustenr", "gensim"}
 
 
+@pytest.mark.integration
 def test_builtin_instructions(builtins_ready, tokenizer):
     texts = load_texts("builtin:instructions", max_texts=5)
     assert len(texts) == 5 and all(t.startswith("### Instruction:\n") for t in texts)
@@ -305,8 +343,88 @@ def test_builtin_instructions(builtins_ready, tokenizer):
         load_conversations("builtin:austen")
 
 
+@pytest.mark.integration
 def test_pack_builtin_calibration(builtins_ready, tokenizer):
     texts = load_texts("builtin:calibration", max_texts=20)
     packed = pack_texts(texts, tokenizer, seq_len=128, num_sequences=8, seed=0)
     assert packed.shape == (8, 128)
     assert torch.equal(packed, pack_texts(texts, tokenizer, seq_len=128, num_sequences=8, seed=0))
+
+
+# --- evaluation-only held-out source (needs the Debian package python3.11-doc) ----------------------
+
+_SPHINX_MARKUP = re.compile(r"</(p|div|span|a|code|pre|em|strong|section|li|dd|dt|aside|table)>"
+                            r"|<(p|div|span|a|code|pre|section|aside|table)\s+(class|href|id|role)="
+                            r"|¶|&(lt|gt|amp|nbsp);")
+
+
+def _normalized_paragraphs(texts):
+    return {" ".join(p.split()).casefold() for t in texts for p in t.split("\n\n") if p.strip()}
+
+
+@pytest.fixture(scope="module")
+def heldout_docs():
+    prepare_builtin_data(["python-docs"])  # a DataError here names the package to install
+    return load_texts("builtin:heldout-docs")
+
+
+def test_evaluation_only_sources_stay_out_of_training_aliases():
+    evaluation_only = {n for n, s in BUILTIN_SOURCES.items() if s.evaluation_only}
+    assert "python-docs" in evaluation_only
+    for alias, (sources, split) in BUILTIN_ALIASES.items():
+        if split == "train":
+            assert not evaluation_only & set(sources), alias
+    assert BUILTIN_ALIASES["heldout-docs"] == (("python-docs",), "validation")
+    assert BUILTIN_ALIASES["heldout"] == (("austen", "wikipedia"), "validation")  # unchanged
+
+
+@pytest.mark.integration
+def test_heldout_docs_is_prose(heldout_docs):
+    assert len(heldout_docs) >= 30
+    assert sum(len(t.split()) for t in heldout_docs) > 50_000
+    for text in heldout_docs:
+        assert not _SPHINX_MARKUP.search(text), text[:200]
+        for line in text.splitlines():
+            assert not line.lstrip().startswith((">>>", "... ", "$ ")), line[:200]
+    assert load_texts("builtin:python-docs") == heldout_docs  # the source is all validation
+    with pytest.raises(DataError, match="evaluation-only"):
+        load_texts("builtin:python-docs:split=train")
+    with pytest.raises(DataError, match="always the validation split"):
+        load_texts("builtin:heldout-docs:split=train")
+    info = describe("builtin:heldout-docs", max_texts=2)
+    assert info["split"] == "validation" and info["origin"][0]["package"] == "python3.11-doc"
+    assert info["origin"][0]["licence"].startswith("PSF-2.0")
+
+
+@pytest.mark.integration
+def test_heldout_docs_disjoint_from_calibration(builtins_ready, heldout_docs):
+    calibration = load_texts("builtin:calibration")
+    assert len(calibration) == 442  # adding an evaluation-only source leaves calibration unchanged
+    assert not {d.split("/")[0] for d in builtin_document_ids("calibration")} & {"python-docs"}
+    shared = _normalized_paragraphs(heldout_docs) & _normalized_paragraphs(calibration)
+    assert not shared, sorted(shared)[:3]
+
+
+def test_missing_evaluation_only_package_does_not_block_setup(monkeypatch, tmp_path, caplog):
+    import dataclasses
+
+    from lorashear.data import builtin
+
+    monkeypatch.setenv("LORASHEAR_CACHE", str(tmp_path))
+    source = BUILTIN_SOURCES["python-docs"]
+    missing = dataclasses.replace(source, package=dataclasses.replace(source.package, path=str(tmp_path / "nope")))
+    monkeypatch.setitem(BUILTIN_SOURCES, "python-docs", missing)
+    real_prepare = builtin._prepare_source
+
+    def prepare(src, force):  # only the evaluation-only source is really prepared (and fails)
+        return real_prepare(src, force) if src.evaluation_only else tmp_path / src.name
+
+    monkeypatch.setattr(builtin, "_prepare_source", prepare)
+    with caplog.at_level("WARNING", logger="lorashear.data.builtin"):
+        ready = prepare_builtin_data()  # set-up: the training sources go on, the missing one is a warning
+    assert "python-docs" not in ready and {"austen", "wikipedia", "debian-handbook", "chatterbot"} <= set(ready)
+    assert "python3.11-doc" in caplog.text
+    with pytest.raises(DataError, match="python3.11-doc"):
+        prepare_builtin_data(["heldout-docs"])  # asked for by name: an error naming the package
+    with pytest.raises(DataError, match="python3.11-doc"):
+        load_texts("builtin:heldout-docs")

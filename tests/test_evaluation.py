@@ -14,14 +14,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from lorashear.errors import ConfigError, DataError  # noqa: E402
-from lorashear.evaluation import tasks as tasks_mod  # noqa: E402
-from lorashear.evaluation.perplexity import perplexity, window_spans  # noqa: E402
-from lorashear.evaluation.tasks import (  # noqa: E402
+from lorashear.errors import ConfigError, DataError
+from lorashear.evaluation import tasks as tasks_mod
+from lorashear.evaluation.perplexity import perplexity, window_spans
+from lorashear.evaluation.tasks import (
     TASK_PREFIX,
     convert_bigbench_task,
     expand_task_names,
@@ -29,6 +27,7 @@ from lorashear.evaluation.tasks import (  # noqa: E402
     write_prepared_dir,
     write_task_yamls,
 )
+from tiny_models import tiny_model
 
 FIXTURES = Path(__file__).parent / "fixtures_eval"
 TEXT = (
@@ -58,25 +57,15 @@ def tokenizer():
     return _tiny_tokenizer()
 
 
-def _tiny_llama(vocab_size: int, seed: int = 0, intermediate: int = 32):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=intermediate, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         pad_token_id=0, bos_token_id=0, eos_token_id=0)
-    model = LlamaForCausalLM(config).eval()
-    # Larger weights than the default init, so choices get clearly different scores.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-    return model
+#: tiny Llama shapes of this file (hidden 16, 4 heads / 2 KV heads, 2 layers); matrices drawn from N(0, 0.3),
+#: larger than the default init, so that choices get clearly different scores
+EVAL_MODEL = dict(size="small", hidden_size=16, head_dim=4, intermediate_size=32, max_position_embeddings=512,
+                  pad_token_id=0, bos_token_id=0, eos_token_id=0, vector_std=None, matrix_std=0.3, dtype=None)
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return _tiny_llama(len(tokenizer))
+    return tiny_model("llama", 0, vocab=len(tokenizer), **EVAL_MODEL)
 
 
 def _fixture_task(name: str) -> dict:
@@ -330,6 +319,10 @@ def test_measure_speed_tiny(model):
         measure_speed(model, new_tokens=1)
 
 
+def _is_png(path: Path) -> bool:
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def _save(model, tokenizer, path: Path) -> str:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -338,11 +331,13 @@ def _save(model, tokenizer, path: Path) -> str:
 
 def test_run_evaluation_end_to_end(prepared, tokenizer, tmp_path):
     """Dense baseline and a narrower 'pruned' model side by side: eval.json, report.md, plots."""
-    from lorashear.evaluation import EvalConfig, run_evaluation
+    from lorashear.stages.evaluate import EvaluateConfig as EvalConfig
+    from lorashear.stages.evaluate import run as run_evaluation
     from lorashear.evaluation.harness import lm_eval_available
 
-    dense = _save(_tiny_llama(len(tokenizer), seed=1, intermediate=32), tokenizer, tmp_path / "dense")
-    pruned = _save(_tiny_llama(len(tokenizer), seed=2, intermediate=16), tokenizer, tmp_path / "pruned")
+    dense = _save(tiny_model("llama", 1, vocab=len(tokenizer), **EVAL_MODEL), tokenizer, tmp_path / "dense")
+    pruned = _save(tiny_model("llama", 2, vocab=len(tokenizer), **{**EVAL_MODEL, "intermediate_size": 16}),
+                   tokenizer, tmp_path / "pruned")
     text = tmp_path / "heldout.txt"
     text.write_text((TEXT + "\n\n") * 4)
     out = tmp_path / "eval"
@@ -362,9 +357,9 @@ def test_run_evaluation_end_to_end(prepared, tokenizer, tmp_path):
     assert data["config"]["limit"] == 4 and "lorashear_version" in data["config"]
     md = (out / "report.md").read_text()
     assert "## Summary" in md and "| parameters |" in md and "## Perplexity" in md
-    assert (out / "speed.png").stat().st_size > 1000
+    assert _is_png(out / "speed.png") and (out / "speed.png").stat().st_size > 1000
     if lm_eval_available():
-        assert (out / "accuracy.png").stat().st_size > 1000
+        assert _is_png(out / "accuracy.png") and (out / "accuracy.png").stat().st_size > 1000
         assert "`lorashear_bb_fake_task`" in md
         assert data["models"][1]["tasks"]["tasks"][0]["num_docs"] == 4
 

@@ -28,19 +28,15 @@ from lorashear.knowledge import (
     plot_knowledge,
     rank_scores,
 )
+from tiny_models import tiny_model
+
+#: the tiny Llama of this file: hidden 32, 4 heads / 2 KV heads of width 8, MLP 24, vocabulary 64,
+#: untied embeddings, Hugging Face's own init (3 layers unless a test says otherwise)
+KNOWLEDGE_MODEL = dict(size="small", vocab=64, intermediate_size=24, tie_word_embeddings=False, vector_std=None,
+                       dtype=None)
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-def tiny_llama(seed: int = 0, layers: int = 3):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                         max_position_embeddings=64, tie_word_embeddings=False)
-    return LlamaForCausalLM(config).eval()
-
 
 def graph_of(model) -> StructureGraph:
     import lorashear
@@ -58,7 +54,7 @@ def weights_hash(model) -> str:
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama()
+    return tiny_model("llama", 0, layers=3, **KNOWLEDGE_MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +107,10 @@ def test_snapshot_restores_after_exception(model, graph):
 
 
 def test_analysis_with_lora_attached_restores_exactly(tokens):
-    from peft import LoraConfig, get_peft_model
+    from lorashear.models.lora import LoraSettings, attach_lora
 
-    m = get_peft_model(tiny_llama(seed=5, layers=2), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
-                                                               target_modules=["q_proj", "o_proj", "gate_proj",
-                                                                               "up_proj", "down_proj"]))
+    m = attach_lora(tiny_model("llama", 5, layers=2, **KNOWLEDGE_MODEL), LoraSettings(
+        r=4, alpha=8, dropout=0.1, targets=("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
     with torch.no_grad():  # non-zero B so LoRA slices matter
         for n, p in m.named_parameters():
             if "lora_B" in n:
@@ -130,7 +125,7 @@ def test_analysis_with_lora_attached_restores_exactly(tokens):
 
 
 def test_analysis_restores_training_mode(graph, tokens):
-    m = tiny_llama()
+    m = tiny_model("llama", 0, layers=3, **KNOWLEDGE_MODEL)
     m.train()
     analyze_knowledge(m, graph_of(m), tokens, KnowledgeConfig(ratios=(0.5,)), progress=False)
     assert m.training
@@ -156,7 +151,7 @@ def test_result_structure(result, graph):
 
 
 def test_magnitude_proxy_prunes_the_smallest_channels(model, graph, tokens):
-    m = tiny_llama(seed=3, layers=1)
+    m = tiny_model("llama", 3, layers=1, **KNOWLEDGE_MODEL)
     g = graph_of(m)
     with torch.no_grad():  # make channels 0..4 tiny so they must be the ones pruned at p=0.2
         for name in ("gate_proj", "up_proj"):
@@ -278,9 +273,9 @@ def test_empty_or_malformed_data_is_a_data_error(model, graph, bad):
 
 
 def test_graph_from_another_model_is_a_config_error(tokens):
-    other = graph_of(tiny_llama(layers=4))
+    other = graph_of(tiny_model("llama", 0, layers=4, **KNOWLEDGE_MODEL))
     with pytest.raises(ConfigError):
-        analyze_knowledge(tiny_llama(layers=2), other, tokens, progress=False)
+        analyze_knowledge(tiny_model("llama", 0, layers=2, **KNOWLEDGE_MODEL), other, tokens, progress=False)
 
 
 def test_load_knowledge_bad_files(tmp_path):
@@ -322,7 +317,7 @@ def _tiny_model_dir(path):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<eos>",
                             pad_token="<eos>").save_pretrained(path)
-    tiny_llama(layers=2).save_pretrained(path)
+    tiny_model("llama", 0, layers=2, **KNOWLEDGE_MODEL).save_pretrained(path)
     return path
 
 
@@ -342,7 +337,7 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert [n.name for n in res.node_groups] == ["layer0.attention", "layer0.mlp", "layer1.attention", "layer1.mlp"]
     assert res.data["spec"] == str(data) and res.data["num_sequences"] == 3 and res.data["seq_len"] == 16
     assert res.ratios == (0.25, 0.5) and len(res.unprunable_node_groups()) == 1
-    assert (out / "knowledge.png").stat().st_size > 0
+    assert (out / "knowledge.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "unprunable" in capsys.readouterr().out
 
 

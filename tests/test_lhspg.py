@@ -26,22 +26,20 @@ from lorashear.lhspg import (
     split_quota,
 )
 from lorashear.lhspg.targets import layer_rounding
+from tiny_models import tiny_model
 
 # ----------------------------------------------------------------------------- tiny model helpers
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=96, max_position_embeddings=64, head_dim=8)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def tiny_lora_model(seed: int = 0, r: int = 4, alpha: int = 8, dropout: float = 0.0, random_b: bool = False):
-    """A random 2-layer GQA Llama (hidden 32, 4 heads / 2 KV heads, MLP 64) with LoRA on every linear."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random 2-layer GQA Llama (hidden 32, 4 heads / 2 KV heads, MLP 64, vocabulary 96, tied embeddings,
+    Hugging Face's init, training mode) with LoRA on every linear."""
+    from lorashear.models.lora import LoraSettings, attach_lora
 
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=True))
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=TARGETS))
+    model = tiny_model("llama", seed, size="small", tie_word_embeddings=True, vector_std=None, train=True, dtype=None)
+    model = attach_lora(model, LoraSettings(r=r, alpha=alpha, dropout=dropout, targets=TARGETS))
     if random_b:
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -87,15 +85,6 @@ def hand_groups(model) -> StructureGraph:
     total = sum(p.numel() for p in model.parameters())
     return StructureGraph(groups=groups, model_type="llama", num_layers=cfg.num_hidden_layers, total_params=total,
                           param_shapes=shapes, lora=True)
-
-
-def structure_graph(model) -> StructureGraph:
-    """The real discovery when it exists, else the hand-built groups."""
-    try:
-        from lorashear.graph.discover import discover
-    except ImportError:
-        return hand_groups(model)
-    return discover(model)
 
 
 def base_param_count(model) -> int:

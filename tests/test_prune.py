@@ -14,10 +14,12 @@ import torch
 from test_lhspg import base_param_count, embedding_count, random_batches, tiny_lora_model
 
 from lorashear.lhspg import LHSPGConfig, TargetConfig, plan_targets
+from lorashear.data.config import DataConfig
+from lorashear.graph.discover import discover
+from lorashear.models.lora import LoraSettings
+from lorashear.stages import prune as prune_stage
+from lorashear.stages.prune import PruneConfig
 from lorashear.training import TrainConfig, train_lhspg
-from lorashear.training.prune import PruneConfig, run_prune
-
-discover = pytest.importorskip("lorashear.graph.discover").discover
 
 
 def _plain_tiny(seed=0, vocab=96):
@@ -33,11 +35,17 @@ def test_run_prune_zeroes_selected_groups_hits_ratio_and_compacts_exactly(tmp_pa
     model = _plain_tiny()
     data = random_batches(n=16, seq=16)
     out = tmp_path / "p"
-    cfg = PruneConfig(model="", out=str(out), num_periods=2, warmup_steps=2, period_steps=3, lora_r=4,
-                      lora_alpha=8, lora_dropout=0.0, unprunable=("0:attention",))
-    report = run_prune(cfg, TargetConfig(ratio=0.1), TrainConfig(steps=10, batch_size=2, progress=False, lr=1e-2),
-                       model=model, data=data)
+    cfg = PruneConfig(model="", out=str(out), lhspg=LHSPGConfig(num_periods=2, warmup_steps=2, period_steps=3),
+                      lora=LoraSettings(r=4, alpha=8, dropout=0.0), unprunable=("0:attention",),
+                      target=TargetConfig(ratio=0.1), train=TrainConfig(steps=10, batch_size=2, progress=False,
+                                                                        lr=1e-2))
+    result = prune_stage.run(cfg, model=model, data=data)
+    report = result.report
     p = report["params"]
+    saved = json.loads((out / "prune_result.json").read_text())
+    assert saved["params_after"] == p["after"] == result.params_after
+    assert saved["ratio_removed"] == pytest.approx(p["ratio_removed"])
+    assert json.loads((out / "prune_report.json").read_text())["settings"]["lora"]["r"] == 4
     assert abs(p["ratio_removed"] - 0.1) <= 0.005
     assert p["after"] == p["before"] - p["removed"]
     assert report["groups"]["max_abs_selected"] == 0.0
@@ -46,7 +54,7 @@ def test_run_prune_zeroes_selected_groups_hits_ratio_and_compacts_exactly(tmp_pa
     assert report["kept_per_layer"]["attention_head"]["0"]["kept"] == 2  # layer 0 attention unprunable
     assert (out / "prune.png").stat().st_size > 1000
     assert not (out / "checkpoints").exists()
-    from lorashear.export import load_pretrained
+    from lorashear.models.loading import load_pretrained
 
     reloaded = load_pretrained(out)
     assert sum(p.numel() for p in reloaded.parameters()) == p["after"]
@@ -155,6 +163,6 @@ def test_accelerate_launch_two_processes_cpu(tmp_path):
     assert report["world_size"] == 2
     assert report["tokens_seen"] == 6 * 2 * 2 * 32
     assert report["verify"]["compacted_vs_masked_max_abs_logit_diff"] < 1e-5
-    from lorashear.export import load_pretrained
+    from lorashear.models.loading import load_pretrained
 
     assert sum(p.numel() for p in load_pretrained(out).parameters()) == report["params"]["after"]

@@ -5,11 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lorashear.config import config_from_dict
 from lorashear.errors import ConfigError, DataError
+from lorashear.models.lora import LoraSettings
 from lorashear.recovery import FinetuneConfig, finetune, lora_finetune
+from tiny_models import tiny_model
 
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 128, "head_dim": 8}
+#: the tiny Llama of this file (hidden 32, 4 heads / 2 KV heads, MLP 64, tied embeddings): wider embeddings
+#: than the 0.02 default, so that LoRA alone can fit the text
+RECOVERY_MODEL = dict(size="small", max_position_embeddings=128, tie_word_embeddings=True, vector_std=None,
+                      embed_std=0.2, dtype=None)
 TEXT = "the cat sat on the mat. "
 
 
@@ -25,16 +30,6 @@ def char_tokenizer():
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = Split("", behavior="isolated")
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
-
-
-def tiny_llama(vocab_size: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**TINY, vocab_size=vocab_size, tie_word_embeddings=True))
-    with torch.no_grad():  # wider (tied) embeddings than the 0.02 default, so LoRA alone can fit the text
-        model.model.embed_tokens.weight.normal_(0.0, 0.2)
-    return model.eval()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -56,21 +51,26 @@ def texts() -> list[str]:
 
 
 def test_loss_goes_down_on_repeated_text(tok):
-    model = tiny_llama(len(tok))
-    cfg = FinetuneConfig(steps=30, batch_size=2, seq_len=32, lr=1e-2, dropout=0.0, progress=False)
+    model = tiny_model("llama", vocab=len(tok), **RECOVERY_MODEL)
+    cfg = config_from_dict(FinetuneConfig, {"steps": 30, "batch_size": 2, "seq_len": 32, "lr": 1e-2,
+                                            "lora_dropout": 0.0, "progress": False})
+    assert cfg.lora == LoraSettings(dropout=0.0) and cfg.train.steps == 30
+    # LoRA on every projection: r * (in + out) trainable parameters per linear layer, lm_head excluded
+    lora_params = cfg.lora.r * sum(m.in_features + m.out_features for n, m in model.named_modules()
+                                   if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
     result = finetune(model, tok, texts(), cfg)
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
     assert len(result.losses) == 30
     assert last < 0.5 * first, (first, last)
     assert result.tokens_seen == 30 * 2 * 32 == cfg.budget_tokens
-    assert result.trainable_params > 0
+    assert result.trainable_params == lora_params
 
 
 def test_lora_is_merged_and_no_peft_module_remains(tok):
     from peft.tuners.lora import LoraLayer
     from transformers import LlamaForCausalLM
 
-    model = tiny_llama(len(tok))
+    model = tiny_model("llama", vocab=len(tok), **RECOVERY_MODEL)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = torch.randint(0, len(tok), (4, 16), generator=torch.Generator().manual_seed(0))
     out = lora_finetune(model, tok, texts(), steps=5, batch_size=2, seq_len=32, lr=1e-2, progress=False)
@@ -96,7 +96,7 @@ def test_lora_is_merged_and_no_peft_module_remains(tok):
 
 def test_same_seed_gives_identical_weights(tok):
     def run(seed):
-        model = tiny_llama(len(tok))
+        model = tiny_model("llama", vocab=len(tok), **RECOVERY_MODEL)
         return lora_finetune(model, tok, texts(), steps=4, batch_size=2, seq_len=32, dropout=0.1, seed=seed,
                              progress=False).state_dict()
 
@@ -106,7 +106,7 @@ def test_same_seed_gives_identical_weights(tok):
 
 
 def test_caller_rng_state_is_untouched(tok):
-    model = tiny_llama(len(tok))
+    model = tiny_model("llama", vocab=len(tok), **RECOVERY_MODEL)
     torch.manual_seed(123)
     state = torch.get_rng_state()
     lora_finetune(model, tok, texts(), steps=1, batch_size=1, seq_len=32, progress=False)
@@ -116,7 +116,7 @@ def test_caller_rng_state_is_untouched(tok):
 def test_works_on_a_pruned_model_with_per_layer_widths():
     import lorashear
 
-    model = tiny_llama(64)
+    model = tiny_model("llama", vocab=64, **RECOVERY_MODEL)
     graph = lorashear.discover(model)
     drop = [g for g in graph.prunable() if g.kind == "mlp_channel" and g.layer == 0][:20]
     small = lorashear.compact(model, drop)
@@ -126,17 +126,22 @@ def test_works_on_a_pruned_model_with_per_layer_widths():
     assert out.model.layers[0].mlp.gate_proj.out_features == 64 - 20
 
 
-@pytest.mark.parametrize("bad", [{"steps": 0}, {"batch_size": 0}, {"seq_len": 1}, {"lr": 0.0}, {"dropout": 1.0},
-                                 {"r": 0}, {"lr_scheduler": "step"}, {"target_modules": ()},
-                                 {"num_sequences": 0}])
+@pytest.mark.parametrize("bad", [{"steps": 0}, {"batch_size": 0}, {"seq_len": 1}, {"lr": 0.0},
+                                 {"lr_scheduler": "step"}, {"num_sequences": 0}])
 def test_config_validation(bad):
     values = {"steps": 1, "batch_size": 1, "seq_len": 8} | bad
     with pytest.raises(ConfigError):
-        FinetuneConfig(**values)
+        config_from_dict(FinetuneConfig, values)
+
+
+@pytest.mark.parametrize("bad", [{"r": 0}, {"alpha": 0}, {"dropout": 1.0}])
+def test_lora_options_validated(bad):
+    with pytest.raises(ConfigError):
+        lora_finetune(None, None, torch.zeros(2, 8, dtype=torch.long), steps=1, batch_size=1, seq_len=8, **bad)
 
 
 def test_bad_inputs_raise_lorashear_errors(tok):
-    model = tiny_llama(len(tok))
+    model = tiny_model("llama", vocab=len(tok), **RECOVERY_MODEL)
     with pytest.raises(ConfigError):  # packed width differs from seq_len
         lora_finetune(model, tok, torch.zeros(2, 16, dtype=torch.long), steps=1, batch_size=1, seq_len=8)
     with pytest.raises(DataError):  # stream shorter than one sequence
@@ -144,4 +149,4 @@ def test_bad_inputs_raise_lorashear_errors(tok):
     with pytest.raises(ConfigError):  # unknown option
         lora_finetune(model, tok, texts(), steps=1, batch_size=1, seq_len=8, not_an_option=3)
     with pytest.raises(ConfigError):  # no LoRA target in the model
-        lora_finetune(model, tok, texts(), steps=1, batch_size=1, seq_len=8, target_modules=("nope",))
+        lora_finetune(model, tok, texts(), steps=1, batch_size=1, seq_len=8, targets=("nope",))

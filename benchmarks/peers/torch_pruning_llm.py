@@ -200,7 +200,7 @@ def _without(group, modules: set[int]):
 def rewrite_config(model: torch.nn.Module) -> dict[int, dict[str, int]]:
     """Set the model's (per-layer) config and attention attributes from its actual weight shapes."""
     from lorashear.compaction import _update_config
-    from lorashear.graph.adapters import LayerWidths, adapter_for
+    from lorashear.models.adapters import LayerWidths, adapter_for
 
     config = model.config
     adapter = adapter_for(config)

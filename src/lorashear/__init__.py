@@ -1,8 +1,13 @@
 """lorashear: LoRAShear structured pruning and knowledge recovery for Hugging Face causal LMs.
 
-Five lines from a model to a smaller one::
+The whole pipeline (analyze -> prune -> evaluate)::
 
     import lorashear
+    result = lorashear.prune("smollm2-135m-instruct", ratio=0.2, out="runs/p20")
+    print(result.model_dir, result.report)
+
+The components are public too::
+
     model = lorashear.load_model("smollm2-135m-instruct")
     graph = lorashear.discover(model)
     small = lorashear.compact(model, graph.prunable()[:10])
@@ -15,7 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _LAZY = {
     "load_model": "lorashear.models.loading",
@@ -26,16 +31,17 @@ _LAZY = {
     "Group": "lorashear.graph.groups",
     "zero_groups": "lorashear.graph.groups",
     "compact": "lorashear.compaction",
-    "save_pretrained": "lorashear.export",
-    "load_pretrained": "lorashear.export",
+    "save_pretrained": "lorashear.models.saving",
+    "load_pretrained": "lorashear.models.loading",
     "LorashearError": "lorashear.errors",
     "LHSPG": "lorashear.lhspg",
     "LHSPGConfig": "lorashear.lhspg",
     "TargetConfig": "lorashear.lhspg",
     "plan_targets": "lorashear.lhspg",
-    "PruneConfig": "lorashear.training.prune",
+    "prune": "lorashear.api",
+    "PipelineConfig": "lorashear.stages.pipeline",
+    "PruneConfig": "lorashear.stages.prune",
     "TrainConfig": "lorashear.training",
-    "run_prune": "lorashear.training.prune",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])
@@ -43,13 +49,15 @@ __all__ = sorted([*_LAZY, "__version__"])
 if TYPE_CHECKING:  # pragma: no cover
     from .compaction import compact
     from .errors import LorashearError
-    from .export import load_pretrained, save_pretrained
     from .graph.discover import discover
     from .lhspg import LHSPG, LHSPGConfig, TargetConfig, plan_targets
     from .training import TrainConfig
-    from .training.prune import PruneConfig, run_prune
+    from .api import prune
+    from .stages.pipeline import PipelineConfig
+    from .stages.prune import PruneConfig
     from .graph.groups import Group, StructureGraph, zero_groups
-    from .models.loading import load_model, load_tokenizer
+    from .models.loading import load_model, load_pretrained, load_tokenizer
+    from .models.saving import save_pretrained
     from .models.reference import REFERENCE_MODEL_NAME
 
 

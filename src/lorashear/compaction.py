@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .graph.adapters import LayerWidths, adapter_for
 from .graph.groups import Group, removal_plan
+from .models.adapters import LayerWidths, ModelAdapter, adapter_for
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def compact(model: torch.nn.Module, groups: Iterable[Group], *, merge_lora: bool
             _refresh_widths(module)
 
     if hidden_removed:
-        _rescale_norms_for_hidden(model, config, hidden_removed)
+        _rescale_norms_for_hidden(model, config, hidden_removed, adapter.norm_offset)
     _update_config(model, config, adapter, new_widths)
     if merge_lora and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
@@ -103,7 +103,7 @@ def _refresh_widths(module: torch.nn.Module) -> None:
         module.out_features, module.in_features = base.weight.shape
 
 
-def _new_widths(adapter, groups: Sequence[Group]) -> tuple[dict[int, LayerWidths], int]:
+def _new_widths(adapter: ModelAdapter, groups: Sequence[Group]) -> tuple[dict[int, LayerWidths], int]:
     removed: dict[int, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
     hidden = set()
     for g in groups:
@@ -131,11 +131,12 @@ def _new_widths(adapter, groups: Sequence[Group]) -> tuple[dict[int, LayerWidths
     return out, len(hidden)
 
 
-def _rescale_norms_for_hidden(model: torch.nn.Module, config: Any, removed: int) -> None:
+def _rescale_norms_for_hidden(model: torch.nn.Module, config: Any, removed: int, norm_offset: float) -> None:
     """RMSNorm over fewer channels: keep outputs equal by scaling weights and epsilon.
 
     With ``n`` channels of which ``k`` are zero, ``x / sqrt(S/n + eps)`` equals
-    ``sqrt(n/(n-k)) * x / sqrt(S/(n-k) + eps * n/(n-k))``.
+    ``sqrt(n/(n-k)) * x / sqrt(S/(n-k) + eps * n/(n-k))``. The norm scales by
+    ``weight - norm_offset`` (the family's offset, from its adapter), which is what gets rescaled.
     """
     n = int(config.hidden_size)
     kept = n - removed
@@ -146,15 +147,14 @@ def _rescale_norms_for_hidden(model: torch.nn.Module, config: Any, removed: int)
         eps_attr = next((a for a in ("variance_epsilon", "eps") if hasattr(module, a)), None)
         if weight is None or eps_attr is None or weight.dim() != 1 or weight.shape[0] != kept:
             continue
-        offset = 1.0 if "gemma" in type(module).__name__.lower() else 0.0
-        weight.data.copy_((weight.data + offset) * factor - offset)
+        weight.data.copy_((weight.data - norm_offset) * factor + norm_offset)
         setattr(module, eps_attr, float(getattr(module, eps_attr)) * n / kept)
     config.hidden_size = kept
     if eps_key:
         setattr(config, eps_key, float(getattr(config, eps_key)) * n / kept)
 
 
-def _update_config(model: torch.nn.Module, config: Any, adapter, widths: dict[int, LayerWidths]) -> None:
+def _update_config(model: torch.nn.Module, config: Any, adapter: ModelAdapter, widths: dict[int, LayerWidths]) -> None:
     distinct = set(widths.values())
     layers_name, layers = adapter.decoder_layers(model)
     # head_dim must not be re-derived from hidden_size // num_attention_heads after pruning

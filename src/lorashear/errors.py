@@ -29,3 +29,7 @@ class UnsupportedArchitectureError(LorashearError):
 
 class NotImplementedYetError(LorashearError):
     """A planned subcommand that does not exist yet."""
+
+
+class CheckpointError(LorashearError):
+    """A checkpoint is corrupt, incomplete, or belongs to another run."""

@@ -1,18 +1,17 @@
-"""`lorashear eval MODEL [--baseline DENSE] --tasks LIST --out DIR`.
+"""`lorashear eval MODEL [--baseline DENSE] --tasks LIST --out DIR [--config eval.yaml]`.
 
 Perplexity, zero-shot accuracy (lm-eval with the model in memory), speed and size;
-writes ``eval.json`` and ``report.md`` with plots. Offline tasks need a one-time
-``prepare_eval_data()`` (the set-up script runs it); ``--prepare`` does it here.
+writes ``eval.json`` and ``report.md`` with plots (:func:`lorashear.stages.evaluate.run`).
+Offline tasks need a one-time ``prepare_eval_data()`` (the set-up script runs it);
+``--prepare`` does it here.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 
-from ..config import add_dataclass_arguments, dataclass_from_args, load_yaml
-
-logger = logging.getLogger(__name__)
+from ..stages.evaluate import EvaluateConfig
+from ._stage import add_stage_options, stage_config
 
 EPILOG = """examples:
   lorashear eval smollm2-135m-instruct --tasks lorashear_bigbench --limit 100 --out eval_dense
@@ -23,33 +22,37 @@ other names are looked up in lm-eval's registry (their data must be reachable)."
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from ..evaluation.run import EvalConfig
-
     parser = subparsers.add_parser(
         "eval", help="evaluate a (pruned) model: perplexity, zero-shot tasks, speed, report",
         description="Evaluate a model beside its dense baseline: perplexity, zero-shot accuracy "
                     "(lm-eval), speed, size and memory; writes eval.json and report.md with plots.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="model to evaluate: a directory, a hub id or smollm2-135m-instruct")
-    parser.add_argument("--config", help="YAML file of options (flags given here override it)")
+    parser.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                        help="model to evaluate: a directory, a hub id or smollm2-135m-instruct "
+                             "(or `model:` in --config)")
     parser.add_argument("--prepare", action="store_true",
                         help="prepare the offline tasks first if needed (downloads the bigbench sdist once)")
-    add_dataclass_arguments(parser, EvalConfig, exclude=("model",))
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="output directory for eval.json, report.md and plots (or `out:` in --config)")
+    add_stage_options(parser, EvaluateConfig)
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation.run import EvalConfig, run_evaluation
+    from ..errors import ConfigError
+    from ..stages import evaluate
 
-    yaml_values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    config = dataclass_from_args(EvalConfig, args, yaml_values)
-    config.model = args.model
+    config = stage_config(EvaluateConfig, args, model=args.model, out=args.out)
+    if not config.model:
+        raise ConfigError("name the model to evaluate (MODEL, or `model:` in --config)")
+    if not config.out:
+        raise ConfigError("name an output directory (--out DIR, or `out:` in --config)")
     if args.prepare:
         from ..evaluation.tasks import prepare_eval_data
 
         prepare_eval_data()
-    report = run_evaluation(config)
+    report = evaluate.run(config)
     summary = []
     for m in report.models:
         parts = [m.role + " " + m.name]

@@ -1,7 +1,8 @@
 """Built-in offline corpora (``builtin:NAME``), prepared from installed packages.
 
 Sources (one name each, each with a ``train`` and a ``validation`` split by
-document, see :mod:`.splits`):
+document, see :mod:`.splits`; evaluation-only sources put every document in
+``validation``):
 
 ================  ======================================================  ==============
 name              content                                                 kind
@@ -10,6 +11,7 @@ austen            Jane Austen's six novels, one document per chapter      books
 wikipedia         English Wikipedia articles (a 2017 dump excerpt)        encyclopedia
 debian-handbook   The Debian Administrator's Handbook, one page per doc   technical book
 chatterbot        ChatterBot English dialogues (user/assistant turns)     instructions
+python-docs       Python 3.11 Tutorial and HOWTOs, one page per doc       evaluation only
 ================  ======================================================  ==============
 
 Aliases other modules rely on:
@@ -20,7 +22,16 @@ Aliases other modules rely on:
   only) - never overlapping ``calibration``, because both take whole documents
   from the same deterministic split;
 - ``builtin:instructions``: the chatterbot ``train`` split rendered with the
-  plain instruction template.
+  plain instruction template;
+- ``builtin:heldout-docs``: every document of python-docs (prose only), a
+  second held-out perplexity source from another author and domain than every
+  training corpus.
+
+Evaluation-only sources (``evaluation_only=True``: python-docs) have an empty
+``train`` split, refuse ``split=train`` and are never part of a ``train``
+alias. :func:`prepare_builtin_data` with no names only warns when one of
+them cannot be prepared (nothing trains on it, so set-up goes on); naming it,
+or loading it, raises the usual :class:`~lorashear.errors.DataError`.
 
 :func:`prepare_builtin_data` extracts and cleans every source once into
 ``cache_root()/data/builtin-v1/NAME/{train,validation}.jsonl`` with a
@@ -62,6 +73,8 @@ class BuiltinSource:
     kind: str  # "text" or "instructions"
     package: PackageRef
     extractor: Callable[[Path], list[dict[str, Any]]]
+    #: every document goes to ``validation``; the source can never be read as training data
+    evaluation_only: bool = False
 
 
 BUILTIN_SOURCES: dict[str, BuiltinSource] = {
@@ -91,6 +104,13 @@ BUILTIN_SOURCES: dict[str, BuiltinSource] = {
             "instructions",
             PackageRef("pip", "chatterbot-corpus", "chatterbot_corpus/data/english", "BSD-3-Clause", pin="1.3.3"),
             extract.extract_chatterbot),
+        BuiltinSource(
+            "python-docs", "Python 3.11 documentation: the Tutorial and the HOWTOs (English HTML), prose paragraphs "
+            "only, one document per page; evaluation only",
+            "text",
+            PackageRef("apt", "python3.11-doc", "/usr/share/doc/python3.11/html",
+                       "PSF-2.0 (Python Software Foundation License; Guido van Rossum and others)"),
+            extract.extract_python_docs, evaluation_only=True),
     )
 }
 
@@ -99,6 +119,7 @@ BUILTIN_ALIASES: dict[str, tuple[tuple[str, ...], str]] = {
     "calibration": (("austen", "wikipedia", "debian-handbook"), "train"),
     "heldout": (("austen", "wikipedia"), "validation"),
     "instructions": (("chatterbot",), "train"),
+    "heldout-docs": (("python-docs",), "validation"),  # all of python-docs (evaluation-only source)
 }
 
 
@@ -129,7 +150,10 @@ def _prepare_source(source: BuiltinSource, force: bool) -> Path:
     docs = source.extractor(path)
     if not docs:
         raise DataError(f"{source.package.name} {version} produced no documents for builtin:{source.name}")
-    train_ids, validation_ids = split_documents([d["id"] for d in docs])
+    if source.evaluation_only:
+        train_ids, validation_ids = set(), {d["id"] for d in docs}
+    else:
+        train_ids, validation_ids = split_documents([d["id"] for d in docs])
     counts: dict[str, dict[str, int]] = {}
     with atomic_directory(target) as tmp:
         for split, ids in (("train", train_ids), ("validation", validation_ids)):
@@ -142,6 +166,7 @@ def _prepare_source(source: BuiltinSource, force: bool) -> Path:
             "name": source.name,
             "description": source.description,
             "kind": source.kind,
+            "evaluation_only": source.evaluation_only,
             "origin": {"manager": source.package.manager, "package": source.package.name, "version": version,
                        "path": source.package.path, "licence": source.package.licence},
             "splits": counts,
@@ -169,6 +194,9 @@ def prepare_builtin_data(names: Iterable[str] | None = None, *, force: bool = Fa
     Raises:
         DataError: a source package is missing (the message says what to install)
             or produced no text. All missing packages are named in one message.
+            With ``names=None`` an evaluation-only source that fails is only
+            logged (and left out of the result): it never blocks set-up or the
+            training sources.
     """
     wanted = _expand(names if names is not None else list(BUILTIN_SOURCES))
     ready: dict[str, Path] = {}
@@ -177,6 +205,9 @@ def prepare_builtin_data(names: Iterable[str] | None = None, *, force: bool = Fa
         try:
             ready[name] = _prepare_source(BUILTIN_SOURCES[name], force)
         except DataError as exc:
+            if names is None and BUILTIN_SOURCES[name].evaluation_only:
+                logger.warning("builtin:%s (evaluation only) not prepared: %s", name, exc)
+                continue
             problems.append(f"builtin:{name}: {exc}")
     if problems:
         raise DataError("; ".join(problems))
@@ -203,9 +234,17 @@ def resolve_builtin(name: str, split: str | None) -> tuple[tuple[str, ...], str]
     if name in BUILTIN_ALIASES:
         sources, fixed = BUILTIN_ALIASES[name]
         if split is not None and split != fixed:
+            if any(BUILTIN_SOURCES[s].evaluation_only for s in sources):
+                raise DataError(f"builtin:{name} is always the {fixed} split: it reads evaluation-only data "
+                                f"({', '.join(sources)}) that has no {split!r} split")
             raise DataError(f"builtin:{name} is always the {fixed} split; for other splits name a source, "
                             f"e.g. builtin:{sources[0]}:split={split}")
         return sources, fixed
+    if BUILTIN_SOURCES[name].evaluation_only:
+        if split not in (None, "validation"):
+            raise DataError(f"builtin:{name} is evaluation-only: all of it is the validation split "
+                            f"(use builtin:{name} or its alias), never {split!r}")
+        return (name,), "validation"
     split = split or "train"
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} for builtin:{name}; use one of {', '.join(SPLITS)}")

@@ -209,6 +209,77 @@ def extract_debian_handbook(html_dir: Path) -> list[Document]:
     return docs
 
 
+# --- The Python 3.11 documentation (python3.11-doc): Tutorial and HOWTOs -----------------------------
+
+PYTHON_DOCS_SECTIONS = ("tutorial", "howto")
+_SPHINX_SKIP_CLASSES = frozenset({"admonition-title", "topic-title", "sidebar-title", "rubric", "caption"})
+
+
+class _SphinxProseCollector(HTMLParser):
+    """Collect the ``<p>`` paragraphs of a Sphinx page's main body (``role="main"``).
+
+    Navigation, sidebars and footers lie outside the main body and are never read;
+    code blocks (``<pre>``), tables and titles (admonition, topic, rubric) are skipped.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.paragraphs: list[str] = []
+        self._main = 0  # element nesting inside the main body (0: outside)
+        self._main_tag = ""
+        self._skip = 0  # depth inside <pre>/<table>
+        self._para = False
+        self._buf: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        if not self._main:
+            if attributes.get("role") == "main":
+                self._main, self._main_tag = 1, tag
+            return
+        if tag == self._main_tag:
+            self._main += 1
+        if tag in ("pre", "table"):
+            self._skip += 1
+        elif tag == "p" and not self._skip:
+            classes = set((attributes.get("class") or "").split())
+            self._para, self._buf = not classes & _SPHINX_SKIP_CLASSES, []
+
+    def handle_endtag(self, tag: str) -> None:
+        if not self._main:
+            return
+        if tag in ("pre", "table") and self._skip:
+            self._skip -= 1
+        elif tag == "p" and self._para:
+            self._para = False
+            self.paragraphs.append(_squash("".join(self._buf)))
+        elif tag == self._main_tag:
+            self._main -= 1
+
+    def handle_data(self, data: str) -> None:
+        if self._para and not self._skip:
+            self._buf.append(data)
+
+
+def extract_python_docs(html_dir: Path) -> list[Document]:
+    """One document per page of the Tutorial and the HOWTOs; prose paragraphs only.
+
+    Section indexes are dropped; ids are ``SECTION/PAGE`` (e.g. ``tutorial/controlflow``).
+    """
+    docs: list[Document] = []
+    for section in PYTHON_DOCS_SECTIONS:
+        for page in sorted((html_dir / section).glob("*.html")):
+            if page.name == "index.html":
+                continue
+            collector = _SphinxProseCollector()
+            collector.feed(page.read_text(encoding="utf-8"))
+            collector.close()
+            paragraphs = [p for p in collector.paragraphs if _paragraph_ok(p, 12)]
+            if sum(len(p.split()) for p in paragraphs) >= 50:
+                docs.append({"id": f"{section}/{page.stem}", "text": "\n\n".join(paragraphs)})
+    return docs
+
+
 # --- ChatterBot dialogues (chatterbot-corpus) ------------------------------------------------------
 
 def extract_chatterbot(data_dir: Path) -> list[Document]:

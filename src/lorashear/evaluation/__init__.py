@@ -2,9 +2,10 @@
 
 ::
 
-    from lorashear.evaluation import EvalConfig, run_evaluation
-    run_evaluation(EvalConfig(model="pruned/", baseline="smollm2-135m-instruct",
-                              tasks=["lorashear_bigbench"], limit=100, out="eval/"))
+    from lorashear.evaluation import EvalConfig
+    from lorashear.stages import evaluate            # the end-to-end stage (eval.json, report.md)
+    evaluate.run(EvalConfig(model="pruned/", baseline="smollm2-135m-instruct",
+                            tasks=["lorashear_bigbench"], limit=100, out="eval/"))
 
 Offline zero-shot tasks are prepared once with :func:`prepare_eval_data`.
 Heavy imports (torch, lm-eval, matplotlib) happen inside the functions.
@@ -31,11 +32,12 @@ _LAZY = {
     "convert_bigbench_task": "lorashear.evaluation.tasks",
     "offline_task_names": "lorashear.evaluation.tasks",
     "write_task_yamls": "lorashear.evaluation.tasks",
-    "EvalConfig": "lorashear.evaluation.run",
-    "EvalReport": "lorashear.evaluation.run",
-    "ModelEval": "lorashear.evaluation.run",
-    "evaluate_model": "lorashear.evaluation.run",
-    "run_evaluation": "lorashear.evaluation.run",
+    "EvalConfig": "lorashear.evaluation.config",
+    "EvalReport": "lorashear.evaluation.results",
+    "ModelEval": "lorashear.evaluation.results",
+    "ratios": "lorashear.evaluation.results",
+    "evaluate_model": "lorashear.evaluation.measure",
+    "environment": "lorashear.evaluation.measure",
     "write_report": "lorashear.evaluation.report",
 }
 
@@ -45,7 +47,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .harness import TaskEvalResult, TaskResult, evaluate_tasks, lm_eval_available
     from .perplexity import PerplexityResult, perplexity, token_stream, window_spans
     from .report import write_report
-    from .run import EvalConfig, EvalReport, ModelEval, evaluate_model, run_evaluation
+    from .config import EvalConfig
+    from .results import EvalReport, ModelEval, ratios
+    from .measure import environment, evaluate_model
     from .speed import SpeedResult, measure_speed, measure_speed_isolated
     from .tasks import convert_bigbench_task, offline_task_names, prepare_eval_data, write_task_yamls
 

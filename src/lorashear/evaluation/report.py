@@ -1,4 +1,4 @@
-"""``report.md`` with tables and PNG plots for an :class:`~lorashear.evaluation.run.EvalReport`.
+"""``report.md`` with tables and PNG plots for an :class:`~lorashear.evaluation.results.EvalReport`.
 
 Plots: ``accuracy.png`` (per-task accuracy, baseline beside model, chance marked)
 and ``speed.png`` (prefill latency, decoding throughput, size and peak memory).
@@ -12,13 +12,11 @@ import logging
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..atomic import atomic_write_text
+from .results import EvalReport, ModelEval, ratios
 from .tasks import TASK_PREFIX
-
-if TYPE_CHECKING:
-    from .run import EvalReport, ModelEval
 
 logger = logging.getLogger(__name__)
 
@@ -180,8 +178,6 @@ def plot_speed(report: EvalReport, path: Path) -> bool:
 
 
 def _summary_rows(report: EvalReport) -> list[tuple[str, list[str], str]]:
-    from .run import ratios
-
     models = report.models
     rs = ratios(report)
     rows: list[tuple[str, list[str], str]] = []

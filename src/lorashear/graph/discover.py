@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import UnsupportedArchitectureError
-from .adapters import adapter_for
+from ..models.adapters import adapter_for
 from .groups import Group, GroupKind, ParamSlice, StructureGraph
 from .trace import TraceResult, trace_spaces
 

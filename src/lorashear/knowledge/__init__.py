@@ -7,7 +7,6 @@
 """
 
 from .analysis import (
-    BLOCK_KINDS,
     NodeGroup,
     Proxy,
     SliceSnapshot,
@@ -24,7 +23,7 @@ from .analysis import (
 )
 from .config import KnowledgeConfig, num_to_prune, num_unprunable
 from .plot import plot_knowledge
-from .result import KNOWLEDGE_FILENAME, KnowledgeResult, NodeGroupResult, load_knowledge
+from .result import BLOCK_KINDS, KNOWLEDGE_FILENAME, KnowledgeResult, NodeGroupResult, load_knowledge
 
 __all__ = [
     "BLOCK_KINDS", "KNOWLEDGE_FILENAME", "KnowledgeConfig", "KnowledgeResult", "NodeGroup", "NodeGroupResult",

@@ -34,15 +34,11 @@ from ..errors import ConfigError, DataError
 from ..graph.groups import Group, GroupKind, StructureGraph, removal_plan, zero_groups
 from ..progress import progress_disabled
 from .config import KnowledgeConfig, num_to_prune, num_unprunable
+from .result import KnowledgeResult, NodeGroupResult, ratio_key
 
 logger = logging.getLogger(__name__)
 
 Block = Literal["attention", "mlp"]
-#: Group kinds that belong to a block; all of them become unprunable with their node group.
-BLOCK_KINDS: dict[str, tuple[GroupKind, ...]] = {
-    "attention": ("attention_head", "kv_group"),
-    "mlp": ("mlp_channel",),
-}
 
 #: ``proxy(group, params) -> importance``; the lowest-scored structures are pruned first.
 Proxy = Callable[[Group, Mapping[str, torch.Tensor]], float]
@@ -248,7 +244,7 @@ def analyze_knowledge(
     progress: bool | None = None,
     model_name: str | None = None,
     data_info: Mapping[str, object] | None = None,
-) -> "KnowledgeResult":
+) -> KnowledgeResult:
     """Run the analysis and return a :class:`KnowledgeResult` (the model is left unchanged).
 
     Args:
@@ -262,8 +258,6 @@ def analyze_knowledge(
         model_name, data_info: recorded in the result.
     """
     from tqdm.auto import tqdm
-
-    from .result import KnowledgeResult, NodeGroupResult
 
     config = config or KnowledgeConfig()
     tokens = check_tokens(tokens)
@@ -333,7 +327,3 @@ def analyze_knowledge(
         model={"name": model_name, "model_type": graph.model_type, "num_layers": graph.num_layers},
         seconds=time.perf_counter() - start, forward_passes=1 + len(nodes) * len(config.ratios))
 
-
-def ratio_key(ratio: float) -> str:
-    """JSON key of a ratio: ``0.2 -> "0.2"``."""
-    return format(ratio, "g")

@@ -6,8 +6,7 @@ import math
 import os
 from pathlib import Path
 
-from .analysis import ratio_key
-from .result import KnowledgeResult
+from .result import KnowledgeResult, ratio_key
 
 _METRIC_LABEL = {
     "relative_ppl": "|ppl_pruned - ppl_full| / ppl_full",

@@ -26,14 +26,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._version import __version__
 from ..atomic import atomic_write_json
 from ..errors import ConfigError
-from ..graph.groups import Group, StructureGraph
-from .analysis import BLOCK_KINDS
+from ..graph.groups import Group, GroupKind, StructureGraph
+from ..models.adapters import BLOCK_OF_KIND
 
 KNOWLEDGE_FILENAME = "knowledge.json"
 FORMAT = "lorashear.knowledge"
 FORMAT_VERSION = 1
+
+#: Group kinds that belong to a block; all of them become unprunable with their node group.
+BLOCK_KINDS: dict[str, tuple[GroupKind, ...]] = {
+    block: tuple(kind for kind, b in BLOCK_OF_KIND.items() if b == block)  # type: ignore[misc]
+    for block in dict.fromkeys(BLOCK_OF_KIND.values())
+}
+
+
+def ratio_key(ratio: float) -> str:
+    """JSON key of a ratio: ``0.2 -> "0.2"``."""
+    return format(ratio, "g")
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -133,8 +145,6 @@ class KnowledgeResult:
 
     # ------------------------------------------------------------------ I/O
     def to_dict(self) -> dict[str, Any]:
-        from .. import __version__
-
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION, "lorashear_version": __version__,
             "model": self.model, "metric": self.metric, "ratios": list(self.ratios), "gamma": self.gamma,

@@ -49,6 +49,7 @@ All group arithmetic is vectorised per weight through
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -71,9 +72,11 @@ logger = logging.getLogger(__name__)
 class LHSPGConfig:
     """Settings of the LHSPG optimizer."""
 
-    warmup_steps: int = field(default=10, metadata={"help": "LoRA-only steps before the first pruning period (T_w)"})
+    warmup_steps: int | None = field(default=None, metadata={
+        "help": "LoRA-only steps before the first pruning period T_w (default: 10%% of the steps)"})
     num_periods: int = field(default=10, metadata={"help": "number of pruning periods (P)"})
-    period_steps: int = field(default=10, metadata={"help": "optimizer steps per pruning period (T_p)"})
+    period_steps: int | None = field(default=None, metadata={
+        "help": "optimizer steps per pruning period T_p (default: pruning ends at about 70%% of the steps)"})
     epsilon: float = field(default=0.0, metadata={
         "help": "half-space projection threshold: zero a fading group once <x~,x> < epsilon ||x||^2"})
     saliency_weights: tuple[float, ...] = field(default=(1.0, 1.0, 1.0, 1.0, 1.0), metadata={
@@ -92,11 +95,27 @@ class LHSPGConfig:
             raise ConfigError("saliency_weights must be >= 0 and not all 0")
         if self.epsilon < 0:
             raise ConfigError(f"epsilon must be >= 0, got {self.epsilon}")
-        self.schedule  # validates the step counts
+        if self.warmup_steps is not None and self.period_steps is not None:
+            self.schedule  # validates the step counts
+
+    @property
+    def resolved(self) -> bool:
+        return self.warmup_steps is not None and self.period_steps is not None
+
+    def resolve(self, total_steps: int) -> "LHSPGConfig":
+        """A copy with ``warmup_steps``/``period_steps`` sized for a run of ``total_steps`` where unset."""
+        if self.resolved:
+            return self
+        auto = PruningSchedule.for_budget(total_steps, self.num_periods)
+        return dataclasses.replace(
+            self, warmup_steps=auto.warmup_steps if self.warmup_steps is None else self.warmup_steps,
+            period_steps=auto.period_steps if self.period_steps is None else self.period_steps)
 
     @property
     def schedule(self) -> PruningSchedule:
-        return PruningSchedule(self.warmup_steps, self.num_periods, self.period_steps)
+        if not self.resolved:
+            raise ConfigError("the LHSPG schedule is sized from the run's steps: call config.resolve(steps) first")
+        return PruningSchedule(self.warmup_steps, self.num_periods, self.period_steps)  # type: ignore[arg-type]
 
 
 def _inner(optimizer: Any) -> torch.optim.Optimizer:
@@ -371,15 +390,18 @@ class LHSPG:
             return "warmup"
         return f"period {pos[0]}" if pos is not None else "finetune"
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
+    def state_dict(self, *, include_optimizer: bool = True) -> dict[str, Any]:
+        """Period state (and the inner optimizer's unless ``include_optimizer`` is False)."""
+        state = {
             "step_count": self.step_count,
             "selected_period": self.selected_period,
             "redundant": [self.candidates[i].id for i in self.redundant],
             "committed": [self.candidates[i].id for i in self.committed],
             "history": self.history,
-            "optimizer": self.optimizer.state_dict(),
         }
+        if include_optimizer:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step_count = int(state["step_count"])
@@ -387,7 +409,8 @@ class LHSPG:
         self.redundant = [self._pos[i] for i in state["redundant"]]
         self.committed = [self._pos[i] for i in state["committed"]]
         self.history = list(state["history"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
         self._red_table = (SliceTable([self.candidates[i] for i in self.redundant], self.params)
                            if self.redundant else None)
         self._rebuild_hold()

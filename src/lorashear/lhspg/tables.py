@@ -22,11 +22,7 @@ import torch
 
 from ..graph.groups import Group
 
-LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".lora_magnitude_vector.")
-
-
-def is_lora_name(name: str) -> bool:
-    return any(m in name for m in LORA_MARKERS)
+from ..models.params import LORA_MARKERS, is_lora_name  # noqa: F401  (re-exported)
 
 
 @dataclass

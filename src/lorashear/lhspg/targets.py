@@ -28,13 +28,10 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..graph.groups import GROUP_KINDS, Group
+from ..models.adapters import BLOCK_OF_KIND
 
-CLUSTER_OF_KIND: dict[str, str] = {
-    "attention_head": "attention",
-    "kv_group": "attention",
-    "mlp_channel": "mlp",
-    "hidden_channel": "hidden",
-}
+#: The cluster each group kind is counted in: its layer block, or ``hidden`` for residual channels.
+CLUSTER_OF_KIND: dict[str, str] = {**BLOCK_OF_KIND, "hidden_channel": "hidden"}
 
 
 @dataclass

@@ -2,16 +2,25 @@
 
 Loading uses the real ``from_pretrained``; only the built-in name
 :data:`~lorashear.models.reference.REFERENCE_MODEL_NAME` resolves to the
-offline reference model. Directories written by :func:`lorashear.compact`
-with per-layer sizes are rebuilt by :func:`lorashear.load_pretrained`.
+offline reference model.
+
+Uniform models load with plain ``AutoModelForCausalLM.from_pretrained``.
+Models whose layers differ (written by :func:`lorashear.compact` and
+:func:`~lorashear.models.saving.save_pretrained`) carry transformers'
+``per_layer_config`` in ``config.json`` (layer index -> width overrides);
+transformers 5.23 parses and serialises that schema but does not yet build
+layers from it, so :func:`load_pretrained` builds the model with the global
+widths on the meta device, rebuilds each overridden decoder layer from its
+layer config, and loads the safetensors weights into it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelNotFoundError
 from .reference import ensure_reference_model, is_reference_name
@@ -80,8 +89,6 @@ def load_model(
     Directories saved with per-layer sizes (``per_layer_config``) are rebuilt
     with those shapes.
     """
-    from ..export import load_pretrained  # local import: export depends on graph code
-
     resolved = resolve_model_path(name_or_path)
     model = load_pretrained(resolved, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation)
     if device is not None:
@@ -110,3 +117,84 @@ def _hub_message(name: str, exc: BaseException) -> str:
         f"could not load model {name!r}: not a local directory, not a built-in name, and the hub "
         f"could not provide it ({first}). Pass a local directory or 'smollm2-135m-instruct'."
     )
+
+
+def _read_config_dict(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelNotFoundError(f"cannot read {path / 'config.json'}: {exc}") from exc
+
+
+def load_pretrained(path: str | os.PathLike[str], *, dtype: "torch.dtype | None" = None,
+                    attn_implementation: str | None = None) -> "PreTrainedModel":
+    """Load a causal LM saved by :func:`~lorashear.models.saving.save_pretrained` or any Hugging Face
+    directory / hub id, with parameters in ``dtype`` (default float32).
+
+    Heterogeneous models (``per_layer_config`` in config.json) are rebuilt with
+    their per-layer shapes; everything else goes through ``from_pretrained``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if dtype is None else dtype
+    local = Path(os.fspath(path))
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if local.is_dir() and _read_config_dict(local).get("per_layer_config"):
+        return _load_heterogeneous(local, dtype=dtype, attn_implementation=attn_implementation)
+    try:
+        return AutoModelForCausalLM.from_pretrained(os.fspath(path), **kwargs)
+    except OSError as exc:
+        raise ModelNotFoundError(_hub_message(os.fspath(path), exc)) from exc
+
+
+def _load_heterogeneous(path: Path, *, dtype: torch.dtype, attn_implementation: str | None) -> "PreTrainedModel":
+    import copy
+
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .adapters import adapter_for
+
+    config = AutoConfig.from_pretrained(path)
+    if attn_implementation:
+        config._attn_implementation = attn_implementation  # noqa: SLF001 - the documented override slot
+    global_config = copy.deepcopy(config)
+    global_config.per_layer_config = None
+    # parameters on meta (no memory, no random init); buffers such as RoPE tables are real
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(global_config, dtype=dtype)
+    # the attention implementation is resolved while building the model; the per-layer configs inherit it
+    config._attn_implementation = global_config._attn_implementation  # noqa: SLF001
+    adapter = adapter_for(config)
+    _, layers = adapter.decoder_layers(model)
+    for idx in range(len(layers)):
+        layer_config = config.per_layer_config[idx]
+        with init_empty_weights(include_buffers=False):
+            layers[idx] = type(layers[idx])(layer_config, idx)
+        layers[idx].to(dtype)
+    model.config = config
+    for module in model.modules():
+        if module is not model and hasattr(module, "config") and module.config is global_config:
+            module.config = config
+    state: dict[str, torch.Tensor] = {}
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise ModelNotFoundError(f"{path} has no .safetensors weights")
+    for shard in shards:
+        state.update(load_file(str(shard)))
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta or unexpected:
+        raise ModelNotFoundError(
+            f"{path}: weights do not match the per-layer config (missing {still_meta[:3]}, unexpected {unexpected[:3]})")
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:
+            raise ModelNotFoundError(f"{path}: buffer {name} was not initialised")
+    model.eval()
+    return model

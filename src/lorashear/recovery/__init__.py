@@ -8,11 +8,10 @@ and the "same recovery budget" used to compare pruning methods::
 """
 
 from .finetune import (
-    DEFAULT_LORA_TARGETS,
     FinetuneConfig,
     FinetuneResult,
     finetune,
     lora_finetune,
 )
 
-__all__ = ["DEFAULT_LORA_TARGETS", "FinetuneConfig", "FinetuneResult", "finetune", "lora_finetune"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "lora_finetune"]

@@ -3,97 +3,66 @@
 Recipe::
 
     ids = pack_texts(texts, tokenizer, seq_len)            # (N, seq_len), or given directly
-    peft = get_peft_model(model, LoraConfig(r, alpha, dropout, q,k,v,o,gate,up,down))
-    for step in range(steps):                              # AdamW on the LoRA factors only
-        batch = ids[batch_indices(N, step, batch_size, seed)]   # (B, seq_len)
-        loss = peft(input_ids=batch, labels=batch).loss; loss.backward(); clip; step
+    peft = attach_lora(model, config.lora)                 # the family's projections
+    train(peft, ids, config=config.train, loss_fn=lm_loss)  # the shared loop: AdamW on the LoRA factors
     model = peft.merge_and_unload()                        # plain model, no peft modules left
 
 It works on models of any width, including pruned models whose layers differ.
 Determinism: LoRA initialisation, dropout and the data order are functions of
-``seed`` alone (drawn inside ``torch.random.fork_rng``, so the caller's global RNG
-state is left as it was); the same model, data and config give bit-identical
+``seed`` alone (drawn inside ``torch.random.fork_rng``; the caller's torch, Python and
+NumPy RNG states are left as they were); the same model, data and config give bit-identical
 weights on the same machine. Micro-batch ``i`` is the same function of
 ``(seed, i)`` as in the prune stage's loop (:func:`lorashear.training.batch_indices`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
-import math
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
+from ..config import config_from_dict, section
 from ..errors import ConfigError, DataError
-from ..progress import progress_disabled
+from ..models.lora import LoraSettings, attach_lora
+from ..training.loop import StepHook, TrainConfig, train
+from ..training.losses import LossFn, lm_loss
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 @dataclass
 class FinetuneConfig:
-    """Settings of one LoRA fine-tuning run (budget = ``steps * batch_size * seq_len`` tokens)."""
+    """One LoRA fine-tuning run on the shared training loop (budget = ``steps * batch_size * seq_len`` tokens)."""
 
-    steps: int = field(default=100, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=4, metadata={"help": "sequences per optimizer step"})
     seq_len: int = field(default=256, metadata={"help": "tokens per training sequence"})
-    lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate of the LoRA factors"})
-    r: int = field(default=8, metadata={"help": "LoRA rank"})
-    alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)"})
-    dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    target_modules: tuple[str, ...] = field(default=DEFAULT_LORA_TARGETS, metadata={
-        "help": "module names that get LoRA"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the LoRA factors"})
-    lr_scheduler: Literal["constant", "linear", "cosine"] = field(default="constant", metadata={
-        "help": "learning-rate schedule after its warm-up"})
-    lr_warmup_steps: int = field(default=0, metadata={"help": "linear learning-rate warm-up steps"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
-    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     num_sequences: int | None = field(default=None, metadata={
         "help": "packed sequences to draw from when given texts (default: all that fit)"})
-    log_every: int = field(default=10, metadata={"help": "log the loss every N steps"})
-    seed: int = field(default=0, metadata={"help": "seed of LoRA init, dropout, packing and data order"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    lora: LoraSettings = section(LoraSettings, prefix="lora_", help="LoRA factors")
+    train: TrainConfig = section(TrainConfig, help="training loop", steps=100, log_every=1)
 
     def __post_init__(self) -> None:
-        self.target_modules = tuple(self.target_modules)
-        for name in ("steps", "batch_size", "seq_len", "r", "alpha", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise ConfigError(f"seq_len must be >= 2 (a next-token loss needs two tokens), got {self.seq_len}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive number, got {self.lr}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0 or self.lr_warmup_steps < 0:
-            raise ConfigError("weight_decay, max_grad_norm and lr_warmup_steps must be >= 0")
-        if self.lr_scheduler not in ("constant", "linear", "cosine"):
-            raise ConfigError(f"lr_scheduler must be constant, linear or cosine, got {self.lr_scheduler!r}")
         if self.num_sequences is not None and self.num_sequences < 1:
             raise ConfigError(f"num_sequences must be >= 1, got {self.num_sequences}")
-        if not self.target_modules:
-            raise ConfigError("target_modules is empty")
 
     @property
     def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len
+        return self.train.batch_size * self.train.grad_accum * self.seq_len
 
     @property
     def budget_tokens(self) -> int:
         """Training tokens the run consumes (``steps * batch_size * seq_len``)."""
-        return self.steps * self.tokens_per_step
+        return self.train.steps * self.tokens_per_step
 
 
 @dataclass
@@ -139,7 +108,7 @@ def _sequences(data: Sequence[str] | torch.Tensor, tokenizer: PreTrainedTokenize
         raise ConfigError("a tokenizer is needed to train on texts")
     from ..data import pack_texts
 
-    return pack_texts(list(data), tokenizer, cfg.seq_len, num_sequences=cfg.num_sequences, seed=cfg.seed)
+    return pack_texts(list(data), tokenizer, cfg.seq_len, num_sequences=cfg.num_sequences, seed=cfg.train.seed)
 
 
 def finetune(
@@ -147,81 +116,43 @@ def finetune(
     tokenizer: PreTrainedTokenizerBase | None,
     data: Sequence[str] | torch.Tensor,
     config: FinetuneConfig | None = None,
+    *,
+    loss_fn: LossFn = lm_loss,
+    hooks: Sequence[StepHook] = (),
 ) -> FinetuneResult:
     """LoRA fine-tune ``model`` on ``data`` (texts or token ids) and merge; see the module docstring.
 
     ``model`` is changed in place (its weights receive the merged LoRA update) and
     returned in ``result.model`` without any peft module, in the train/eval mode it had.
+    ``loss_fn`` and ``hooks`` plug into the shared loop (:func:`lorashear.training.train`).
     """
-    from peft import LoraConfig, get_peft_model
-    from tqdm.auto import tqdm
-
-    from ..training.loop import batch_indices, lr_lambda
-
     cfg = config or FinetuneConfig()
-    if hasattr(model, "peft_config"):
-        raise ConfigError("the model already carries peft adapters; merge them first (merge_and_unload)")
-    present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    targets = [t for t in cfg.target_modules if t in present]
-    if not targets:
-        raise ConfigError(f"none of the LoRA target modules {list(cfg.target_modules)} is a Linear in the model")
     ids = _sequences(data, tokenizer, cfg)
-    device = next(model.parameters()).device
     was_training = model.training
     requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+    device = next(model.parameters()).device
     rng_devices = [device] if device.type == "cuda" else []
+    py_state, np_state = random.getstate(), np.random.get_state()
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=rng_devices):
-        torch.manual_seed(cfg.seed)
-        lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                          bias="none", task_type="CAUSAL_LM")
-        peft_model = get_peft_model(model, lora)
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        trainable = sum(p.numel() for p in params)
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-            lr_lambda, warmup=cfg.lr_warmup_steps, total=cfg.steps, kind=cfg.lr_scheduler))
-        if cfg.grad_checkpointing:
-            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            peft_model.enable_input_require_grads()
-        logger.info("LoRA fine-tuning: %d steps x %d x %d tokens (%d tokens), r=%d alpha=%d on %s, "
-                    "%d trainable parameters, %d sequences", cfg.steps, cfg.batch_size, cfg.seq_len,
-                    cfg.budget_tokens, cfg.r, cfg.alpha, ",".join(targets), trainable, ids.shape[0])
-        losses: list[float] = []
-        peft_model.train()
-        bar = tqdm(total=cfg.steps, desc="lora finetune", unit="step", dynamic_ncols=True,
-                   disable=not cfg.progress or progress_disabled())
-        try:
-            for step in range(cfg.steps):
-                idx = batch_indices(ids.shape[0], step, cfg.batch_size, seed=cfg.seed)
-                batch = ids[idx].to(device)  # (B, seq_len)
-                loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
-                loss.backward()
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise ConfigError(f"the training loss became {value} at step {step + 1}; lower --lr")
-                losses.append(value)
-                bar.set_postfix(loss=f"{value:.3f}", refresh=False)
-                bar.update(1)
-                if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                    logger.info("step %d/%d: loss %.4f", step + 1, cfg.steps, value)
-        finally:
-            bar.close()
-            if cfg.grad_checkpointing:
-                with contextlib.suppress(Exception):
-                    peft_model.gradient_checkpointing_disable()
+    try:
+        with torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(cfg.train.seed)
+            peft_model = attach_lora(model, cfg.lora)
+            trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+            logger.info("LoRA fine-tuning: %d steps x %d x %d tokens (%d tokens), r=%d alpha=%d, "
+                        "%d trainable parameters, %d sequences", cfg.train.steps, cfg.train.batch_size, cfg.seq_len,
+                        cfg.budget_tokens, cfg.lora.r, cfg.lora.alpha, trainable, ids.shape[0])
+            result = train(peft_model, ids, config=cfg.train, loss_fn=loss_fn, hooks=hooks, desc="lora finetune")
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
     merged = peft_model.merge_and_unload()
     merged.train(was_training)
     for p in merged.parameters():  # the base weights are the caller's tensors: give back their flags
         p.requires_grad_(requires_grad.get(id(p), p.requires_grad))
-    wall = time.perf_counter() - t0
-    return FinetuneResult(model=merged, losses=losses, steps=cfg.steps, tokens_seen=cfg.budget_tokens,
-                          trainable_params=trainable, wall_time_s=wall, sequences=int(ids.shape[0]))
+    return FinetuneResult(model=merged, losses=result.losses, steps=result.steps_done,
+                          tokens_seen=result.tokens_seen, trainable_params=trainable,
+                          wall_time_s=time.perf_counter() - t0, sequences=int(ids.shape[0]))
 
 
 def lora_finetune(
@@ -232,26 +163,20 @@ def lora_finetune(
     steps: int,
     batch_size: int,
     seq_len: int,
-    lr: float = 2e-4,
-    r: int = 8,
-    alpha: int = 16,
-    dropout: float = 0.05,
-    seed: int = 0,
     **options: Any,
 ) -> PreTrainedModel:
-    """LoRA fine-tune ``model`` (AdamW on q,k,v,o,gate,up,down LoRA factors), merge, return the plain model.
+    """LoRA fine-tune ``model`` (AdamW on the family's projections), merge, return the plain model.
 
     ``texts_or_ids``: a list of texts (packed with ``tokenizer`` into ``seq_len`` windows),
-    a ``(N, seq_len)`` tensor of packed ids or a ``(T,)`` token stream.
-    Further :class:`FinetuneConfig` fields (``target_modules``, ``lr_scheduler``,
-    ``max_grad_norm``, ``progress``, ...) can be passed as keywords.
+    a ``(N, seq_len)`` tensor of packed ids or a ``(T,)`` token stream. Further options are the
+    flat names of :class:`FinetuneConfig` (``lr``, ``seed``, ``r``/``lora_r``, ``alpha``, ``dropout``,
+    ``targets``, ``lr_scheduler``, ``max_grad_norm``, ``progress``, ...).
     """
-    try:
-        cfg = FinetuneConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, r=r, alpha=alpha,
-                             dropout=dropout, seed=seed, **options)
-    except TypeError as exc:
-        raise ConfigError(f"bad fine-tuning option: {exc}") from exc
+    short = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "lora_targets"}
+    values = {short.get(k, k): v for k, v in options.items()}
+    values.update(steps=steps, batch_size=batch_size, seq_len=seq_len)
+    cfg = config_from_dict(FinetuneConfig, values, source="lora_finetune options")
     return finetune(model, tokenizer, texts_or_ids, cfg).model
 
 
-__all__ = ["DEFAULT_LORA_TARGETS", "FinetuneConfig", "FinetuneResult", "finetune", "lora_finetune"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "lora_finetune"]

@@ -1,18 +1,26 @@
-"""The LHSPG training loop on accelerate: one code path for CPU, one GPU and multi-GPU.
+"""One training loop on accelerate for every stage: CPU, one GPU and multi-GPU alike.
 
-Run it as a library call or under ``accelerate launch`` (DDP: every process
-holds the whole model, gradients of the LoRA factors are all-reduced, the LHSPG
-update of the frozen base weights is computed identically on every rank and
-group selection is broadcast from rank 0). FSDP: the LHSPG update gathers rows
-of full base weights, so it needs unsharded parameters; use
-``accelerate launch --use_fsdp --fsdp_use_orig_params true`` with
-``FULL_SHARD`` wrapped per decoder layer and ``summon_full_params`` is *not*
-done for you — DDP is the tested multi-GPU path.
+:func:`train` runs ``config.steps`` optimizer steps of a model whose trainable
+parameters are its LoRA factors. What changes between stages plugs in:
+
+- a **loss** ``loss_fn(model, batch) -> scalar`` (:mod:`lorashear.training.losses`:
+  next-token cross-entropy today; distillation plugs in the same way);
+- **step hooks** (:class:`StepHook`): called before each micro-batch and after each
+  optimizer step. LHSPG's update of the frozen base weights is one hook
+  (:class:`LHSPGHook`); collecting activation statistics is another. A hook with
+  ``state_dict``/``load_state_dict`` is checkpointed with the run.
+
+Run it as a library call or under ``accelerate launch`` (DDP: every process holds
+the whole model, gradients of the LoRA factors are all-reduced, the LHSPG update
+is computed identically on every rank and group selection is broadcast from
+rank 0). FSDP: the LHSPG update gathers rows of full base weights, so it needs
+unsharded parameters; DDP is the tested multi-GPU path.
 
 Data: a ``LongTensor[N, seq_len]`` of packed sequences (``lorashear.data.pack_texts``).
 Micro-batch ``i`` of the run is a pure function of ``(seed, i)`` — a fresh seeded
 permutation per epoch, each process taking its own slice — so the step number is
-the data position and resuming needs no sampler state.
+the data position and resuming needs no sampler state; a resumed run is
+bit-identical on CPU.
 """
 
 from __future__ import annotations
@@ -36,13 +44,14 @@ from ..lhspg.optimizer import LHSPG, LHSPGConfig, lora_parameters, make_optimize
 from ..lhspg.targets import TargetPlan
 from ..progress import progress_disabled
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .losses import LossFn, lm_loss
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainConfig:
-    """Settings of the LoRA training loop that drives LHSPG."""
+    """Settings of the LoRA training loop (pruning and fine-tuning alike)."""
 
     steps: int = field(default=200, metadata={"help": "optimizer steps in total (warm-up + periods + fine-tuning)"})
     batch_size: int = field(default=4, metadata={"help": "sequences per micro-batch per process"})
@@ -60,7 +69,7 @@ class TrainConfig:
     checkpoint_every: int = field(default=0, metadata={"help": "write a resumable checkpoint every N steps (0 = off)"})
     keep_checkpoints: int = field(default=1, metadata={"help": "checkpoints kept on disk"})
     log_every: int = field(default=1, metadata={"help": "record loss and sparsity every N steps"})
-    seed: int = field(default=0, metadata={"help": "seed of LoRA init, dropout and data order"})
+    seed: int = field(default=0, metadata={"help": "seed of LoRA init, dropout, packing and data order"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self) -> None:
@@ -70,21 +79,87 @@ class TrainConfig:
         for name in ("lr_warmup_steps", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm < 0:
             raise ConfigError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
 
 
 @dataclass
 class TrainResult:
-    lhspg: LHSPG
     log: list[dict[str, Any]]
     steps_done: int
     tokens_seen: int
     wall_time_s: float
     resumed_from: int | None
     stopped_early: bool
+    lhspg: LHSPG | None = None  #: set by :func:`train_lhspg`
+
+    @property
+    def losses(self) -> list[float]:
+        return [float(r["loss"]) for r in self.log]
+
+
+class StepHook:
+    """Something the loop calls at fixed points of every step; override what you need."""
+
+    #: name of the hook's state in checkpoints (hooks without state leave it None)
+    state_name: str | None = None
+
+    def before_micro_batch(self, step: int, micro: int) -> None:
+        """Before the forward pass of micro-batch ``micro`` of optimizer step ``step`` (0-based)."""
+
+    def after_optimizer_step(self, step: int) -> None:
+        """After the optimizer step ``step`` (0-based), before the scheduler step and ``zero_grad``."""
+
+    def log_fields(self) -> dict[str, Any]:
+        """Extra fields for the step log (and the progress bar's ``progress_fields``)."""
+        return {}
+
+    def progress_fields(self) -> dict[str, str]:
+        return {}
+
+    def mutable_parameter_names(self) -> Iterable[str]:
+        """Parameters this hook changes besides the trainable ones (checkpointed)."""
+        return ()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class LHSPGHook(StepHook):
+    """LHSPG's post-step update (progressive forgetting, projection, selection, merges) as a step hook."""
+
+    state_name = "lhspg"
+
+    def __init__(self, lhspg: LHSPG) -> None:
+        self.lhspg = lhspg
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.lhspg.post_step()
+
+    def log_fields(self) -> dict[str, Any]:
+        lh = self.lhspg
+        return {"group_sparsity": lh.sparsity(), "committed": len(lh.committed), "redundant": len(lh.redundant),
+                "phase": lh.phase}
+
+    def progress_fields(self) -> dict[str, str]:
+        return {"sparsity": f"{self.lhspg.sparsity():.3f}"}
+
+    def mutable_parameter_names(self) -> Iterable[str]:
+        lh = self.lhspg
+        return set(lh.loras) | {s.name for g in lh.candidates for s in g.slices}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.lhspg.state_dict(include_optimizer=False)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lhspg.load_state_dict(state)
 
 
 def resolve_mixed_precision(value: str) -> str:
@@ -135,49 +210,42 @@ def batch_indices(num_sequences: int, micro_index: int, batch_size: int, *, seed
     return out
 
 
-def _progress_disabled(cfg: TrainConfig, accelerator: Any) -> bool:
-    return not cfg.progress or not accelerator.is_local_main_process or progress_disabled()
-
-
-def train_lhspg(
-    model: torch.nn.Module,
-    groups: Sequence[Group],
-    plan: TargetPlan,
-    data: torch.Tensor,
-    *,
-    train_config: TrainConfig | None = None,
-    lhspg_config: LHSPGConfig | None = None,
-    exclude: Iterable[int] = (),
-    checkpoint_dir: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    accelerator: Any = None,
-    stop_after: int | None = None,
-    on_step: Callable[[int, LHSPG], None] | None = None,
-) -> TrainResult:
-    """Train the LoRA factors of ``model`` with LHSPG until ``plan`` is reached (masked model, in place).
-
-    Args:
-        model: a peft LoRA model; its LoRA factors are the only trainable parameters.
-        groups: candidate groups (named on ``model``'s parameters).
-        plan: group counts from :func:`~lorashear.lhspg.targets.plan_targets`.
-        data: packed token ids ``(N, seq_len)``.
-        exclude: group ids never to prune.
-        checkpoint_dir: where checkpoints go (needed for ``checkpoint_every`` and ``resume``).
-        resume: continue from the latest checkpoint in ``checkpoint_dir`` if there is one.
-        accelerator: an ``accelerate.Accelerator``; one is created from the config when omitted.
-        stop_after: stop after this many steps in total (a deliberate interruption; tests use it).
-        on_step: called as ``on_step(step, lhspg)`` after every optimizer step.
-
-    Returns a :class:`TrainResult`; the committed groups of ``result.lhspg`` are exactly zero in ``model``.
-    """
-    from accelerate.utils import broadcast_object_list, set_seed
-
-    cfg = train_config or TrainConfig()
-    lcfg = lhspg_config or LHSPGConfig()
+def check_data(data: torch.Tensor) -> None:
     if data.dim() != 2 or data.shape[0] == 0:
         raise ConfigError(f"training data must be a non-empty (N, seq_len) tensor, got shape {tuple(data.shape)}")
-    if lcfg.schedule.prune_end > cfg.steps:
-        raise ConfigError(f"pruning ends at step {lcfg.schedule.prune_end} but only {cfg.steps} steps are planned")
+
+
+def train(
+    model: torch.nn.Module,
+    data: torch.Tensor,
+    *,
+    config: TrainConfig | None = None,
+    loss_fn: LossFn = lm_loss,
+    hooks: Sequence[StepHook] = (),
+    make_hooks: Callable[[torch.nn.Module, Any], Sequence[StepHook]] | None = None,
+    accelerator: Any = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Train the LoRA factors of ``model`` (its only trainable parameters) on ``data``.
+
+    Args:
+        model: a peft LoRA model.
+        data: packed token ids ``(N, seq_len)``.
+        loss_fn: ``loss_fn(model, batch) -> loss`` (default: next-token cross-entropy).
+        hooks: step hooks (see :class:`StepHook`).
+        make_hooks: ``make_hooks(unwrapped_model, prepared_optimizer)`` builds hooks that need the
+            optimizer the loop creates (LHSPG); called once before the first step.
+        checkpoint_dir: where checkpoints go (needed for ``checkpoint_every`` and ``resume``).
+        resume: continue from the latest checkpoint in ``checkpoint_dir`` if there is one.
+        stop_after: stop after this many steps in total (a deliberate interruption; tests use it).
+    """
+    from accelerate.utils import set_seed
+
+    cfg = config or TrainConfig()
+    check_data(data)
     if accelerator is None:
         accelerator = make_accelerator(cfg.mixed_precision)
     set_seed(cfg.seed)
@@ -193,15 +261,18 @@ def train_lhspg(
         lr_lambda, warmup=cfg.lr_warmup_steps, total=cfg.steps, kind=cfg.lr_scheduler))
     model_p, opt_p = accelerator.prepare(model, inner)
     unwrapped = accelerator.unwrap_model(model_p)
+    all_hooks = list(hooks) + list(make_hooks(unwrapped, opt_p) if make_hooks is not None else [])
+    stateful: dict[str, Any] = {"optimizer": opt_p, "scheduler": scheduler}
+    for hook in all_hooks:
+        if hook.state_name:
+            if hook.state_name in stateful:
+                raise ConfigError(f"two step hooks share the checkpoint name {hook.state_name!r}")
+            stateful[hook.state_name] = hook
+    mutable = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
+    for hook in all_hooks:
+        mutable |= set(hook.mutable_parameter_names())
+    param_names = sorted(mutable)
 
-    def broadcast(chosen: list[int]) -> list[int]:
-        if accelerator.num_processes == 1:
-            return chosen
-        box = [chosen]
-        broadcast_object_list(box, from_process=0)
-        return box[0]
-
-    lhspg = LHSPG(unwrapped, groups, opt_p, plan=plan, config=lcfg, exclude=exclude, broadcast=broadcast)
     log: list[dict[str, Any]] = []
     start, tokens, resumed_from, elapsed_before = 0, 0, None, 0.0
     if resume:
@@ -211,7 +282,7 @@ def train_lhspg(
         if ckpt is None:
             logger.warning("no checkpoint in %s; starting from step 0", checkpoint_dir)
         else:
-            state = load_checkpoint(ckpt, model=unwrapped, lhspg=lhspg, scheduler=scheduler, accelerator=accelerator)
+            state = load_checkpoint(ckpt, model=unwrapped, stateful=stateful, accelerator=accelerator)
             start = resumed_from = int(state["step"])
             tokens = int(state.get("tokens_seen", 0))
             log = list(state.get("log", []))
@@ -223,8 +294,8 @@ def train_lhspg(
     model_p.train()
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=start, desc="prune", unit="step",
-               disable=_progress_disabled(cfg, accelerator), dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
+               disable=not cfg.progress or not accelerator.is_local_main_process or progress_disabled())
     t0 = time.perf_counter()
     t_last, tok_last = t0, tokens
     step = start
@@ -233,39 +304,46 @@ def train_lhspg(
     while step < cfg.steps:
         loss_sum = torch.zeros((), device=device)
         for m in range(cfg.grad_accum):
+            for hook in all_hooks:
+                hook.before_micro_batch(step, m)
             idx = batch_indices(data.shape[0], step * cfg.grad_accum + m, cfg.batch_size, seed=cfg.seed,
                                 rank=rank, world=world)
             batch = data[idx].to(device)
             sync = m == cfg.grad_accum - 1
             ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(model_p)
             with ctx:
-                out = model_p(input_ids=batch, labels=batch, use_cache=False)
-                loss = out.loss / cfg.grad_accum
+                loss = loss_fn(model_p, batch) / cfg.grad_accum
                 accelerator.backward(loss)
             loss_sum += loss.detach()
         if cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        lhspg.step()
+        opt_p.step()
+        for hook in all_hooks:
+            hook.after_optimizer_step(step)
         scheduler.step()
-        lhspg.zero_grad(set_to_none=True)
+        opt_p.zero_grad(set_to_none=True)
         step += 1
         tokens += step_tokens
-        if on_step is not None:
-            on_step(step, lhspg)
         mean_loss = float(accelerator.reduce(loss_sum, "mean")) if world > 1 else float(loss_sum)
+        if not math.isfinite(mean_loss):
+            raise ConfigError(f"the training loss became {mean_loss} at step {step}; lower --lr")
         now = time.perf_counter()
         tok_s = (tokens - tok_last) / max(now - t_last, 1e-9)
         t_last, tok_last = now, tokens
         if step % cfg.log_every == 0 or step == cfg.steps:
-            log.append({"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
-                        "group_sparsity": lhspg.sparsity(), "committed": len(lhspg.committed),
-                        "redundant": len(lhspg.redundant), "phase": lhspg.phase, "tokens": tokens,
-                        "tokens_per_s": tok_s})
-        bar.set_postfix(loss=f"{mean_loss:.3f}", sparsity=f"{lhspg.sparsity():.3f}", tok_s=f"{tok_s:.0f}",
-                        refresh=False)
+            record = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0]}
+            for hook in all_hooks:
+                record.update(hook.log_fields())
+            record.update({"tokens": tokens, "tokens_per_s": tok_s})
+            log.append(record)
+        postfix = {"loss": f"{mean_loss:.3f}"}
+        for hook in all_hooks:
+            postfix.update(hook.progress_fields())
+        postfix["tok_s"] = f"{tok_s:.0f}"
+        bar.set_postfix(refresh=False, **postfix)
         bar.update(1)
         if checkpoint_dir is not None and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0):
-            save_checkpoint(checkpoint_dir, step=step, model=unwrapped, lhspg=lhspg, scheduler=scheduler,
+            save_checkpoint(checkpoint_dir, step=step, model=unwrapped, param_names=param_names, stateful=stateful,
                             accelerator=accelerator, keep=cfg.keep_checkpoints,
                             state={"tokens_seen": tokens, "log": log,
                                    "wall_time_s": elapsed_before + time.perf_counter() - t0,
@@ -278,9 +356,59 @@ def train_lhspg(
     if cfg.grad_checkpointing:
         unwrapped.gradient_checkpointing_disable()
     accelerator.wait_for_everyone()
-    return TrainResult(lhspg=lhspg, log=log, steps_done=step, tokens_seen=tokens,
+    return TrainResult(log=log, steps_done=step, tokens_seen=tokens,
                        wall_time_s=elapsed_before + time.perf_counter() - t0, resumed_from=resumed_from,
                        stopped_early=stopped)
+
+
+def train_lhspg(
+    model: torch.nn.Module,
+    groups: Sequence[Group],
+    plan: TargetPlan,
+    data: torch.Tensor,
+    *,
+    train_config: TrainConfig | None = None,
+    lhspg_config: LHSPGConfig | None = None,
+    exclude: Iterable[int] = (),
+    loss_fn: LossFn = lm_loss,
+    hooks: Sequence[StepHook] = (),
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    accelerator: Any = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train with LHSPG until ``plan`` is reached (masked model, in place): :func:`train` + :class:`LHSPGHook`.
+
+    ``groups`` are named on ``model``'s parameters; ``exclude`` are group ids never to prune.
+    The committed groups of ``result.lhspg`` are exactly zero in ``model``.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    cfg = train_config or TrainConfig()
+    lcfg = (lhspg_config or LHSPGConfig()).resolve(cfg.steps)
+    check_data(data)
+    if lcfg.schedule.prune_end > cfg.steps:
+        raise ConfigError(f"pruning ends at step {lcfg.schedule.prune_end} but only {cfg.steps} steps are planned")
+    if accelerator is None:
+        accelerator = make_accelerator(cfg.mixed_precision)
+    box: dict[str, LHSPG] = {}
+
+    def broadcast(chosen: list[int]) -> list[int]:
+        if accelerator.num_processes == 1:
+            return chosen
+        holder = [chosen]
+        broadcast_object_list(holder, from_process=0)
+        return holder[0]
+
+    def make(unwrapped: torch.nn.Module, optimizer: Any) -> list[StepHook]:
+        box["lhspg"] = LHSPG(unwrapped, groups, optimizer, plan=plan, config=lcfg, exclude=exclude,
+                             broadcast=broadcast)
+        return [LHSPGHook(box["lhspg"])]
+
+    result = train(model, data, config=cfg, loss_fn=loss_fn, hooks=hooks, make_hooks=make, accelerator=accelerator,
+                   checkpoint_dir=checkpoint_dir, resume=resume, stop_after=stop_after, desc="prune")
+    result.lhspg = box["lhspg"]
+    return result
 
 
 def checkpoint_root(out_dir: str | os.PathLike[str]) -> Path:

@@ -1,11 +1,14 @@
-"""Per-family facts that tracing cannot see, read from ``model.config``.
+"""Every per-family fact that tracing cannot see, read from ``model.config``.
 
 Tracing finds *which* dimensions are coupled; an adapter says where the decoder
-layers are, how many heads and KV heads a layer has, and which config keys
-and module attributes describe a layer's widths, so that a compacted model can
-be described in ``config.json`` and rebuilt. One small adapter per family; an
-unknown family falls back to the generic one if its config uses the standard
-names, else discovery stops with an error naming the model type.
+layers are, how many heads and KV heads a layer has, which config keys and
+module attributes describe a layer's widths (so that a compacted model can be
+described in ``config.json`` and rebuilt), which projections get LoRA by
+default (fused ``qkv_proj`` / ``gate_up_proj`` included), how the family's
+RMSNorm weight is offset, and whether hidden channels can be removed exactly.
+One small adapter per family; an unknown family falls back to the generic one
+if its config uses the standard names, else discovery stops with an error
+naming the model type.
 """
 
 from __future__ import annotations
@@ -16,9 +19,15 @@ from typing import Any
 
 import torch
 
-from ..errors import UnsupportedArchitectureError
+from ..errors import ConfigError, UnsupportedArchitectureError
 
 logger = logging.getLogger(__name__)
+
+#: The block of a decoder layer that each per-layer group kind belongs to.
+BLOCK_OF_KIND: dict[str, str] = {"attention_head": "attention", "kv_group": "attention", "mlp_channel": "mlp"}
+
+#: LoRA targets of LLaMA-style decoders (separate q/k/v and gate/up projections).
+LLAMA_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -34,7 +43,13 @@ class ModelAdapter:
     """Generic decoder-only adapter (LLaMA conventions); families override what differs."""
 
     model_types: tuple[str, ...] = ()
+    #: hidden-channel removal is exact (RMSNorm rescaled, nothing else reads hidden_size at run time)
     supports_hidden_pruning: bool = False
+    #: module names (last component) that get LoRA by default
+    lora_targets: tuple[str, ...] = LLAMA_LORA_TARGETS
+    #: the RMSNorm weight value whose effective scale is zero: the norm multiplies by
+    #: ``weight - norm_offset`` (0 for ``x * w``; -1 for Gemma's ``x * (1 + w)``)
+    norm_offset: float = 0.0
     #: config keys that may differ per layer after pruning
     per_layer_keys: tuple[str, ...] = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
@@ -74,6 +89,16 @@ class ModelAdapter:
         return self.config
 
     # -- module facts ---------------------------------------------------------------------
+    def lora_target_modules(self, model: torch.nn.Module) -> tuple[str, ...]:
+        """The family's :attr:`lora_targets` that name ``nn.Linear`` modules of ``model`` (``lm_head`` excluded)."""
+        present = linear_module_names(model)
+        targets = tuple(t for t in self.lora_targets if t in present)
+        if not targets:
+            raise ConfigError(f"model type '{self.model_type}': none of the LoRA targets "
+                              f"{', '.join(self.lora_targets)} is a Linear module of the model "
+                              f"(it has {', '.join(sorted(present)) or 'none'})")
+        return targets
+
     def decoder_layers(self, model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
         """Return ``(qualified name, ModuleList)`` of the decoder layers."""
         n = self.num_layers
@@ -119,29 +144,53 @@ class ModelAdapter:
             mlp.intermediate_size = widths.intermediate_size
 
 
+def linear_module_names(model: torch.nn.Module) -> set[str]:
+    """Last name components of the ``nn.Linear`` modules of ``model``, ``lm_head`` excluded."""
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and "lm_head" not in name}
+
+
+# Families whose forward reads ``hidden_size`` or shares the norm epsilon with per-head norms
+# (Gemma's embedding scale, Qwen3's q/k norms, Phi-3) keep ``supports_hidden_pruning = False``:
+# hidden channels are reported, never pruned.
+
 class LlamaAdapter(ModelAdapter):
     model_types = ("llama", "mistral", "qwen2")
-    #: hidden-channel removal is exact here (RMSNorm rescaled, nothing else reads hidden_size at run time)
     supports_hidden_pruning = True
 
 
-class NoHiddenAdapter(LlamaAdapter):
-    """Families whose forward reads ``hidden_size`` or shares the norm epsilon with per-head norms
-    (Gemma's embedding scale, Qwen3's q/k norms, Phi-3): hidden channels are reported, never pruned."""
+class Qwen3Adapter(ModelAdapter):
+    model_types = ("qwen3",)
 
-    model_types = ("qwen3", "gemma", "gemma2", "phi3")
-    supports_hidden_pruning = False
+
+class GemmaAdapter(ModelAdapter):
+    """Gemma's RMSNorm computes ``x * (1 + w)``: a zero scale is the weight -1."""
+
+    model_types = ("gemma", "gemma2")
+    norm_offset = -1.0
+
+
+class Phi3Adapter(ModelAdapter):
+    """Phi-3 fuses the q/k/v and the gate/up projections."""
+
+    model_types = ("phi3",)
+    lora_targets = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {
-    **{t: LlamaAdapter for t in LlamaAdapter.model_types},
-    **{t: NoHiddenAdapter for t in NoHiddenAdapter.model_types},
+    t: cls for cls in (LlamaAdapter, Qwen3Adapter, GemmaAdapter, Phi3Adapter) for t in cls.model_types
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_ADAPTERS))
 
 
 def adapter_for(config: Any) -> ModelAdapter:
-    """The adapter for ``config.model_type`` (generic with a warning when unknown)."""
+    """The adapter for ``config.model_type`` (generic with a warning when unknown).
+
+    ``config`` may also be a model (transformers or peft-wrapped): its base model's config is used.
+    """
+    if isinstance(config, torch.nn.Module):
+        base = config.get_base_model() if hasattr(config, "get_base_model") else config
+        config = base.config
     model_type = str(getattr(config, "model_type", "unknown"))
     cls = _ADAPTERS.get(model_type)
     if cls is None:

@@ -1,0 +1,151 @@
+"""The whole method as one recipe over the stage functions: analyze -> prune -> evaluate.
+
+Stages, each the same function as its own command, all writing under ``config.out``:
+
+1. ``analyze``  knowledge distribution analysis -> ``knowledge/knowledge.json``
+2. ``prune``    LHSPG progressive pruning + compaction -> ``pruned/`` (+ report)
+3. ``eval``     the pruned model against the dense one -> ``eval/report.md``
+
+A stage whose output is complete is skipped unless ``force``; an interrupted prune
+resumes from its latest checkpoint. The resolved config is saved as
+``config.yaml`` (readable by ``--config``) and the outcome as ``pipeline_result.json``.
+
+From Python::
+
+    from lorashear.stages import pipeline
+    result = pipeline.run(pipeline.PipelineConfig(model="smollm2-135m-instruct", out="runs/p20"))
+    print(result.model_dir, result.report)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_write_json, atomic_write_text
+from ..config import section, to_flat_dict
+from ..data.config import DataConfig
+from ..errors import ConfigError
+from ..evaluation.config import EvalConfig
+from ..knowledge.config import KnowledgeConfig
+from ..lhspg.optimizer import LHSPGConfig
+from ..lhspg.targets import TargetConfig
+from ..models.lora import LoraSettings
+from ..models.reference import REFERENCE_MODEL_NAME
+from ..training.loop import TrainConfig
+from . import analyze, evaluate, prune
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("analyze", "prune", "eval")
+RESULT_FILE = "pipeline_result.json"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class PipelineConfig:
+    """The pipeline: shared inputs plus the settings of every component the stages use."""
+
+    model: str = field(default=REFERENCE_MODEL_NAME, metadata={
+        "help": "hub id, local directory or built-in name", "cli": False})
+    out: str = field(default="runs/lorashear", metadata={"help": "run directory"})
+    stages: tuple[str, ...] = field(default=STAGES, metadata={"help": "stages to run, in order"})
+    force: bool = field(default=False, metadata={"help": "re-run stages whose outputs exist"})
+    dtype: str = field(default="float32", metadata={"help": "parameter dtype of the model"})
+    data: DataConfig = section(DataConfig, help="training text of the prune stage")
+    knowledge: KnowledgeConfig = section(KnowledgeConfig, prefix="analyze_", help="knowledge analysis",
+                                         num_sequences=8)
+    lora: LoraSettings = section(LoraSettings, prefix="lora_", help="LoRA factors")
+    target: TargetConfig = section(TargetConfig, help="how much to remove", ratio=0.2)
+    lhspg: LHSPGConfig = section(LHSPGConfig, help="LHSPG schedule and saliency")
+    train: TrainConfig = section(TrainConfig, help="training loop", steps=200, batch_size=2, checkpoint_every=50)
+    evaluation: EvalConfig = section(EvalConfig, prefix="eval_", help="evaluation", limit=50)
+
+    def __post_init__(self) -> None:
+        self.stages = tuple(s.strip() for s in self.stages if s.strip())
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+        if not self.stages:
+            raise ConfigError(f"no stage to run; choose from {', '.join(STAGES)}")
+
+
+#: options the pipeline sets itself (hidden from the command line)
+PIPELINE_OWNED = ("eval_baseline", "eval_dtype")
+
+
+@dataclass
+class PipelineResult:
+    """Where the pipeline's outputs are and what each stage returned (``pipeline_result.json``)."""
+
+    out: str
+    model_dir: str | None
+    report: str | None
+    stages_run: list[str]
+    stages_skipped: list[str]
+    seconds: dict[str, float]
+    analyze: dict[str, Any] | None = None
+    prune: dict[str, Any] | None = None
+    eval: dict[str, Any] | None = None
+
+
+def stage_configs(config: PipelineConfig) -> tuple[analyze.AnalyzeConfig, prune.PruneConfig, EvalConfig]:
+    """The three stage configs the pipeline runs, all derived from ``config``."""
+    out = Path(config.out)
+    knowledge_json = out / "knowledge" / "knowledge.json"
+    a = analyze.AnalyzeConfig(model=config.model, out=str(out / "knowledge"), dtype=config.dtype,
+                              knowledge=config.knowledge)
+    p = prune.PruneConfig(model=config.model, out=str(out / "pruned"), data=config.data, dtype=config.dtype,
+                          knowledge=str(knowledge_json) if ("analyze" in config.stages or knowledge_json.is_file())
+                          else None,
+                          lora=config.lora, target=config.target, lhspg=config.lhspg, train=config.train,
+                          resume=(out / "pruned" / "checkpoints").is_dir() and not config.force)
+    e = dataclasses.replace(config.evaluation, model=str(out / "pruned"), baseline=config.model,
+                            out=str(out / "eval"), dtype=config.dtype)
+    return a, p, e
+
+
+def run(config: PipelineConfig) -> PipelineResult:
+    """Run the stages of ``config`` in order; see the module docstring."""
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    a_cfg, p_cfg, e_cfg = stage_configs(config)
+    out.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(to_flat_dict(config), sort_keys=False))
+    result = PipelineResult(out=str(out), model_dir=None, report=None, stages_run=[], stages_skipped=[], seconds={})
+
+    def timed(name: str, fn):
+        t = time.perf_counter()
+        value = fn()
+        result.seconds[name] = round(time.perf_counter() - t, 2)
+        result.stages_run.append(name)
+        return value
+
+    if "analyze" in config.stages:
+        if config.force or not Path(a_cfg.out, "knowledge.json").is_file():
+            result.analyze = timed("analyze", lambda: analyze.run(a_cfg)).summary()
+        else:
+            result.stages_skipped.append("analyze")
+    if "prune" in config.stages:
+        if config.force or not Path(p_cfg.out, prune.REPORT_FILE).is_file():
+            pruned = timed("prune", lambda: prune.run(p_cfg))
+            result.prune = pruned.summary() if pruned is not None else None
+        else:
+            result.stages_skipped.append("prune")
+    if Path(p_cfg.out, "config.json").is_file():
+        result.model_dir = p_cfg.out
+    if "eval" in config.stages:
+        if result.model_dir is None:
+            raise ConfigError(f"no pruned model under {p_cfg.out}; run the prune stage first")
+        report = timed("eval", lambda: evaluate.run(e_cfg))
+        result.eval = report.to_dict()
+        result.report = str(Path(e_cfg.out) / evaluate.REPORT_FILE)
+    atomic_write_json(out / RESULT_FILE, dataclasses.asdict(result))
+    return result
