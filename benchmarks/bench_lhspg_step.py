@@ -95,6 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     ap.add_argument("--ratio", type=float, default=0.2)
     ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--fisher", action="store_true",
+                    help="LHSPG with the fisher saliency: activation-statistics hooks on in its steps (off in plain)")
     args = ap.parse_args(argv)
     if args.shape == "7b" and args.device == "cpu" and not args.layers:
         ap.error("--shape 7b on CPU needs --layers (e.g. --layers 1)")
@@ -121,8 +123,14 @@ def main(argv=None) -> int:
     inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     n = args.warmup + args.steps
     period = 2 * n + 1  # every interleaved LHSPG step of the timed phase falls in period 1
-    lh = LHSPG(model, graph.groups, inner, plan=plan,
-               config=LHSPGConfig(warmup_steps=1, num_periods=2, period_steps=period))
+    fisher = None
+    if args.fisher:
+        from lorashear.training.hooks import ActivationFisher
+
+        fisher = ActivationFisher(model, [g for g in graph.prunable() if g.kind in plan.counts])
+    lh = LHSPG(model, graph.groups, inner, plan=plan, data_scores=fisher,
+               config=LHSPGConfig(warmup_steps=1, num_periods=2, period_steps=period,
+                                  saliency=("fisher",) if fisher is not None else LHSPGConfig().saliency))
     vocab = model.config.vocab_size
     batch = torch.randint(0, vocab, (args.batch_size, args.seq_len), device=args.device)
     model.train()
@@ -146,6 +154,8 @@ def main(argv=None) -> int:
     assert lh.selected_period == 1 and len(lh.committed) > 0, "did not reach period 1"
 
     def run(variant: str, count: int, times: list[float] | None):
+        if fisher is not None:
+            fisher.enabled = variant == "lhspg"
         for _ in range(count):
             sync()
             t0 = time.perf_counter()
@@ -190,7 +200,8 @@ def main(argv=None) -> int:
     unit = "GPU max_memory_allocated" if cuda else "peak RSS"
     print(f"model: {args.shape} ({before / 1e6:.1f}M params{', ' + str(args.layers) + ' layers' if args.layers else ''}), "
           f"device {args.device}, dtype {args.dtype}, batch {args.batch_size} x {args.seq_len}, "
-          f"grad checkpointing {'on' if args.grad_checkpointing else 'off'}, torch threads {torch.get_num_threads()}")
+          f"grad checkpointing {'on' if args.grad_checkpointing else 'off'}, torch threads {torch.get_num_threads()}, "
+          f"fisher hooks {'on in LHSPG steps' if fisher is not None else 'off'}")
     print(f"groups: {len(graph.groups)} ({len(graph.prunable())} prunable), discovery {t_discover:.2f} s; "
           f"target {args.ratio:.0%} -> {plan.counts}")
     print(f"period 1: {len(lh.redundant)} redundant groups fading, {len(lh.committed)} committed held at 0 "

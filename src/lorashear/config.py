@@ -322,6 +322,19 @@ def _check_types(cls: type, values: Mapping[str, Any], source: str) -> dict[str,
     return out
 
 
+def apply_recipe(cls: type, flat: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Fill options not in ``flat`` from the recipe it names (``cls.RECIPES``, option ``recipe``)."""
+    recipes = getattr(cls, "RECIPES", None)
+    opts = options(cls)
+    if not recipes or "recipe" not in opts:
+        return dict(flat)
+    name = flat.get("recipe", opts["recipe"].default)
+    if name not in recipes:
+        raise ConfigError(f"unknown recipe {name!r} in {source}; choose from {', '.join(recipes)}")
+    preset = _check_types(cls, recipes[name], f"recipe {name}")
+    return {**preset, **flat}
+
+
 def build_config(cls: type[T], flat: Mapping[str, Any]) -> T:
     """Construct the nested config ``cls`` from already-checked flat values."""
     opts = options(cls)
@@ -351,7 +364,8 @@ def build_config(cls: type[T], flat: Mapping[str, Any]) -> T:
 
 def config_from_dict(cls: type[T], values: Mapping[str, Any], *, source: str = "config") -> T:
     """``cls`` from flat or nested values (YAML, Python), with unknown keys and wrong types rejected."""
-    return build_config(cls, _check_types(cls, flatten_values(cls, values, source=source), source))
+    flat = _check_types(cls, flatten_values(cls, values, source=source), source)
+    return build_config(cls, apply_recipe(cls, flat, source))
 
 
 def resolve_config(cls: type[T], namespace: argparse.Namespace | None = None, *, yaml_path: str | Path | None = None,
@@ -369,7 +383,7 @@ def resolve_config(cls: type[T], namespace: argparse.Namespace | None = None, *,
         values.update(_check_types(cls, flags, "arguments"))
     if fixed:
         values.update(_check_types(cls, {k: v for k, v in fixed.items() if v is not None}, "arguments"))
-    return build_config(cls, values)
+    return build_config(cls, apply_recipe(cls, values, str(yaml_path or "arguments")))
 
 
 # -- compatibility with flat single-dataclass callers -----------------------------------------

@@ -51,52 +51,109 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import torch
 
 from ..errors import ConfigError
 from ..graph.groups import Group
-from .saliency import CRITERIA, criteria, group_statistics, saliency
-from .schedule import PruningSchedule, split_quota
+from .saliency import CRITERIA, DATA_CRITERIA, criteria, group_statistics, saliency
+from .schedule import PruningSchedule, period_quotas
 from .tables import LoraInfo, SliceTable, find_loras, gather, lora_rows, scatter
 from .targets import TargetPlan, layer_rounding
 
 logger = logging.getLogger(__name__)
 
 
+SaliencySpec = tuple[str, ...]
+PAPER_SALIENCY: SaliencySpec = CRITERIA  # the paper's five criteria, equal weights
+
+
+def parse_saliency(spec: Sequence[str]) -> dict[str, float]:
+    """``("magnitude=1", "fisher")`` -> ``{"magnitude": 1.0, "fisher": 1.0}`` (criteria by name)."""
+    known = CRITERIA + DATA_CRITERIA
+    out: dict[str, float] = {}
+    for item in spec:
+        name, _, weight = str(item).partition("=")
+        name = name.strip()
+        if name not in known:
+            raise ConfigError(f"unknown saliency criterion {name!r}; choose from {', '.join(known)}")
+        try:
+            w = float(weight) if weight.strip() else 1.0
+        except ValueError as exc:
+            raise ConfigError(f"saliency weight of {name} must be a number, got {weight!r}") from exc
+        if w < 0:
+            raise ConfigError(f"saliency weight of {name} must be >= 0, got {w}")
+        out[name] = out.get(name, 0.0) + w
+    if not any(out.values()):
+        raise ConfigError("saliency needs at least one criterion with a positive weight")
+    return out
+
+
 @dataclass
 class LHSPGConfig:
-    """Settings of the LHSPG optimizer."""
+    """Settings of the LHSPG optimizer: schedule, saliency and allocation."""
 
     warmup_steps: int | None = field(default=None, metadata={
-        "help": "LoRA-only steps before the first pruning period T_w (default: 10%% of the steps)"})
+        "help": "LoRA-only steps before the first pruning period T_w (default: --warmup-fraction of the steps)"})
     num_periods: int = field(default=10, metadata={"help": "number of pruning periods (P)"})
     period_steps: int | None = field(default=None, metadata={
-        "help": "optimizer steps per pruning period T_p (default: pruning ends at about 70%% of the steps)"})
+        "help": "optimizer steps per pruning period T_p (default: pruning ends at --prune-end of the steps)"})
+    warmup_fraction: float = field(default=0.1, metadata={
+        "help": "warm-up length as a fraction of the steps, when --warmup-steps is unset"})
+    prune_end: float = field(default=0.7, metadata={
+        "help": "fraction of the steps at which pruning ends, when --period-steps is unset"})
+    quota: Literal["even", "front"] = field(default="even", metadata={
+        "help": "structures removed per period: even = floor(K/P) with the remainder in the last period "
+                "(paper); front = front-loaded (cumulative 1-(1-p/P)^3), every period's share rounded"})
     epsilon: float = field(default=0.0, metadata={
         "help": "half-space projection threshold: zero a fading group once <x~,x> < epsilon ||x||^2"})
-    saliency_weights: tuple[float, ...] = field(default=(1.0, 1.0, 1.0, 1.0, 1.0), metadata={
-        "help": "weights of magnitude, avg_magnitude, cosine, taylor_first, taylor_second"})
+    saliency: tuple[str, ...] = field(default=PAPER_SALIENCY, metadata={
+        "help": "saliency criteria as NAME or NAME=WEIGHT: magnitude, avg_magnitude, cosine, taylor_first, "
+                "taylor_second (weights and LoRA update) and fisher (activation Taylor/Fisher from the "
+                "training steps' own forward and backward passes)"})
+    fisher_decay: float = field(default=0.5, metadata={
+        "help": "fisher saliency: weight of earlier periods' statistics at each selection (0 = newest only)"})
+    allocation: Literal["global", "layer"] = field(default="global", metadata={
+        "help": "global = rank each kind across all layers (paper); layer = divide each score by the mean "
+                "score of its layer first, so every layer loses about the same share"})
+    min_keep: float = field(default=0.0, metadata={
+        "help": "each layer keeps at least this fraction of each kind's structures (and always one)"})
     merge_at_period_end: bool = field(default=True, metadata={
         "help": "merge s*B*A into the base weights at each period's end and restart the LoRA factors"})
     reset_optimizer_state: bool = field(default=True, metadata={
         "help": "clear the optimizer state of the LoRA factors when they restart"})
 
     def __post_init__(self) -> None:
-        self.saliency_weights = tuple(float(w) for w in self.saliency_weights)
-        if len(self.saliency_weights) != len(CRITERIA):
-            raise ConfigError(f"saliency_weights needs {len(CRITERIA)} values ({', '.join(CRITERIA)}), "
-                              f"got {len(self.saliency_weights)}")
-        if any(w < 0 for w in self.saliency_weights) or not any(self.saliency_weights):
-            raise ConfigError("saliency_weights must be >= 0 and not all 0")
+        if isinstance(self.saliency, str):
+            self.saliency = tuple(p.strip() for p in self.saliency.split(",") if p.strip())
+        self.saliency = tuple(self.saliency)
+        parse_saliency(self.saliency)
         if self.epsilon < 0:
             raise ConfigError(f"epsilon must be >= 0, got {self.epsilon}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ConfigError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if not self.warmup_fraction < self.prune_end <= 1.0:
+            raise ConfigError(f"prune_end must be in (warmup_fraction, 1], got {self.prune_end}")
+        if not 0.0 <= self.fisher_decay <= 1.0:
+            raise ConfigError(f"fisher_decay must be in [0, 1], got {self.fisher_decay}")
+        if not 0.0 <= self.min_keep < 1.0:
+            raise ConfigError(f"min_keep must be in [0, 1), got {self.min_keep}")
         if self.warmup_steps is not None and self.period_steps is not None:
             self.schedule  # validates the step counts
+
+    @property
+    def saliency_weights(self) -> dict[str, float]:
+        return parse_saliency(self.saliency)
+
+    @property
+    def uses_data(self) -> bool:
+        """True when a criterion needs activation statistics from the training steps."""
+        return any(self.saliency_weights.get(name, 0.0) > 0 for name in DATA_CRITERIA)
 
     @property
     def resolved(self) -> bool:
@@ -106,7 +163,8 @@ class LHSPGConfig:
         """A copy with ``warmup_steps``/``period_steps`` sized for a run of ``total_steps`` where unset."""
         if self.resolved:
             return self
-        auto = PruningSchedule.for_budget(total_steps, self.num_periods)
+        auto = PruningSchedule.for_budget(total_steps, self.num_periods, warmup_fraction=self.warmup_fraction,
+                                          prune_end_fraction=self.prune_end)
         return dataclasses.replace(
             self, warmup_steps=auto.warmup_steps if self.warmup_steps is None else self.warmup_steps,
             period_steps=auto.period_steps if self.period_steps is None else self.period_steps)
@@ -116,6 +174,14 @@ class LHSPGConfig:
         if not self.resolved:
             raise ConfigError("the LHSPG schedule is sized from the run's steps: call config.resolve(steps) first")
         return PruningSchedule(self.warmup_steps, self.num_periods, self.period_steps)  # type: ignore[arg-type]
+
+
+class DataScores(Protocol):
+    """Per-structure scores measured during training (e.g. :class:`lorashear.training.hooks.ActivationFisher`)."""
+
+    def scores(self, groups: Sequence[Group]) -> torch.Tensor: ...
+
+    def roll(self) -> None: ...
 
 
 def _inner(optimizer: Any) -> torch.optim.Optimizer:
@@ -141,13 +207,18 @@ class LHSPG:
 
     def __init__(self, model: torch.nn.Module, groups: Iterable[Group], optimizer: Any, *, plan: TargetPlan,
                  config: LHSPGConfig | None = None, exclude: Iterable[int] = (),
-                 broadcast: Callable[[list[int]], list[int]] | None = None) -> None:
+                 broadcast: Callable[[list[int]], list[int]] | None = None,
+                 data_scores: DataScores | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.plan = plan
         self.config = config or LHSPGConfig()
         self.schedule = self.config.schedule
         self.broadcast = broadcast
+        self.data_scores = data_scores
+        if self.config.uses_data and data_scores is None:
+            raise ConfigError("the fisher saliency needs activation statistics: pass data_scores "
+                              "(lorashear.training.hooks.ActivationFisher); train_lhspg does this for you")
         groups = list(groups)
         excluded = set(exclude)
         self.candidates: list[Group] = [g for g in groups if g.prunable and g.kind in plan.counts
@@ -293,8 +364,22 @@ class LHSPG:
             stats = group_statistics(table, self.params, self.loras)
             kind_id = {k: j for j, k in enumerate(self._kinds)}
             clusters = torch.tensor([kind_id.get(self.candidates[i].kind, 0) for i in cands], dtype=torch.long)
-            score = saliency(criteria(stats), self.config.saliency_weights, clusters).cpu().tolist()
+            raw = criteria(stats)
+            if self.config.uses_data:
+                assert self.data_scores is not None
+                fisher = self.data_scores.scores([self.candidates[i] for i in cands]).to(torch.float64)
+                # a structure that was never measured must not look unimportant
+                top = fisher[torch.isfinite(fisher)].max() if torch.isfinite(fisher).any() else torch.tensor(1.0)
+                raw["fisher"] = torch.where(torch.isfinite(fisher), fisher, top.to(fisher.dtype)).to(
+                    stats.norm_sq.device)
+            weights = self.config.saliency_weights
+            score_t = saliency(raw, weights, clusters)
+            if self.config.allocation == "layer":
+                score_t = self._per_layer_normalised(cands, score_t)
+            score = score_t.cpu().tolist()
             chosen = self._choose(period, cands, score)
+        if self.data_scores is not None:
+            self.data_scores.roll()
         if self.broadcast is not None:
             chosen = list(self.broadcast(chosen))
         self.redundant = chosen
@@ -303,6 +388,20 @@ class LHSPG:
         self.history.append({"period": period, "step": self.step_count,
                              "selected": [self.candidates[i].id for i in chosen]})
         logger.debug("period %d: %d groups selected", period, len(chosen))
+
+    def _per_layer_normalised(self, cands: list[int], score: torch.Tensor) -> torch.Tensor:
+        """Each score divided by the mean score of its (kind, layer) among the candidates."""
+        keys = [(self.candidates[i].kind, self.candidates[i].layer) for i in cands]
+        index = {k: j for j, k in enumerate(dict.fromkeys(keys))}
+        cl = torch.tensor([index[k] for k in keys], dtype=torch.long, device=score.device)
+        sums = torch.zeros(len(index), dtype=score.dtype, device=score.device).index_add_(0, cl, score)
+        counts = torch.zeros(len(index), dtype=score.dtype, device=score.device).index_add_(
+            0, cl, torch.ones_like(score))
+        mean = (sums / counts.clamp_min(1))[cl]
+        return torch.where(mean > 0, score / mean.clamp_min(1e-300), score)
+
+    def _quota(self, total: int, period: int) -> int:
+        return period_quotas(total, self.schedule.num_periods, self.config.quota)[period]
 
     def _choose(self, period: int, cands: list[int], score: list[float]) -> list[int]:
         P = self.schedule.num_periods
@@ -317,14 +416,15 @@ class LHSPG:
         for k in self._kinds:
             items = sorted(by_kind.get(k, []))
             # never empty a layer: keep at least max(1, round_to) structures of each kind per layer
-            cap = {layer: w - max(1, m) - removed_layer[(k, layer)] for layer, w in self._layer_width[k].items()}
+            cap = {layer: w - max(1, m, math.ceil(self.config.min_keep * w)) - removed_layer[(k, layer)]
+                   for layer, w in self._layer_width[k].items()}
             per_layer = self.plan.per_layer.get(k) if self.plan.per_layer else None
             layer_items: dict[Any, list[tuple[float, int]]] = defaultdict(list)
             for sc, i in items:
                 layer_items[self.candidates[i].layer].append((sc, i))
             if per_layer is not None:
                 for layer, total in per_layer.items():
-                    q = split_quota(total, P)[period]
+                    q = self._quota(total, period)
                     chosen += self._take(layer_items.get(layer, []), q, claimed, cap)
             elif m > 1 and period == P - 1:
                 kept = {layer: w - removed_layer[(k, layer)] for layer, w in self._layer_width[k].items()
@@ -335,7 +435,7 @@ class LHSPG:
                 for layer, q in take.items():
                     chosen += self._take(layer_items[layer], q, claimed, None)
             else:
-                q = split_quota(self.plan.counts[k], P)[period]
+                q = self._quota(self.plan.counts[k], period)
                 chosen += self._take(items, q, claimed, cap)
         return chosen
 

@@ -29,6 +29,8 @@ import torch
 from .tables import LoraInfo, SliceTable, gather, lora_rows
 
 CRITERIA: tuple[str, ...] = ("magnitude", "avg_magnitude", "cosine", "taylor_first", "taylor_second")
+#: criteria computed from activations during training (supplied by a step hook, not from the weights)
+DATA_CRITERIA: tuple[str, ...] = ("fisher",)
 
 
 @dataclass
@@ -90,22 +92,25 @@ def saliency(raw: Mapping[str, torch.Tensor], weights: Mapping[str, float] | Seq
     """Weighted sum of the criteria, each divided by its L2 norm within its cluster.
 
     Args:
-        raw: output of :func:`criteria`.
-        weights: one coefficient per criterion (mapping by name, or a sequence in :data:`CRITERIA` order).
+        raw: criterion name -> per-group values (:func:`criteria`, plus data criteria such as ``fisher``).
+        weights: coefficient per criterion name (or a sequence in :data:`CRITERIA` order).
         clusters: (num_groups,) integer cluster id per group; ``None`` = one cluster.
     """
     if not isinstance(weights, Mapping):
         weights = dict(zip(CRITERIA, weights, strict=True))
+    missing = [name for name, w in weights.items() if w and name not in raw]
+    if missing:
+        raise ValueError(f"no values for saliency criteria {missing}")
     n = next(iter(raw.values())).numel()
     cl = clusters if clusters is not None else torch.zeros(n, dtype=torch.long)
     cl = cl.to(next(iter(raw.values())).device)
     num = int(cl.max()) + 1 if n else 0
     score = torch.zeros(n, dtype=torch.float64, device=cl.device)
-    for name in CRITERIA:
+    for name in [*CRITERIA, *DATA_CRITERIA]:
         w = float(weights.get(name, 0.0))
         if w == 0.0:
             continue
-        c = raw[name]
+        c = raw[name].to(score.device, torch.float64)
         norms = torch.zeros(num, dtype=torch.float64, device=c.device).index_add_(0, cl, c * c).sqrt()
         denom = norms[cl]
         score += w * torch.where(denom > 0, c / denom.clamp_min(1e-300), torch.zeros_like(c))

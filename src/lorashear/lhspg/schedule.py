@@ -31,6 +31,25 @@ def split_quota(total: int, periods: int) -> list[int]:
     return quotas
 
 
+def period_quotas(total: int, periods: int, shape: str = "even") -> list[int]:
+    """Structures to remove in each period: ``even`` (:func:`split_quota`, the paper's) or ``front``.
+
+    ``front`` removes more early, while the model still has the most capacity to take over what
+    the removed structures did: the cumulative count after period ``p`` is
+    ``round(total * (1 - (1 - (p + 1) / periods) ** 3))`` (the cubic schedule of gradual pruning),
+    so every period's share is rounded and the last period gets no pile-up.
+    """
+    if shape == "even":
+        return split_quota(total, periods)
+    if shape != "front":
+        raise ConfigError(f"unknown quota shape {shape!r}; use even or front")
+    if periods <= 0:
+        raise ConfigError(f"the number of pruning periods must be positive, got {periods}")
+    cumulative = [round(total * (1.0 - (1.0 - (p + 1) / periods) ** 3)) for p in range(periods)]
+    cumulative[-1] = total
+    return [c - (cumulative[i - 1] if i else 0) for i, c in enumerate(cumulative)]
+
+
 @dataclass(frozen=True)
 class PruningSchedule:
     """Warm-up length, number of pruning periods and their length, in optimizer steps."""

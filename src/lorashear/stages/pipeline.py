@@ -24,7 +24,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..atomic import atomic_write_json, atomic_write_text
 from ..config import section, to_flat_dict
@@ -36,7 +36,9 @@ from ..lhspg.optimizer import LHSPGConfig
 from ..lhspg.targets import TargetConfig
 from ..models.lora import LoraSettings
 from ..models.reference import REFERENCE_MODEL_NAME
+from ..recipes import DEFAULT_RECIPE, RECIPES
 from ..training.loop import TrainConfig
+from ..training.losses import DistillConfig
 from . import analyze, evaluate, prune
 
 logger = logging.getLogger(__name__)
@@ -50,8 +52,12 @@ CONFIG_FILE = "config.yaml"
 class PipelineConfig:
     """The pipeline: shared inputs plus the settings of every component the stages use."""
 
+    RECIPES: ClassVar[dict[str, dict[str, Any]]] = RECIPES
+
     model: str = field(default=REFERENCE_MODEL_NAME, metadata={
         "help": "hub id, local directory or built-in name", "cli": False})
+    recipe: str = field(default=DEFAULT_RECIPE, metadata={
+        "help": f"preset of defaults for every option not given: {', '.join(RECIPES)} (see lorashear.recipes)"})
     out: str = field(default="runs/lorashear", metadata={"help": "run directory"})
     stages: tuple[str, ...] = field(default=STAGES, metadata={"help": "stages to run, in order"})
     force: bool = field(default=False, metadata={"help": "re-run stages whose outputs exist"})
@@ -63,6 +69,7 @@ class PipelineConfig:
     target: TargetConfig = section(TargetConfig, help="how much to remove", ratio=0.2)
     lhspg: LHSPGConfig = section(LHSPGConfig, help="LHSPG schedule and saliency")
     train: TrainConfig = section(TrainConfig, help="training loop", steps=200, batch_size=2, checkpoint_every=50)
+    distill: DistillConfig = section(DistillConfig, prefix="distill_", help="distillation from the dense model")
     evaluation: EvalConfig = section(EvalConfig, prefix="eval_", help="evaluation", limit=50)
 
     def __post_init__(self) -> None:
@@ -103,6 +110,7 @@ def stage_configs(config: PipelineConfig) -> tuple[analyze.AnalyzeConfig, prune.
                           knowledge=str(knowledge_json) if ("analyze" in config.stages or knowledge_json.is_file())
                           else None,
                           lora=config.lora, target=config.target, lhspg=config.lhspg, train=config.train,
+                          distill=config.distill, recipe=config.recipe,
                           resume=(out / "pruned" / "checkpoints").is_dir() and not config.force)
     e = dataclasses.replace(config.evaluation, model=str(out / "pruned"), baseline=config.model,
                             out=str(out / "eval"), dtype=config.dtype)

@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -38,7 +38,9 @@ from ..lhspg.targets import TargetConfig, plan_targets
 from ..models.adapters import BLOCK_OF_KIND
 from ..models.lora import LoraSettings, attach_lora
 from ..models.params import count_params, embedding_params
+from ..recipes import DEFAULT_RECIPE, RECIPES
 from ..training.loop import TrainConfig, checkpoint_root, make_accelerator, train_lhspg
+from ..training.losses import DistillConfig, distillation_loss, lm_loss, make_teacher
 from ..training.report import kept_per_layer, plot_prune
 
 logger = logging.getLogger(__name__)
@@ -52,9 +54,13 @@ PLOT_FILE = "prune.png"
 class PruneConfig:
     """Everything ``lorashear prune`` needs: inputs, outputs, and its components' settings."""
 
+    RECIPES: ClassVar[dict[str, dict[str, Any]]] = RECIPES
+
     model: str = field(default="", metadata={"help": "model name, hub id or directory", "cli": False})
     out: str = field(default="", metadata={"help": "output directory (model, prune_report.json, prune.png)",
                                            "cli": False})
+    recipe: str = field(default=DEFAULT_RECIPE, metadata={
+        "help": f"preset of defaults for every option not given: {', '.join(RECIPES)} (see lorashear.recipes)"})
     data: DataConfig = section(DataConfig, help="training text")
     knowledge: str | None = field(default=None, metadata={
         "help": "knowledge.json from `lorashear analyze`: its unprunable blocks are never pruned"})
@@ -65,6 +71,7 @@ class PruneConfig:
     target: TargetConfig = section(TargetConfig, help="how much to remove")
     lhspg: LHSPGConfig = section(LHSPGConfig, help="LHSPG schedule and saliency")
     train: TrainConfig = section(TrainConfig, help="training loop")
+    distill: DistillConfig = section(DistillConfig, prefix="distill_", help="distillation from the dense model")
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in OUT/checkpoints"})
     keep_run_checkpoints: bool = field(default=False, metadata={"help": "keep OUT/checkpoints after success"})
     eval_data: str | None = field(default=None, metadata={
@@ -174,6 +181,7 @@ def run(config: PruneConfig, *, model: Any = None, tokenizer: Any = None, data: 
         ppl_before = heldout_perplexity(model, tokenizer, config.eval_data, seq_len, config.eval_windows)
         logger.info("held-out perplexity before: %.3f", ppl_before)
 
+    teacher = make_teacher(model) if config.distill.enabled else None
     if data is None:
         from ..data import load_texts, pack_texts
 
@@ -193,7 +201,9 @@ def run(config: PruneConfig, *, model: Any = None, tokenizer: Any = None, data: 
     ckpt_dir = checkpoint_root(out)
     result = train_lhspg(peft_model, graph.groups, plan, data, train_config=train, lhspg_config=lcfg,
                          exclude=excluded, checkpoint_dir=ckpt_dir, resume=config.resume, accelerator=accelerator,
-                         stop_after=stop_after)
+                         stop_after=stop_after,
+                         loss_fn=distillation_loss(teacher, config.distill) if teacher is not None else lm_loss)
+    del teacher
     if result.stopped_early:
         return None
     lh = result.lhspg

@@ -44,6 +44,7 @@ from ..lhspg.optimizer import LHSPG, LHSPGConfig, lora_parameters, make_optimize
 from ..lhspg.targets import TargetPlan
 from ..progress import progress_disabled
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .hooks import ActivationFisher, LHSPGHook, StepHook
 from .losses import LossFn, lm_loss
 
 logger = logging.getLogger(__name__)
@@ -100,66 +101,6 @@ class TrainResult:
     @property
     def losses(self) -> list[float]:
         return [float(r["loss"]) for r in self.log]
-
-
-class StepHook:
-    """Something the loop calls at fixed points of every step; override what you need."""
-
-    #: name of the hook's state in checkpoints (hooks without state leave it None)
-    state_name: str | None = None
-
-    def before_micro_batch(self, step: int, micro: int) -> None:
-        """Before the forward pass of micro-batch ``micro`` of optimizer step ``step`` (0-based)."""
-
-    def after_optimizer_step(self, step: int) -> None:
-        """After the optimizer step ``step`` (0-based), before the scheduler step and ``zero_grad``."""
-
-    def log_fields(self) -> dict[str, Any]:
-        """Extra fields for the step log (and the progress bar's ``progress_fields``)."""
-        return {}
-
-    def progress_fields(self) -> dict[str, str]:
-        return {}
-
-    def mutable_parameter_names(self) -> Iterable[str]:
-        """Parameters this hook changes besides the trainable ones (checkpointed)."""
-        return ()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-
-class LHSPGHook(StepHook):
-    """LHSPG's post-step update (progressive forgetting, projection, selection, merges) as a step hook."""
-
-    state_name = "lhspg"
-
-    def __init__(self, lhspg: LHSPG) -> None:
-        self.lhspg = lhspg
-
-    def after_optimizer_step(self, step: int) -> None:
-        self.lhspg.post_step()
-
-    def log_fields(self) -> dict[str, Any]:
-        lh = self.lhspg
-        return {"group_sparsity": lh.sparsity(), "committed": len(lh.committed), "redundant": len(lh.redundant),
-                "phase": lh.phase}
-
-    def progress_fields(self) -> dict[str, str]:
-        return {"sparsity": f"{self.lhspg.sparsity():.3f}"}
-
-    def mutable_parameter_names(self) -> Iterable[str]:
-        lh = self.lhspg
-        return set(lh.loras) | {s.name for g in lh.candidates for s in g.slices}
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.lhspg.state_dict(include_optimizer=False)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.lhspg.load_state_dict(state)
 
 
 def resolve_mixed_precision(value: str) -> str:
@@ -352,6 +293,8 @@ def train(
             stopped = True
             break
     bar.close()
+    for hook in all_hooks:
+        hook.close()
     model_p.eval()
     if cfg.grad_checkpointing:
         unwrapped.gradient_checkpointing_disable()
@@ -400,10 +343,19 @@ def train_lhspg(
         broadcast_object_list(holder, from_process=0)
         return holder[0]
 
+    excluded = set(exclude)
+
     def make(unwrapped: torch.nn.Module, optimizer: Any) -> list[StepHook]:
-        box["lhspg"] = LHSPG(unwrapped, groups, optimizer, plan=plan, config=lcfg, exclude=exclude,
-                             broadcast=broadcast)
-        return [LHSPGHook(box["lhspg"])]
+        made: list[StepHook] = []
+        fisher = None
+        if lcfg.uses_data:
+            scored = [g for g in groups if g.prunable and g.kind in plan.counts and g.id not in excluded]
+            fisher = ActivationFisher(unwrapped, scored, decay=lcfg.fisher_decay)
+            made.append(fisher)
+        box["lhspg"] = LHSPG(unwrapped, groups, optimizer, plan=plan, config=lcfg, exclude=excluded,
+                             broadcast=broadcast, data_scores=fisher)
+        made.append(LHSPGHook(box["lhspg"]))
+        return made
 
     result = train(model, data, config=cfg, loss_fn=loss_fn, hooks=hooks, make_hooks=make, accelerator=accelerator,
                    checkpoint_dir=checkpoint_dir, resume=resume, stop_after=stop_after, desc="prune")

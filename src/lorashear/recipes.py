@@ -1,0 +1,28 @@
+"""Named presets of defaults ("recipes") for the prune stage and the pipeline.
+
+A recipe fills every option the user did not set (flags, YAML, Python keywords win).
+Keys are the flat option names shared by ``lorashear prune`` and ``lorashear run``.
+
+- ``paper``: LoRAShear as published (arXiv 2310.18356, Alg. 4): the five weight/LoRA-update
+  saliency criteria with equal weights, global ranking per kind, even quotas over 10 periods,
+  pruning until 70% of the steps, LoRA merged and restarted at every period end, LM loss only.
+- ``lorashear``: our recipe, each change chosen by the side-by-side benchmark
+  (``benchmarks/quality.py``; figures in ``benchmarks/results/quality_smollm2.md``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "lorashear": {
+        "saliency": ["fisher"],
+        "allocation": "layer",
+        "quota": "front",
+        "prune_end": 0.5,
+        "merge_at_period_end": False,
+        "distill_weight": 0.5,
+    },
+}
+DEFAULT_RECIPE = "paper"

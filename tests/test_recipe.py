@@ -1,0 +1,193 @@
+"""Our additions to LHSPG: activation Fisher saliency, allocation, quotas, distillation, recipes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorashear.config import config_from_dict
+from lorashear.errors import ConfigError
+from lorashear.graph.discover import discover
+from lorashear.lhspg import LHSPGConfig, TargetConfig, plan_targets
+from lorashear.lhspg.optimizer import parse_saliency
+from lorashear.lhspg.schedule import period_quotas, split_quota
+from lorashear.stages.prune import PruneConfig
+from lorashear.training import TrainConfig, train_lhspg
+from lorashear.training.hooks import ActivationFisher
+from lorashear.training.losses import DistillConfig, distillation_loss, kl_to_teacher, lm_loss, make_teacher
+from test_lhspg import base_param_count, embedding_count, random_batches, tiny_lora_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _fisher_by_weight_gradients(model, groups, batch) -> torch.Tensor:
+    """Reference: per sequence, the first-order Taylor term of removing a group is <W_eff, dL/dW_eff> over
+    its consumer columns (o_proj / down_proj), squared and summed over sequences."""
+    from lorashear.lhspg.tables import find_loras
+    from lorashear.training.hooks import consumer_columns
+
+    params = dict(model.named_parameters())
+    loras = find_loras(model)
+    consumers = {name for g in groups for name, _ in consumer_columns(g)}
+    weights = {m: params[f"{m}.base_layer.weight"] for m in consumers}
+    for w in weights.values():
+        w.requires_grad_(True)
+    total = torch.zeros(len(groups), dtype=torch.float64)
+    for s in range(batch.shape[0]):
+        model.zero_grad(set_to_none=True)
+        # the batch-mean loss restricted to sequence s: the same gradient scale the hook sees
+        loss = lm_loss(model, batch[s:s + 1]) / batch.shape[0]
+        loss.backward()
+        for i, g in enumerate(groups):
+            c = 0.0
+            for module, cols in consumer_columns(g):
+                w = weights[module]
+                eff = w.detach() + loras[f"{module}.base_layer.weight"].delta()
+                idx = torch.tensor(cols)
+                c += float((eff[:, idx].double() * w.grad[:, idx].double()).sum())
+            total[i] += c * c
+    for w in weights.values():
+        w.requires_grad_(False)
+    return total
+
+
+def test_activation_fisher_equals_weight_gradient_taylor_per_sequence():
+    model = tiny_lora_model(seed=3, random_b=True)
+    groups = [g for g in discover(model).prunable() if g.kind in ("attention_head", "kv_group", "mlp_channel")]
+    batch = random_batches(n=3, seq=12, seed=5)
+    fisher = ActivationFisher(model, groups, decay=0.5)
+    model.zero_grad(set_to_none=True)
+    lm_loss(model, batch).backward()
+    got = fisher.scores(groups)
+    fisher.close()
+    want = _fisher_by_weight_gradients(model, groups, batch)
+    assert got.shape == want.shape and torch.isfinite(got).all() and float(want.min()) > 0
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-12 * float(want.max()))
+    assert {g.kind for g in groups} == {"attention_head", "kv_group", "mlp_channel"}
+
+
+def test_activation_fisher_is_invariant_to_a_function_preserving_rescaling():
+    """RMSNorm gain x4 with gate/up /4 leaves the function (and Fisher) unchanged; magnitudes move."""
+    batch = random_batches(n=4, seq=12, seed=1)
+
+    def scores(scale: float):
+        model = tiny_lora_model(seed=4)
+        layer = model.base_model.model.model.layers[0]
+        with torch.no_grad():
+            layer.post_attention_layernorm.weight.mul_(scale)
+            layer.mlp.gate_proj.base_layer.weight.div_(scale)
+            layer.mlp.up_proj.base_layer.weight.div_(scale)
+        groups = [g for g in discover(model).prunable() if g.kind == "mlp_channel"]
+        fisher = ActivationFisher(model, groups)
+        model.zero_grad(set_to_none=True)
+        lm_loss(model, batch).backward()
+        fisher.close()
+        return fisher.scores(groups)
+
+    a, b = scores(1.0), scores(4.0)
+    assert torch.allclose(a, b, rtol=1e-3) and float(a.max()) > 0
+
+
+def test_roll_smooths_periods():
+    model = tiny_lora_model(seed=2)
+    groups = [g for g in discover(model).prunable() if g.kind == "mlp_channel"][:5]
+    fisher = ActivationFisher(model, groups, decay=0.25)
+    fisher.current[:] = torch.tensor([1.0, 2, 3, 4, 5], dtype=torch.float64)
+    fisher.roll()
+    fisher.current[:] = 1.0
+    assert torch.allclose(fisher.scores(groups), torch.tensor([1.25, 1.5, 1.75, 2.0, 2.25], dtype=torch.float64))
+    fisher.close()
+
+
+@pytest.mark.parametrize("total, periods", [(0, 3), (7, 10), (12497, 10), (24, 10), (5, 1)])
+def test_front_loaded_quotas_sum_to_total_and_do_not_grow(total, periods):
+    q = period_quotas(total, periods, "front")
+    assert sum(q) == total and len(q) == periods and min(q) >= 0
+    assert all(a >= b - 1 for a, b in zip(q, q[1:]))  # non-increasing up to rounding
+    assert period_quotas(total, periods, "even") == split_quota(total, periods)
+
+
+def test_saliency_by_name():
+    assert parse_saliency(["fisher", "magnitude=0.5"]) == {"fisher": 1.0, "magnitude": 0.5}
+    for bad in (["fishr"], ["magnitude=x"], ["magnitude=-1"], ["magnitude=0"]):
+        with pytest.raises(ConfigError):
+            parse_saliency(bad)
+    with pytest.raises(ConfigError, match="fisher"):
+        LHSPGConfig(saliency=("nope",))
+
+
+def test_recipes_fill_only_what_is_not_given():
+    paper = config_from_dict(PruneConfig, {"model": "m", "out": "o", "ratio": 0.2})
+    assert paper.recipe == "paper" and paper.lhspg.saliency == LHSPGConfig().saliency
+    assert paper.distill.weight == 0.0 and paper.lhspg.merge_at_period_end
+    ours = config_from_dict(PruneConfig, {"model": "m", "out": "o", "ratio": 0.2, "recipe": "lorashear",
+                                          "distill_weight": 0.25})
+    assert ours.lhspg.saliency == ("fisher",) and ours.lhspg.allocation == "layer"
+    assert ours.distill.weight == 0.25  # given explicitly: the recipe does not override it
+    with pytest.raises(ConfigError, match="recipe"):
+        config_from_dict(PruneConfig, {"recipe": "magic"})
+
+
+def test_kl_is_zero_against_itself_and_distillation_mixes():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    assert float(kl_to_teacher(logits, logits)) == pytest.approx(0.0, abs=1e-6)
+    assert float(kl_to_teacher(logits, torch.randn(2, 5, 11))) > 0
+    model = tiny_lora_model(seed=1)
+    batch = random_batches(n=2, seq=10)
+    teacher = make_teacher(tiny_lora_model(seed=1).base_model.model)
+    with torch.no_grad():
+        ce = float(lm_loss(model, batch))
+        assert float(distillation_loss(teacher, DistillConfig(weight=0.0))(model, batch)) == pytest.approx(ce)
+        # LoRA B = 0: the student is the teacher, so the KL part is 0
+        assert float(distillation_loss(teacher, DistillConfig(weight=1.0))(model, batch)) == pytest.approx(0, abs=1e-5)
+    with pytest.raises(ConfigError):
+        DistillConfig(weight=1.5)
+
+
+def _new_recipe_run(tmp_path, stop_after=None, resume=False):
+    model = tiny_lora_model(seed=11, dropout=0.1)
+    graph = discover(model)
+    plan = plan_targets(graph.prunable(), total_params=base_param_count(model),
+                        embedding_params=embedding_count(model), config=TargetConfig(ratio=0.15),
+                        all_groups=graph.groups)
+    teacher = make_teacher(tiny_lora_model(seed=11).base_model.model)
+    res = train_lhspg(model, graph.groups, plan, random_batches(n=6, seq=16),
+                      train_config=TrainConfig(steps=12, batch_size=2, progress=False, lr=5e-3, checkpoint_every=3),
+                      lhspg_config=LHSPGConfig(num_periods=3, saliency=("fisher",), allocation="layer", quota="front",
+                                               prune_end=0.5, merge_at_period_end=False, min_keep=0.25),
+                      loss_fn=distillation_loss(teacher, DistillConfig(weight=0.5)),
+                      checkpoint_dir=tmp_path / "ckpt", resume=resume, stop_after=stop_after)
+    return model, graph, plan, res
+
+
+def test_new_recipe_run_prunes_exactly_keeps_min_width_and_resumes_bit_identically(tmp_path):
+    from lorashear.compaction import compact
+
+    model, graph, plan, res = _new_recipe_run(tmp_path / "a")
+    selected = res.lhspg.committed_groups
+    assert len(selected) == sum(plan.counts.values())
+    named = dict(model.named_parameters())
+    for g in selected:
+        for s in g.slices:
+            assert float(named[s.name].detach().index_select(s.dim, s.index_tensor()).abs().max()) == 0.0
+    for layer in range(2):  # min_keep=0.25 of 64 channels per layer
+        kept = sum(1 for g in graph.groups if g.kind == "mlp_channel" and g.layer == layer and g not in selected)
+        assert kept >= 16
+    ids = random_batches(n=2, seq=12, seed=3)
+    model.eval()
+    with torch.no_grad():
+        masked = model(input_ids=ids).logits
+        assert torch.allclose(compact(model, selected, merge_lora=True)(input_ids=ids).logits, masked, atol=1e-5)
+    _, _, _, stopped = _new_recipe_run(tmp_path / "b", stop_after=7)
+    assert stopped.stopped_early
+    resumed, _, _, res2 = _new_recipe_run(tmp_path / "b", resume=True)
+    assert res2.resumed_from == 6
+    assert [r["loss"] for r in res.log] == [r["loss"] for r in res2.log]
+    assert [g.id for g in res.lhspg.committed_groups] == [g.id for g in res2.lhspg.committed_groups]
