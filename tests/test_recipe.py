@@ -191,3 +191,24 @@ def test_new_recipe_run_prunes_exactly_keeps_min_width_and_resumes_bit_identical
     assert res2.resumed_from == 6
     assert [r["loss"] for r in res.log] == [r["loss"] for r in res2.log]
     assert [g.id for g in res.lhspg.committed_groups] == [g.id for g in res2.lhspg.committed_groups]
+
+
+def test_fisher_proxy_of_the_knowledge_analysis_leaves_the_model_as_it_was():
+    from lorashear.knowledge.analysis import analyze_knowledge, fisher_proxy
+    from lorashear.knowledge.config import KnowledgeConfig
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", seed=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    graph = discover(model)
+    tokens = random_batches(n=4, seq=12, vocab=model.config.vocab_size, seed=1)
+    groups = [g for g in graph.prunable() if g.kind == "mlp_channel"]
+    proxy = fisher_proxy(model, groups, tokens, batch_size=2)
+    values = [proxy(g, {}) for g in groups]
+    assert min(values) > 0 and len(set(values)) == len(values)
+    result = analyze_knowledge(model, graph, tokens, KnowledgeConfig(proxy="fisher", ratios=(0.5,), gamma=0.25,
+                                                                     batch_size=2), progress=False)
+    assert result.config["proxy"] == "fisher" and len(result.node_groups) == 4
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) and p.requires_grad == flags[n] and p.grad is None

@@ -115,6 +115,43 @@ def random_proxy(seed: int = 0) -> Proxy:
     return proxy
 
 
+def fisher_proxy(model: torch.nn.Module, groups: Sequence[Group], tokens: torch.Tensor,
+                 batch_size: int = 4) -> Proxy:
+    """The activation Fisher of each structure on ``tokens`` (one forward and backward pass per batch,
+    no update), the same score LHSPG's ``fisher`` saliency uses; the model is left unchanged."""
+    from ..training.hooks import ActivationFisher
+    from ..training.losses import lm_loss
+
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    model.eval()
+    fisher = ActivationFisher(model, list(groups))
+    try:
+        # gradients must reach every consumer's input: let the embeddings' output require grad
+        handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        try:
+            for start in range(0, tokens.shape[0], batch_size):
+                loss = lm_loss(model, tokens[start:start + batch_size])
+                loss.backward()
+        finally:
+            handle.remove()
+    finally:
+        fisher.close()
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+            p.grad = None
+        model.train(was_training)
+    values = dict(zip((g.id for g in groups), fisher.scores(groups).tolist()))
+
+    def proxy(group: Group, params: Mapping[str, torch.Tensor]) -> float:
+        return values[group.id]
+
+    proxy.__name__ = "fisher"
+    return proxy
+
+
 def resolve_proxy(name: str, seed: int = 0) -> Proxy:
     if name == "magnitude":
         return magnitude_proxy
@@ -122,7 +159,9 @@ def resolve_proxy(name: str, seed: int = 0) -> Proxy:
         return avg_magnitude_proxy
     if name == "random":
         return random_proxy(seed)
-    raise ConfigError(f"unknown proxy {name!r}; use magnitude, avg_magnitude or random")
+    if name == "fisher":
+        raise ConfigError("the fisher proxy needs the model and tokens: use fisher_proxy(model, groups, tokens)")
+    raise ConfigError(f"unknown proxy {name!r}; use magnitude, avg_magnitude, fisher or random")
 
 
 # ----------------------------------------------------------------------------- masking
@@ -261,9 +300,11 @@ def analyze_knowledge(
 
     config = config or KnowledgeConfig()
     tokens = check_tokens(tokens)
+    nodes = node_groups(graph, config.attention_structure)
+    if proxy is None and config.proxy == "fisher":
+        proxy = fisher_proxy(model, [g for n in nodes for g in n.structures], tokens, config.batch_size)
     proxy_fn = proxy or resolve_proxy(config.proxy, config.seed)
     proxy_name = config.proxy if proxy is None else getattr(proxy, "__name__", "custom")
-    nodes = node_groups(graph, config.attention_structure)
     params = dict(model.named_parameters(remove_duplicate=False))
     missing = sorted({s.name for n in nodes for g in n.structures for s in g.slices} - set(params))
     if missing:

@@ -9,7 +9,7 @@ from typing import Literal
 from ..errors import ConfigError
 
 AttentionStructure = Literal["attention_head", "kv_group"]
-ProxyName = Literal["magnitude", "avg_magnitude", "random"]
+ProxyName = Literal["magnitude", "avg_magnitude", "fisher", "random"]
 MetricName = Literal["relative_ppl", "loss_increase"]
 
 
@@ -40,7 +40,8 @@ class KnowledgeConfig:
                 "KV groups (kv_group); the other kind is used for a layer that lacks this one"})
     proxy: ProxyName = field(default="magnitude", metadata={
         "help": "which structures of a node group are pruned first: lowest L2 norm of their base weights "
-                "(magnitude), the same divided by the number of weights (avg_magnitude), or random"})
+                "(magnitude), the same divided by the number of weights (avg_magnitude), the activation Fisher on "
+                "the evaluation set (fisher: one backward pass per batch, LHSPG's data-driven saliency), or random"})
     metric: MetricName = field(default="relative_ppl", metadata={
         "help": "deviation from the full model: |ppl_p - ppl_full| / ppl_full (relative_ppl) or "
                 "|loss_p - loss_full| in nats per token (loss_increase)"})
@@ -74,8 +75,8 @@ class KnowledgeConfig:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.attention_structure not in ("attention_head", "kv_group"):
             raise ConfigError(f"attention_structure must be attention_head or kv_group, got {self.attention_structure!r}")
-        if self.proxy not in ("magnitude", "avg_magnitude", "random"):
-            raise ConfigError(f"proxy must be magnitude, avg_magnitude or random, got {self.proxy!r}")
+        if self.proxy not in ("magnitude", "avg_magnitude", "fisher", "random"):
+            raise ConfigError(f"proxy must be magnitude, avg_magnitude, fisher or random, got {self.proxy!r}")
         if self.metric not in ("relative_ppl", "loss_increase"):
             raise ConfigError(f"metric must be relative_ppl or loss_increase, got {self.metric!r}")
 
