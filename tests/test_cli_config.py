@@ -10,9 +10,10 @@ from lorashear.cli import main
 MODEL = "smollm2-135m-instruct"
 
 #: an option of each command whose value must be an integer
-INT_OPTION = {"analyze": "seed", "prune": "steps", "eval": "seed", "run": "steps", "groups": "lora_rank"}
+INT_OPTION = {"analyze": "seed", "prune": "steps", "recover": "steps", "eval": "seed", "run": "steps",
+              "groups": "lora_rank"}
 
-COMMANDS = ["analyze", "prune", "eval", "run", "groups"]
+COMMANDS = ["analyze", "prune", "recover", "eval", "run", "groups"]
 
 
 @pytest.fixture

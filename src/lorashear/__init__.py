@@ -41,6 +41,7 @@ _LAZY = {
     "prune": "lorashear.api",
     "PipelineConfig": "lorashear.stages.pipeline",
     "PruneConfig": "lorashear.stages.prune",
+    "RecoverConfig": "lorashear.stages.recover",
     "TrainConfig": "lorashear.training",
 }
 
@@ -55,6 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .api import prune
     from .stages.pipeline import PipelineConfig
     from .stages.prune import PruneConfig
+    from .stages.recover import RecoverConfig
     from .graph.groups import Group, StructureGraph, zero_groups
     from .models.loading import load_model, load_pretrained, load_tokenizer
     from .models.saving import save_pretrained

@@ -8,6 +8,11 @@ loss is one function here. ``batch`` is a ``LongTensor[B, seq_len]`` of token id
   mixed with the cross-entropy: ``(1 - w) CE + w T^2 KL(teacher_T || student_T)`` per token.
   The teacher runs online (one forward pass per micro-batch, no gradient); for the
   reference model that costs about a third of a training step.
+- :func:`masked_lm_loss` / :func:`masked_distillation_loss`: the same for batches whose
+  prompt tokens carry no loss (instruction data): such a token is stored as ``~id``
+  (a negative number, :func:`mask_prompt`); it is fed to the model as ``id`` and never
+  predicted (:func:`split_prompt_mask`). On batches without negative entries they are
+  next-token cross-entropy and the distillation mix over every position.
 """
 
 from __future__ import annotations
@@ -47,14 +52,21 @@ class DistillConfig:
         return self.weight > 0
 
 
-def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Mean per-token ``T^2 KL(teacher || student)`` over next-token positions (all but the last)."""
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean per-token ``T^2 KL(teacher || student)`` over next-token positions (all but the last).
+
+    ``mask`` (``(B, T-1)`` bool, optional): average over the positions where it is true only
+    (0 when there are none).
+    """
     s = student_logits[:, :-1].float() / temperature
     t = teacher_logits[:, :-1].float() / temperature
     log_p_s = F.log_softmax(s, dim=-1)
     log_p_t = F.log_softmax(t, dim=-1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)  # (B, T-1)
-    return kl.mean() * temperature**2
+    if mask is None:
+        return kl.mean() * temperature**2
+    return (kl * mask).sum() / mask.sum().clamp(min=1) * temperature**2
 
 
 def distillation_loss(teacher: torch.nn.Module, config: DistillConfig) -> LossFn:
@@ -83,3 +95,59 @@ def make_teacher(model: torch.nn.Module) -> torch.nn.Module:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+# -- batches whose prompt tokens carry no loss (instruction data) -------------------------------
+IGNORE_INDEX = -100
+
+
+def mask_prompt(ids: torch.Tensor) -> torch.Tensor:
+    """Mark token ids as prompt (fed to the model, never predicted): ``~id``, i.e. ``-id - 1``."""
+    return ~ids
+
+
+def split_prompt_mask(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, labels)`` of a batch that may hold prompt tokens as ``~id``; labels are
+    ``IGNORE_INDEX`` there (not shifted: position ``t`` is the target of position ``t - 1``)."""
+    prompt = batch < 0
+    ids = torch.where(prompt, ~batch, batch)
+    return ids, ids.masked_fill(prompt, IGNORE_INDEX)
+
+
+def next_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over the labelled positions, and how many there are.
+
+    ``logits`` ``(B, T, V)``, ``labels`` ``(B, T)`` with ``IGNORE_INDEX`` where no loss is taken.
+    """
+    targets = labels[:, 1:]  # (B, T-1)
+    flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # (B*(T-1), V)
+    total = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, (targets != IGNORE_INDEX).sum()
+
+
+def masked_lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the non-prompt targets of ``batch`` (0 if it has none)."""
+    ids, labels = split_prompt_mask(batch)
+    total, count = next_token_losses(model(input_ids=ids, use_cache=False).logits, labels)
+    return total / count.clamp(min=1)
+
+
+def masked_distillation_loss(teacher: torch.nn.Module, config: DistillConfig) -> LossFn:
+    """:func:`distillation_loss` for batches with prompt tokens: CE and KL over non-prompt targets only."""
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    w, temp = config.weight, config.temperature
+
+    def loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        ids, labels = split_prompt_mask(batch)
+        logits = model(input_ids=ids, use_cache=False).logits
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids, use_cache=False).logits
+        kl = kl_to_teacher(logits, t_logits, temp, mask=labels[:, 1:] != IGNORE_INDEX)
+        if w == 1.0:
+            return kl
+        total, count = next_token_losses(logits, labels)
+        return (1.0 - w) * total / count.clamp(min=1) + w * kl
+
+    return loss
