@@ -48,20 +48,6 @@ def test_unknown_subcommand_is_an_argparse_error(capsys) -> None:
     assert "invalid choice: 'dance'" in capsys.readouterr().err
 
 
-def test_planned_subcommand_says_not_implemented() -> None:
-    """A planned subcommand starts as a stub (none is planned today) and refuses honestly."""
-    import argparse
-
-    from lorashear.commands._stub import add_stub_parser
-    from lorashear.errors import NotImplementedYetError
-
-    parser = argparse.ArgumentParser(prog="lorashear")
-    add_stub_parser(parser.add_subparsers(dest="command"), "someday", "a planned stage")
-    args = parser.parse_args(["someday", "MODEL"])
-    with pytest.raises(NotImplementedYetError, match="not implemented yet"):
-        args.func(args)
-
-
 def test_recover_without_teacher_is_one_line_exit_2(tmp_path, capsys) -> None:
     assert main(["recover", "smollm2-135m-instruct", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
