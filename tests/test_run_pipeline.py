@@ -81,3 +81,17 @@ def test_run_rejects_unknown_stage(tmp_path, capsys) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "dance" in err[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_run_with_recovery_evaluates_the_recovered_model(tiny_dir, tmp_path) -> None:
+    out = tmp_path / "rec"
+    argv = ["-q", "run", str(tiny_dir), "--out", str(out), *ARGS, "--stages", "prune,recover,eval",
+            "--recover-tokens", "128", "--recover-max-rounds", "1", "--recover-instruct-data", "none",
+            "--recover-seq-len", "32", "--recover-val-sequences", "2", "--recover-min-paragraph-tokens", "8"]
+    assert main(argv) == 0
+    report = json.loads((out / "recovered" / "recover_report.json").read_text())
+    assert report["stages"] and (out / "recovered" / "config.json").is_file()
+    evaluation = json.loads((out / "eval" / "eval.json").read_text())
+    assert {m["role"]: m["name"] for m in evaluation["models"]}["model"] == str(out / "recovered")
+    result = json.loads((out / pipeline.RESULT_FILE).read_text())
+    assert set(result["seconds"]) == {"prune", "recover", "eval"} and result["model_dir"] == str(out / "recovered")

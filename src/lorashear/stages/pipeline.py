@@ -1,10 +1,12 @@
-"""The whole method as one recipe over the stage functions: analyze -> prune -> evaluate.
+"""The whole method as one recipe over the stage functions: analyze -> prune -> recover -> evaluate.
 
 Stages, each the same function as its own command, all writing under ``config.out``:
 
 1. ``analyze``  knowledge distribution analysis -> ``knowledge/knowledge.json``
 2. ``prune``    LHSPG progressive pruning + compaction -> ``pruned/`` (+ report)
-3. ``eval``     the pruned model against the dense one -> ``eval/report.md``
+3. ``recover``  dynamic knowledge recovery of the pruned model -> ``recovered/`` (off by default:
+                ``--stages analyze,prune,recover,eval``)
+4. ``eval``     the final model against the dense one -> ``eval/report.md``
 
 A stage whose output is complete is skipped unless ``force``; an interrupted prune
 resumes from its latest checkpoint. The resolved config is saved as
@@ -39,11 +41,12 @@ from ..models.reference import REFERENCE_MODEL_NAME
 from ..recipes import DEFAULT_RECIPE, RECIPES
 from ..training.loop import TrainConfig
 from ..training.losses import DistillConfig
-from . import analyze, evaluate, prune
+from . import analyze, evaluate, prune, recover
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("analyze", "prune", "eval")
+STAGES = ("analyze", "prune", "recover", "eval")
+DEFAULT_STAGES = ("analyze", "prune", "eval")
 RESULT_FILE = "pipeline_result.json"
 CONFIG_FILE = "config.yaml"
 
@@ -59,7 +62,8 @@ class PipelineConfig:
     recipe: str = field(default=DEFAULT_RECIPE, metadata={
         "help": f"preset of defaults for every option not given: {', '.join(RECIPES)} (see lorashear.recipes)"})
     out: str = field(default="runs/lorashear", metadata={"help": "run directory"})
-    stages: tuple[str, ...] = field(default=STAGES, metadata={"help": "stages to run, in order"})
+    stages: tuple[str, ...] = field(default=DEFAULT_STAGES, metadata={
+        "help": f"stages to run, in order, from {', '.join(STAGES)}"})
     force: bool = field(default=False, metadata={"help": "re-run stages whose outputs exist"})
     dtype: str = field(default="float32", metadata={"help": "parameter dtype of the model"})
     data: DataConfig = section(DataConfig, help="training text of the prune stage")
@@ -70,6 +74,8 @@ class PipelineConfig:
     lhspg: LHSPGConfig = section(LHSPGConfig, help="LHSPG schedule and saliency")
     train: TrainConfig = section(TrainConfig, help="training loop", steps=200, batch_size=2, checkpoint_every=50)
     distill: DistillConfig = section(DistillConfig, prefix="distill_", help="distillation from the dense model")
+    recovery: recover.RecoverConfig = section(recover.RecoverConfig, prefix="recover_",
+                                              help="dynamic knowledge recovery")
     evaluation: EvalConfig = section(EvalConfig, prefix="eval_", help="evaluation", limit=50)
 
     def __post_init__(self) -> None:
@@ -82,7 +88,7 @@ class PipelineConfig:
 
 
 #: options the pipeline sets itself (hidden from the command line)
-PIPELINE_OWNED = ("eval_baseline", "eval_dtype")
+PIPELINE_OWNED = ("eval_baseline", "eval_dtype", "recover_teacher", "recover_dtype", "recover_resume")
 
 
 @dataclass
@@ -97,11 +103,13 @@ class PipelineResult:
     seconds: dict[str, float]
     analyze: dict[str, Any] | None = None
     prune: dict[str, Any] | None = None
+    recover: dict[str, Any] | None = None
     eval: dict[str, Any] | None = None
 
 
-def stage_configs(config: PipelineConfig) -> tuple[analyze.AnalyzeConfig, prune.PruneConfig, EvalConfig]:
-    """The three stage configs the pipeline runs, all derived from ``config``."""
+def stage_configs(config: PipelineConfig) -> tuple[analyze.AnalyzeConfig, prune.PruneConfig,
+                                                    recover.RecoverConfig, EvalConfig]:
+    """The stage configs the pipeline runs, all derived from ``config``."""
     out = Path(config.out)
     knowledge_json = out / "knowledge" / "knowledge.json"
     a = analyze.AnalyzeConfig(model=config.model, out=str(out / "knowledge"), dtype=config.dtype,
@@ -112,9 +120,13 @@ def stage_configs(config: PipelineConfig) -> tuple[analyze.AnalyzeConfig, prune.
                           lora=config.lora, target=config.target, lhspg=config.lhspg, train=config.train,
                           distill=config.distill, recipe=config.recipe,
                           resume=(out / "pruned" / "checkpoints").is_dir() and not config.force)
-    e = dataclasses.replace(config.evaluation, model=str(out / "pruned"), baseline=config.model,
+    r = dataclasses.replace(config.recovery, model=str(out / "pruned"), teacher=config.model,
+                            out=str(out / "recovered"), dtype=config.dtype,
+                            resume=(out / "recovered" / "checkpoints").is_dir() and not config.force)
+    final = out / ("recovered" if "recover" in config.stages else "pruned")
+    e = dataclasses.replace(config.evaluation, model=str(final), baseline=config.model,
                             out=str(out / "eval"), dtype=config.dtype)
-    return a, p, e
+    return a, p, r, e
 
 
 def run(config: PipelineConfig) -> PipelineResult:
@@ -122,7 +134,7 @@ def run(config: PipelineConfig) -> PipelineResult:
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
-    a_cfg, p_cfg, e_cfg = stage_configs(config)
+    a_cfg, p_cfg, r_cfg, e_cfg = stage_configs(config)
     out.mkdir(parents=True, exist_ok=True)
     import yaml
 
@@ -149,9 +161,17 @@ def run(config: PipelineConfig) -> PipelineResult:
             result.stages_skipped.append("prune")
     if Path(p_cfg.out, "config.json").is_file():
         result.model_dir = p_cfg.out
-    if "eval" in config.stages:
+    if "recover" in config.stages:
         if result.model_dir is None:
             raise ConfigError(f"no pruned model under {p_cfg.out}; run the prune stage first")
+        if config.force or not Path(r_cfg.out, "recover_report.json").is_file():
+            result.recover = timed("recover", lambda: recover.run(r_cfg)).summary()
+        else:
+            result.stages_skipped.append("recover")
+        result.model_dir = r_cfg.out
+    if "eval" in config.stages:
+        if result.model_dir is None or not Path(result.model_dir, "config.json").is_file():
+            raise ConfigError(f"no model to evaluate under {out}; run the prune stage first")
         report = timed("eval", lambda: evaluate.run(e_cfg))
         result.eval = report.to_dict()
         result.report = str(Path(e_cfg.out) / evaluate.REPORT_FILE)
