@@ -166,3 +166,60 @@ def test_accelerate_launch_two_processes_cpu(tmp_path):
     from lorashear.models.loading import load_pretrained
 
     assert sum(p.numel() for p in load_pretrained(out).parameters()) == report["params"]["after"]
+
+
+# -- resume safety ------------------------------------------------------------------------------------
+def _stage_cfg(out, ratio=0.1, **kw):
+    values = {"model": "", "out": str(out), "ratio": ratio, "steps": 10, "batch_size": 2, "lr": 1e-2,
+              "num_periods": 2, "warmup_steps": 2, "period_steps": 3, "lora_r": 4, "lora_alpha": 8,
+              "lora_dropout": 0.0, "checkpoint_every": 2, "progress": False, **kw}
+    from lorashear.config import config_from_dict
+
+    return config_from_dict(PruneConfig, values)
+
+
+def test_a_mismatched_resume_is_refused_and_force_starts_over(tmp_path):
+    from lorashear.errors import CheckpointError
+    from tiny_models import tiny_model
+
+    data = random_batches(n=16, seq=16)
+    out = tmp_path / "p"
+    model = lambda: tiny_model("llama", 0, size="small", tie_word_embeddings=True, vector_std=None, dtype=None)  # noqa: E731
+    assert prune_stage.run(_stage_cfg(out), model=model(), data=data, stop_after=5) is None
+    with pytest.raises(CheckpointError, match="ratio"):  # another target ratio
+        prune_stage.run(_stage_cfg(out, ratio=0.2, resume=True), model=model(), data=data)
+    with pytest.raises(CheckpointError, match="steps"):  # another budget
+        prune_stage.run(_stage_cfg(out, steps=12, resume=True), model=model(), data=data)
+    with pytest.raises(CheckpointError, match="earlier run"):  # a fresh run never reuses or deletes them
+        prune_stage.run(_stage_cfg(out), model=model(), data=data)
+    assert (out / "checkpoints").is_dir()
+    resumed = prune_stage.run(_stage_cfg(out, resume=True), model=model(), data=data)
+    fresh = prune_stage.run(_stage_cfg(tmp_path / "q"), model=model(), data=data)
+    assert resumed.report["groups"]["selected_ids"] == fresh.report["groups"]["selected_ids"]
+    assert resumed.report["resumed_from"] == 4
+    assert prune_stage.run(_stage_cfg(tmp_path / "q", ratio=0.2, force=True), model=model(), data=data) is not None
+
+
+def test_a_crafted_pickle_in_a_checkpoint_is_never_loaded(tmp_path):
+    import pickle
+
+    from tiny_models import tiny_model
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    data = random_batches(n=16, seq=16)
+    out = tmp_path / "p"
+    model = lambda: tiny_model("llama", 0, size="small", tie_word_embeddings=True, vector_std=None, dtype=None)  # noqa: E731
+    prune_stage.run(_stage_cfg(out), model=model(), data=data, stop_after=5)
+    ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
+    for name in ("lhspg.pt", "scheduler.pt", "rng_0.pt", "optimizer.pt"):
+        (ckpt / name).write_bytes(pickle.dumps(Exploit()))
+    result = prune_stage.run(_stage_cfg(out, resume=True), model=model(), data=data)
+    assert result is not None and result.report["resumed_from"] == 4
+    assert not marker.exists()
+    sources = list(Path(__file__).parent.parent.joinpath("src", "lorashear").rglob("*.py"))
+    assert sources and all("torch.load(" not in p.read_text() and "import pickle" not in p.read_text() for p in sources)

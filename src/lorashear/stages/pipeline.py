@@ -119,7 +119,7 @@ def stage_configs(config: PipelineConfig) -> tuple[analyze.AnalyzeConfig, prune.
                           else None,
                           lora=config.lora, target=config.target, lhspg=config.lhspg, train=config.train,
                           distill=config.distill, recipe=config.recipe,
-                          resume=(out / "pruned" / "checkpoints").is_dir() and not config.force)
+                          resume=(out / "pruned" / "checkpoints").is_dir() and not config.force, force=config.force)
     r = dataclasses.replace(config.recovery, model=str(out / "pruned"), teacher=config.model,
                             out=str(out / "recovered"), dtype=config.dtype,
                             resume=(out / "recovered" / "checkpoints").is_dir() and not config.force)

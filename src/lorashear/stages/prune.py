@@ -73,6 +73,8 @@ class PruneConfig:
     train: TrainConfig = section(TrainConfig, help="training loop")
     distill: DistillConfig = section(DistillConfig, prefix="distill_", help="distillation from the dense model")
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in OUT/checkpoints"})
+    force: bool = field(default=False, metadata={
+        "help": "start over: delete OUT/checkpoints of an earlier run instead of refusing"})
     keep_run_checkpoints: bool = field(default=False, metadata={"help": "keep OUT/checkpoints after success"})
     eval_data: str | None = field(default=None, metadata={
         "help": "held-out text for perplexity before/after (e.g. builtin:heldout); off when unset"})
@@ -137,6 +139,21 @@ def unprunable_ids(graph: StructureGraph, knowledge: str | None, explicit: tuple
     return ids, sorted([layer, block] for layer, block in blocks)
 
 
+#: options that do not change what a prune run computes (they may differ between a run and its resume)
+NON_DEFINING = {"out", "resume", "force", "keep_run_checkpoints", "eval_data", "eval_windows", "verify", "progress",
+                "checkpoint_every", "keep_checkpoints", "log_every", "lorashear_version"}
+
+
+def run_settings(config: PruneConfig, data: torch.Tensor) -> dict[str, Any]:
+    """The settings that define a prune run (a resume must match them), with the training data's shape."""
+    from ..config import to_flat_dict
+
+    settings = {k: v for k, v in to_flat_dict(config).items() if k not in NON_DEFINING}
+    settings["data_shape"] = list(data.shape)
+    settings["data_checksum"] = int(data[:, :8].long().sum()) if data.numel() else 0
+    return settings
+
+
 def heldout_perplexity(model, tokenizer, source: str, seq_len: int, windows: int) -> float:
     from ..evaluation.perplexity import load_eval_texts, perplexity, token_stream
 
@@ -199,9 +216,12 @@ def run(config: PruneConfig, *, model: Any = None, tokenizer: Any = None, data: 
                 plan.counts, 100 * plan.expected_ratio, params_before, lcfg.warmup_steps, lcfg.num_periods,
                 lcfg.period_steps)
     ckpt_dir = checkpoint_root(out)
+    if config.force and ckpt_dir.is_dir():
+        logger.info("--force: removing the checkpoints of an earlier run in %s", ckpt_dir)
+        shutil.rmtree(ckpt_dir)
     result = train_lhspg(peft_model, graph.groups, plan, data, train_config=train, lhspg_config=lcfg,
                          exclude=excluded, checkpoint_dir=ckpt_dir, resume=config.resume, accelerator=accelerator,
-                         stop_after=stop_after,
+                         stop_after=stop_after, run_settings=run_settings(config, data),
                          loss_fn=distillation_loss(teacher, config.distill) if teacher is not None else lm_loss)
     del teacher
     if result.stopped_early:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import math
 import os
@@ -38,7 +39,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..graph.groups import Group
 from ..lhspg.optimizer import LHSPG, LHSPGConfig, lora_parameters, make_optimizer
 from ..lhspg.targets import TargetPlan
@@ -169,6 +170,7 @@ def train(
     resume: bool = False,
     stop_after: int | None = None,
     desc: str = "train",
+    run_settings: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train the LoRA factors of ``model`` (its only trainable parameters) on ``data``.
 
@@ -182,6 +184,8 @@ def train(
         checkpoint_dir: where checkpoints go (needed for ``checkpoint_every`` and ``resume``).
         resume: continue from the latest checkpoint in ``checkpoint_dir`` if there is one.
         stop_after: stop after this many steps in total (a deliberate interruption; tests use it).
+        run_settings: what defines the run (model, data, budget, method settings); stored in every
+            checkpoint, and a resume from a checkpoint with other settings is refused.
     """
     from accelerate.utils import set_seed
 
@@ -216,6 +220,10 @@ def train(
 
     log: list[dict[str, Any]] = []
     start, tokens, resumed_from, elapsed_before = 0, 0, None, 0.0
+    settings = json.loads(json.dumps(run_settings or {}))  # as stored: JSON types
+    if not resume and checkpoint_dir is not None and latest_checkpoint(checkpoint_dir) is not None:
+        raise CheckpointError(f"{checkpoint_dir} holds checkpoints of an earlier run; resume it (--resume) or "
+                              f"start over (--force)")
     if resume:
         if checkpoint_dir is None:
             raise ConfigError("resume needs a checkpoint directory")
@@ -223,6 +231,7 @@ def train(
         if ckpt is None:
             logger.warning("no checkpoint in %s; starting from step 0", checkpoint_dir)
         else:
+            check_run_settings(ckpt, settings)
             state = load_checkpoint(ckpt, model=unwrapped, stateful=stateful, accelerator=accelerator)
             start = resumed_from = int(state["step"])
             tokens = int(state.get("tokens_seen", 0))
@@ -286,7 +295,7 @@ def train(
         if checkpoint_dir is not None and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0):
             save_checkpoint(checkpoint_dir, step=step, model=unwrapped, param_names=param_names, stateful=stateful,
                             accelerator=accelerator, keep=cfg.keep_checkpoints,
-                            state={"tokens_seen": tokens, "log": log,
+                            state={"run_settings": settings, "tokens_seen": tokens, "log": log,
                                    "wall_time_s": elapsed_before + time.perf_counter() - t0,
                                    "world_size": world, "data_position": step * cfg.grad_accum})
         if stop_after is not None and step >= stop_after and step < cfg.steps:
@@ -304,6 +313,19 @@ def train(
                        stopped_early=stopped)
 
 
+def check_run_settings(checkpoint: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume ``checkpoint`` if it was written by a run with other settings."""
+    try:
+        stored = json.loads((checkpoint / "state.json").read_text()).get("run_settings", {})
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {checkpoint} is unreadable ({exc}); start over with --force") from exc
+    for key in sorted(set(stored) | set(settings)):
+        if stored.get(key) != settings.get(key):
+            raise CheckpointError(f"the checkpoint in {checkpoint.parent} belongs to another run ({key}: "
+                                  f"{stored.get(key)!r} there, {settings.get(key)!r} now); start over with --force "
+                                  f"or use another --out")
+
+
 def train_lhspg(
     model: torch.nn.Module,
     groups: Sequence[Group],
@@ -319,6 +341,7 @@ def train_lhspg(
     resume: bool = False,
     accelerator: Any = None,
     stop_after: int | None = None,
+    run_settings: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train with LHSPG until ``plan`` is reached (masked model, in place): :func:`train` + :class:`LHSPGHook`.
 
@@ -358,7 +381,8 @@ def train_lhspg(
         return made
 
     result = train(model, data, config=cfg, loss_fn=loss_fn, hooks=hooks, make_hooks=make, accelerator=accelerator,
-                   checkpoint_dir=checkpoint_dir, resume=resume, stop_after=stop_after, desc="prune")
+                   checkpoint_dir=checkpoint_dir, resume=resume, stop_after=stop_after, desc="prune",
+                   run_settings=run_settings)
     result.lhspg = box["lhspg"]
     return result
 
