@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import shlex
@@ -269,11 +270,23 @@ def machine() -> str:
 
 
 def fmt(v: Any, spec: str = ".3f") -> str:
-    if v is None:
+    """A table cell: a missing, failed or NaN metric is "—", never a number."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
     if isinstance(v, float):
         return format(v, spec)
     return str(v)
+
+
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by ``None`` (null in JSON, "—" in tables)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
 
 
 def build_rows(bench: Bench, ratios: list[float], wanted: set[str]) -> list[dict]:
@@ -401,7 +414,7 @@ def write_report(bench: Bench, rows: list[dict], ratios: list[float], command: s
     out.with_suffix(".md").write_text("\n".join(lines))
     payload = {"command": command, "machine": machine(), "args": vars(a),
                "rows": [{k: v for k, v in r.items()} for r in rows]}
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str))
+    out.with_suffix(".json").write_text(json.dumps(finite_or_none(payload), indent=2, default=str, allow_nan=False))
     plot(rows, out.with_suffix(".png"))
 
 
@@ -494,6 +507,8 @@ def plot(rows: list[dict], path: Path) -> None:
         params = r["eval"]["params"] / 1e6
         label = r["label"]
         for ax, value in ((axes[0], r["eval"]["perplexity"]), (axes[1], r["eval"]["mean_acc"])):
+            if value is None or not math.isfinite(value):  # missing or failed: no point, never a 0
+                continue
             ax.scatter(params, value, c=color, marker=marker, s=60, label=label)
             ax.annotate(f"{r['ratio']:.0%}" if r["ratio"] else "dense", (params, value), fontsize=7,
                         xytext=(4, 3), textcoords="offset points")

@@ -19,7 +19,7 @@ from . import __version__
 from .errors import LorashearError
 
 #: Subcommands in the order ``--help`` lists them (module names under lorashear.commands).
-COMMANDS: tuple[str, ...] = ("run", "groups", "analyze", "prune", "recover", "eval", "reference")
+COMMANDS: tuple[str, ...] = ("run", "groups", "analyze", "prune", "recover", "eval", "export", "reference")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +51,12 @@ def configure_logging(verbose: int, quiet: bool) -> None:
     if quiet:
         os.environ.setdefault("LORASHEAR_DISABLE_PROGRESS", "1")
         os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:  # already imported: its "Loading weights" bar is on
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,12 +69,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = args.func(args)
     except LorashearError as exc:
-        print(f"lorashear {args.command}: error: {exc}", file=sys.stderr)
+        print(f"lorashear {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except (PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        # only about a path the user named (--out, MODEL, a data file, ...): anything else is a bug
+        if not _on_user_path(exc, args):
+            raise
+        print(f"lorashear {args.command}: error: cannot use {exc.filename}: {exc.strerror or exc}; "
+              "check the path and its permissions", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lorashear {args.command}: interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split("\n")).strip()
+
+
+#: argument names whose values are paths the user chose (model directories, --out, data files, ...)
+PATH_ARGS = ("model", "out", "config", "baseline", "teacher", "knowledge", "data", "data_specs", "instruct_specs",
+             "eval_data", "ppl_source")
+
+
+def _user_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``(argument, absolute path)`` for every path-valued argument given."""
+    found: list[tuple[str, str]] = []
+    for key in PATH_ARGS:
+        value = getattr(args, key, None)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if not isinstance(item, str) or not item.strip() or item.startswith(("builtin:", "hf:")):
+                continue
+            if ":" in item and not os.path.exists(item):
+                item = item.split(":", 1)[0]  # a data spec's options (notes.jsonl:field=text)
+            found.append((key, os.path.abspath(os.path.expanduser(item))))
+    return found
+
+
+def _on_user_path(exc: OSError, args: argparse.Namespace) -> bool:
+    """Whether ``exc`` is about a path the user named: the path itself or something inside it, and
+    for ``--out`` also its parents and its hidden siblings (temporary directory, lock file)."""
+    name = getattr(exc, "filename", None)
+    if not isinstance(name, (str, os.PathLike)):
+        return False
+    failed = os.path.abspath(os.fspath(name))
+    for key, path in _user_paths(args):
+        if failed == path or failed.startswith(path + os.sep):
+            return True
+        if key == "out":
+            sibling = os.path.dirname(failed) == os.path.dirname(path) and \
+                os.path.basename(failed).startswith("." + os.path.basename(path) + ".")
+            if sibling or path.startswith(failed + os.sep):
+                return True
+    return False
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -54,16 +54,13 @@ def compact(model: torch.nn.Module, groups: Iterable[Group], *, merge_lora: bool
     groups = list(groups)
     if not groups:
         return model.merge_and_unload() if merge_lora and hasattr(model, "merge_and_unload") else model
+    named = dict(model.named_parameters())
+    check_groups(named, groups)
     config = _base_config(model)
     adapter = adapter_for(config)
     new_widths, hidden_removed = _new_widths(adapter, groups)
 
-    named = dict(model.named_parameters())
     plan = removal_plan(groups)
-    missing = [n for n in plan if n not in named]
-    if missing:
-        raise ConfigError(f"groups name parameters this model does not have (e.g. {missing[0]}); "
-                          "discover groups on the same model you compact")
     owners = _param_owners(model)
     touched: set[int] = set()
     for name, dims in plan.items():
@@ -87,6 +84,27 @@ def compact(model: torch.nn.Module, groups: Iterable[Group], *, merge_lora: bool
     if merge_lora and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     return model
+
+
+def check_groups(named: dict[str, torch.Tensor], groups: Sequence[Group]) -> None:
+    """Refuse groups that are not this model's: a parameter it lacks, an index past a dimension's
+    end (groups discovered on another, larger model), or the same group twice."""
+    seen: dict[tuple, int] = {}
+    for g in groups:
+        key = (g.kind, g.layer, g.index, tuple((s.name, s.dim, s.indices) for s in g.slices))
+        if key in seen:
+            raise ConfigError(f"group {g.id} ({g.kind}, layer {g.layer}, index {g.index}) is given twice; "
+                              "pass each group once")
+        seen[key] = g.id
+        for s in g.slices:
+            p = named.get(s.name)
+            if p is None:
+                raise ConfigError(f"group {g.id} names a parameter this model does not have ({s.name}); "
+                                  "discover groups on the same model you compact")
+            if not 0 <= s.dim < p.dim() or any(not 0 <= i < p.shape[s.dim] for i in s.indices):
+                raise ConfigError(f"group {g.id} ({g.kind}, layer {g.layer}) does not fit {s.name} of shape "
+                                  f"{tuple(p.shape)}: it comes from another model; discover groups on the same "
+                                  "model you compact")
 
 
 def _has_touched_child(module: torch.nn.Module, touched: set[int]) -> bool:

@@ -33,3 +33,11 @@ class NotImplementedYetError(LorashearError):
 
 class CheckpointError(LorashearError):
     """A checkpoint is corrupt, incomplete, or belongs to another run."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file is missing, truncated or unreadable (an earlier checkpoint may still be usable)."""
+
+
+class OutputError(LorashearError):
+    """The output directory cannot be used: a file, not writable, someone else's files, or in use."""

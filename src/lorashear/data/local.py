@@ -76,7 +76,10 @@ def _read_file(path: Path, field: str | None, name: str) -> list[tuple[str, str]
     suffix = path.suffix.lower()
     try:
         if suffix == ".txt":
-            texts: Iterable[str] = _PARAGRAPH.split(path.read_text(encoding="utf-8"))
+            raw = path.read_text(encoding="utf-8")
+            if "\x00" in raw:
+                raise DataError(f"{path} looks like a binary file (it holds NUL bytes), not text")
+            texts: Iterable[str] = _PARAGRAPH.split(raw)
         elif suffix == ".jsonl":
             texts = _records_to_texts(_jsonl_records(path), field, path)
         elif suffix == ".json":
@@ -87,7 +90,9 @@ def _read_file(path: Path, field: str | None, name: str) -> list[tuple[str, str]
             raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use one of {', '.join(SUFFIXES)}")
         pairs = [(f"{name}#{i}", t.strip()) for i, t in enumerate(texts)]
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); is it a binary file?") from exc
+    except (PermissionError, IsADirectoryError) as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from exc
     kept = [(doc_id, text) for doc_id, text in pairs if text]
     logger.debug("read %d texts from %s", len(kept), path)
     return kept

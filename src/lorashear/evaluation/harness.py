@@ -23,7 +23,17 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, LorashearError
 from ..progress import progress_disabled
-from .tasks import TASK_PREFIX, expand_task_names, is_offline_task, task_chance, temporary_task_dir
+from .tasks import (
+    ALL_SUITE,
+    DEFAULT_SUITE,
+    TASK_PREFIX,
+    ensure_eval_data,
+    expand_task_names,
+    is_offline_task,
+    known_offline_task_names,
+    task_chance,
+    temporary_task_dir,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -112,10 +122,50 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _clean(value: Any) -> float | None:
-    if value is None or isinstance(value, str):
+    """A metric as a finite float, or ``None`` (missing, ``"N/A"``, NaN or infinite: never a number)."""
+    if value is None or isinstance(value, (str, bool)):
         return None
-    value = float(value)
-    return None if math.isnan(value) else value
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _registry_task_names() -> set[str]:
+    """Every task, group and tag name lm-eval's own registry knows (indexing it takes seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    with _quiet_lm_eval():
+        return set(TaskManager(include_defaults=True).all_tasks)
+
+
+def check_task_names(tasks: Sequence[str]) -> list[str]:
+    """The task names ``tasks`` expand to, checked before any model is loaded.
+
+    An unknown name (an offline ``lorashear_*`` name that does not exist, or a name lm-eval's
+    registry does not know) is a :class:`~lorashear.errors.ConfigError` naming it; offline tasks
+    that are not prepared are a :class:`~lorashear.errors.DataError` saying how to prepare them.
+    """
+    names = expand_task_names(tasks)
+    if not names:
+        return []
+    _require_lm_eval()
+    offline = known_offline_task_names()
+    ours = [n for n in names if n.startswith("lorashear")]
+    unknown = [n for n in ours if n not in offline]
+    registry = [n for n in names if n not in ours]
+    if registry and not unknown:
+        known = _registry_task_names()
+        unknown = [n for n in registry if n not in known]
+    if unknown:
+        shown = ", ".join(repr(n) for n in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+        examples = ", ".join(sorted(offline)[:3])
+        raise ConfigError(f"unknown task{'s' if len(unknown) > 1 else ''} {shown}; use {DEFAULT_SUITE}, {ALL_SUITE}, "
+                          f"an offline task ({examples}, ...), an lm-eval registry name, or none")
+    if any(is_offline_task(n) for n in names):
+        ensure_eval_data()
+    return names
 
 
 def build_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, batch_size: int = 8,
@@ -241,9 +291,12 @@ def _evaluate_one(lm: Any, manager: Any, name: str, *, limit: int | None, num_fe
     )
     if result.acc is None:
         result.error = "task reported no acc metric (not a multiple-choice task?)"
-    logger.info("%s: acc %.4f acc_norm %s (%s docs, %.1fs)", name, result.acc or float("nan"),
+    # 0.0 is a real accuracy (e.g. the first docs of a task share one gold answer the model never picks)
+    logger.info("%s: acc %s acc_norm %s (%s docs, %.1fs)", name,
+                f"{result.acc:.4f}" if result.acc is not None else "-",
                 f"{result.acc_norm:.4f}" if result.acc_norm is not None else "-", result.num_docs, seconds)
     return result
 
 
-__all__ = ["METRICS", "TaskEvalResult", "TaskResult", "build_lm", "evaluate_tasks", "lm_eval_available"]
+__all__ = ["METRICS", "TaskEvalResult", "TaskResult", "build_lm", "check_task_names", "evaluate_tasks",
+           "lm_eval_available"]

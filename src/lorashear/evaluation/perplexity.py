@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, DataError
@@ -160,23 +158,12 @@ def perplexity(
 
 
 def load_eval_texts(source: str) -> list[str]:
-    """Texts for perplexity: a ``.txt`` file (paragraphs split on blank lines), a
-    ``.jsonl`` file (a ``text`` field per line) or anything :func:`lorashear.data.load_texts` reads."""
-    import json
+    """Texts for perplexity, read through the data layer (:func:`lorashear.data.load_texts`): a
+    ``.txt`` file (paragraphs split on blank lines), a ``.jsonl`` file (a ``text`` field per line),
+    a folder, a built-in corpus, ... A missing, empty or binary source is a one-line :class:`DataError`."""
+    from ..data import load_texts
 
-    path = Path(os.path.expanduser(source))
-    if path.suffix in (".txt", ".jsonl") and path.is_file():
-        raw = path.read_text(encoding="utf-8")
-        if path.suffix == ".txt":
-            texts = [p.strip() for p in raw.split("\n\n") if p.strip()]
-        else:
-            texts = [str(json.loads(line)["text"]) for line in raw.splitlines() if line.strip()]
-    else:
-        try:
-            from ..data import load_texts
-        except ImportError as exc:
-            raise DataError(f"cannot read perplexity source {source!r}: the data layer is unavailable ({exc})") from exc
-        texts = list(load_texts(source))
+    texts = [t for t in load_texts(source) if t.strip()]
     if not texts:
         raise DataError(f"perplexity source {source!r} has no text")
     return texts

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -43,12 +44,17 @@ def _fmt_bytes(n: float | None) -> str:
     return str(n)
 
 
+def _missing(value: float | None) -> bool:
+    """A missing, failed or NaN measurement: shown as "-", never as a number."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _fmt(value: float | None, spec: str = ".3f") -> str:
-    return "-" if value is None else format(value, spec)
+    return "-" if _missing(value) else format(value, spec)
 
 
 def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
+    return "-" if _missing(value) else f"{100 * value:.1f}"
 
 
 # ----------------------------------------------------------------------- plots

@@ -119,6 +119,13 @@ def offline_task_names(suite: str = ALL_SUITE) -> list[str]:
     return [TASK_PREFIX + n for n in names]
 
 
+def known_offline_task_names() -> set[str]:
+    """lm-eval names of the offline tasks that exist: those prepared, else those the shipped spec lists."""
+    manifest = read_manifest(prepared_data_dir())
+    names = manifest["tasks"] if manifest is not None else bigbench_spec()["tasks"]
+    return {TASK_PREFIX + n for n in names}
+
+
 def is_offline_task(name: str) -> bool:
     return name in (DEFAULT_SUITE, ALL_SUITE) or name.startswith(TASK_PREFIX)
 
@@ -468,6 +475,7 @@ __all__ = [
     "convert_bigbench_task",
     "ensure_eval_data",
     "expand_task_names",
+    "known_offline_task_names",
     "offline_task_names",
     "prepare_eval_data",
     "prepared_data_dir",

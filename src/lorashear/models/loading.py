@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ModelNotFoundError
+from ..errors import ConfigError, ModelNotFoundError, UnsupportedArchitectureError
 from .reference import ensure_reference_model, is_reference_name
 
 if TYPE_CHECKING:
@@ -90,11 +90,18 @@ def load_model(
     with those shapes.
     """
     resolved = resolve_model_path(name_or_path)
+    check_causal_lm(resolved, name=os.fspath(name_or_path))
     model = load_pretrained(resolved, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation)
+    _check_causal_config(model.config.to_dict(), os.fspath(name_or_path))
     if device is not None:
         model.to(device)
     model.eval()
     return model
+
+
+#: files of which a local model directory needs at least one for its tokenizer to load
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
 
 
 def load_tokenizer(name_or_path: str | os.PathLike[str]) -> "PreTrainedTokenizerBase":
@@ -102,13 +109,66 @@ def load_tokenizer(name_or_path: str | os.PathLike[str]) -> "PreTrainedTokenizer
     from transformers import AutoTokenizer
 
     resolved = resolve_model_path(name_or_path)
+    name = os.fspath(name_or_path)
+    local = Path(resolved)
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelNotFoundError(f"{name} has no tokenizer (no tokenizer.json or tokenizer_config.json); save the "
+                                 "tokenizer of the model it came from into it (tokenizer.save_pretrained(DIR))")
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved)
     except OSError as exc:
         raise ModelNotFoundError(_hub_message(resolved, exc)) from exc
+    except (ValueError, TypeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFoundError(f"the tokenizer of {name} cannot be loaded ({first}); save a working tokenizer "
+                                 "into the model directory") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_tokenizer_fits(model: "torch.nn.Module", tokenizer: "PreTrainedTokenizerBase", name: str = "") -> None:
+    """Refuse a tokenizer whose token ids do not all have a row in the model's input embedding."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        rows = int(base.get_input_embeddings().weight.shape[0])
+    except (AttributeError, NotImplementedError):  # no standard input embedding: nothing to check
+        return
+    size = len(tokenizer)
+    if size > rows:
+        of = f" of {name}" if name else ""
+        raise ConfigError(f"the tokenizer{of} has {size:,} tokens but the model's embedding has only {rows:,} rows; "
+                          "use the tokenizer the model was trained with")
+
+
+def _check_causal_config(config: dict[str, Any], name: str) -> None:
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = str(config.get("model_type") or "")
+    arch = ", ".join(config.get("architectures") or []) or model_type or "unknown"
+    what = f"{name} is a {model_type or 'model'} model ({arch}), not a causal (decoder-only) language model"
+    hint = "; lorashear prunes causal LMs such as Llama, Mistral, Qwen, Phi-3 and Gemma"
+    if config.get("is_encoder_decoder"):
+        raise UnsupportedArchitectureError(f"{name} is an encoder-decoder model ({arch}), not a causal (decoder-only) "
+                                           f"language model{hint}")
+    if model_type and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UnsupportedArchitectureError(what + hint)
+    # BERT-like encoders also have a *ForCausalLM/LMHead class, but only act causally with is_decoder
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.get("is_decoder"):
+        raise UnsupportedArchitectureError(what + " (a bidirectional encoder)" + hint)
+
+
+def check_causal_lm(name_or_path: str | os.PathLike[str], *, name: str | None = None) -> None:
+    """Refuse a local model directory that does not hold a causal LM (a BERT-like encoder, an
+    encoder-decoder, ...), from its ``config.json`` alone (no weights are read). Hub ids are checked
+    by :func:`load_model` once loaded."""
+    text = os.fspath(name_or_path)
+    resolved = Path(resolve_model_path(text))
+    if resolved.is_dir():
+        _check_causal_config(_read_config_dict(resolved), name or text)
 
 
 def _hub_message(name: str, exc: BaseException) -> str:
@@ -121,9 +181,12 @@ def _hub_message(name: str, exc: BaseException) -> str:
 
 def _read_config_dict(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        data = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"cannot read {path / 'config.json'}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelNotFoundError(f"{path / 'config.json'} does not hold a model config (a JSON object)")
+    return data
 
 
 def load_pretrained(path: str | os.PathLike[str], *, dtype: "torch.dtype | None" = None,
@@ -148,6 +211,11 @@ def load_pretrained(path: str | os.PathLike[str], *, dtype: "torch.dtype | None"
         return AutoModelForCausalLM.from_pretrained(os.fspath(path), **kwargs)
     except OSError as exc:
         raise ModelNotFoundError(_hub_message(os.fspath(path), exc)) from exc
+    except ValueError as exc:  # "Unrecognized configuration class ... for this kind of AutoModel"
+        if "Unrecognized configuration class" not in str(exc):
+            raise
+        raise UnsupportedArchitectureError(f"{os.fspath(path)} is not a causal language model "
+                                           f"(AutoModelForCausalLM cannot load it)") from exc
 
 
 def _load_heterogeneous(path: Path, *, dtype: torch.dtype, attn_implementation: str | None) -> "PreTrainedModel":

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_directory, atomic_write_json, output_lock, validate_out
 from ..config import section, to_json_dict
 from ..errors import ConfigError, DataError
 from ..knowledge.config import KnowledgeConfig
@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 RESULT_FILE = "analyze_result.json"
 PLOT_FILE = "knowledge.png"
+#: files that mark a directory as an analyze stage's output (it may then be replaced)
+OWNER_FILES = ("knowledge.json", RESULT_FILE)
 
 
 @dataclass
@@ -101,16 +103,25 @@ def run(config: AnalyzeConfig, *, model: Any = None, tokenizer: Any = None) -> A
 
     ``model``/``tokenizer`` may be given directly (tests, notebooks); otherwise they are
     loaded from ``config.model``. The tokenizer (and the data) load before the model,
-    so a bad data source fails before the model's weights are read.
+    so a bad data source fails before the model's weights are read. ``config.out`` is
+    checked and locked first; the outputs replace it as a whole once all are written.
     """
-    from ..graph.discover import discover
-    from ..knowledge import analyze_knowledge, plot_knowledge
-
-    if not config.out:
-        raise ConfigError("an output directory is required (--out)")
+    out = validate_out(config.out, owner_files=OWNER_FILES)
     if not config.model and (model is None or tokenizer is None):
         raise ConfigError("name the model to analyze (MODEL, or `model:` in --config)")
-    out = Path(config.out)
+    if model is None:
+        from ..models.loading import check_causal_lm
+
+        check_causal_lm(config.model)
+    with output_lock(out):
+        return _run(config, out, model=model, tokenizer=tokenizer)
+
+
+def _run(config: AnalyzeConfig, out: Path, *, model: Any, tokenizer: Any) -> AnalyzeResult:
+    from ..graph.discover import discover
+    from ..knowledge import analyze_knowledge, plot_knowledge
+    from ..models.loading import check_tokenizer_fits
+
     kcfg = config.knowledge
     t_start = time.perf_counter()
     if tokenizer is None:
@@ -122,15 +133,15 @@ def run(config: AnalyzeConfig, *, model: Any = None, tokenizer: Any = None) -> A
         from ..models.loading import load_model
 
         model = load_model(config.model, dtype=config.dtype, device=config.device)
+    check_tokenizer_fits(model, tokenizer, config.model)
     model_name = config.model or type(model).__name__
     graph = discover(model)
     result = analyze_knowledge(
         model, graph, tokens, kcfg, model_name=model_name,
         data_info={"spec": kcfg.data, "seed": kcfg.seed, "role": "evaluation set drawn from training-side text"},
     )
-    json_path = result.save(out)
-    png_path = plot_knowledge(result, out / PLOT_FILE)
     top = result.unprunable_node_groups()
+    json_path, png_path = out / "knowledge.json", out / PLOT_FILE
     analyzed = AnalyzeResult(
         out=str(out), knowledge_json=str(json_path), knowledge_png=str(png_path), model=model_name,
         num_node_groups=len(result.node_groups),
@@ -140,6 +151,9 @@ def run(config: AnalyzeConfig, *, model: Any = None, tokenizer: Any = None) -> A
         eval_sequences=int(tokens.shape[0]), eval_seq_len=int(tokens.shape[1]),
         forward_passes=result.forward_passes, analysis_seconds=result.seconds,
         wall_time_s=time.perf_counter() - t_start, settings=to_json_dict(config))
-    atomic_write_json(out / RESULT_FILE, analyzed.summary())
+    with atomic_directory(out) as tmp:  # complete in a temporary sibling, then swapped in as a whole
+        result.save(tmp)
+        plot_knowledge(result, tmp / PLOT_FILE)
+        atomic_write_json(tmp / RESULT_FILE, analyzed.summary())
     logger.info("wrote %s, %s and %s", json_path, png_path, out / RESULT_FILE)
     return analyzed

@@ -19,7 +19,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_directory, atomic_write_json, output_lock, validate_out
 from ..errors import ConfigError, LorashearError
 from ..evaluation.config import EvalConfig
 from ..evaluation.results import EvalReport, ModelEval
@@ -33,57 +33,73 @@ EvaluateResult = EvalReport
 
 RESULT_FILE = "eval.json"
 REPORT_FILE = "report.md"
+#: files that mark a directory as an evaluate stage's output (it may then be replaced)
+OWNER_FILES = (RESULT_FILE, REPORT_FILE)
+
+
+def check_config(config: EvaluateConfig) -> None:
+    """What can be checked before any model loads: a model is named and every task name exists."""
+    from ..evaluation.harness import check_task_names
+
+    if not config.model:
+        raise ConfigError("no model given")
+    if config.tasks:
+        check_task_names(config.tasks)
 
 
 def run(config: EvaluateConfig) -> EvaluateResult:
-    """Evaluate ``config.model`` (and ``config.baseline``) and write the outputs to ``config.out``."""
+    """Evaluate ``config.model`` (and ``config.baseline``) and write the outputs to ``config.out``.
+
+    Everything that can fail on the user's input is checked before a model loads: ``--out``, the
+    task names, both model names, the perplexity text and the tokenizers. The outputs are written
+    complete into a temporary sibling of ``config.out`` that then replaces it.
+    """
+    from ..models.loading import check_causal_lm, resolve_model_path
+
+    out = validate_out(config.out, owner_files=OWNER_FILES, flag="--out")
+    check_config(config)
+    # Resolve both names first: a typo fails before minutes of work.
+    runs = ([("baseline", config.baseline)] if config.baseline else []) + [("model", config.model)]
+    resolved = {role: resolve_model_path(name) for role, name in runs}
+    for role, name in runs:
+        check_causal_lm(resolved[role], name=name)
+    with output_lock(out):
+        return _run(config, out, runs, resolved)
+
+
+def _run(config: EvaluateConfig, out: Path, runs: list[tuple[str, str]], resolved: dict[str, str]) -> EvaluateResult:
     from ..evaluation.measure import default_device, environment, evaluate_model
     from ..evaluation.perplexity import load_eval_texts
     from ..evaluation.report import write_report
     from ..evaluation.speed import measure_speed_isolated
-    from ..models.loading import load_model, load_tokenizer, resolve_model_path
+    from ..models.loading import check_tokenizer_fits, load_model, load_tokenizer
 
-    if not config.model:
-        raise ConfigError("no model given")
-    if not config.out:
-        raise ConfigError("no output directory given (--out DIR)")
-    out = Path(config.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory")
     device = config.device or default_device()
     if config.threads is not None:
         import torch
 
         torch.set_num_threads(config.threads)
-    # Resolve both names first: a typo fails before minutes of work.
-    runs = ([("baseline", config.baseline)] if config.baseline else []) + [("model", config.model)]
-    resolved = {role: resolve_model_path(name) for role, name in runs}
     start = time.perf_counter()
-    texts = None
-    if not config.skip_ppl:
+    texts = None if config.skip_ppl else load_eval_texts(config.ppl_source)  # missing/empty/binary: one line
+    tokenizers: dict[str, object] = {}
+    for role, name in runs:
         try:
-            texts = load_eval_texts(config.ppl_source)
-        except LorashearError as exc:
-            logger.warning("perplexity skipped: %s", exc)
+            tokenizers[role] = load_tokenizer(name)
+        except LorashearError:
+            if "baseline" not in tokenizers:
+                raise
+            logger.warning("%s has no tokenizer; using the baseline's", name)
+            tokenizers[role] = tokenizers["baseline"]
     results: list[ModelEval] = []
-    base_tokenizer = None
     for role, name in runs:
         logger.info("loading %s %s on %s (%s)", role, name, device, config.dtype)
         model = load_model(name, dtype=config.dtype, device=device)
-        try:
-            tokenizer = load_tokenizer(name)
-        except LorashearError:
-            if base_tokenizer is None:
-                raise
-            logger.warning("%s has no tokenizer; using the baseline's", name)
-            tokenizer = base_tokenizer
-        base_tokenizer = base_tokenizer or tokenizer
+        tokenizer = tokenizers[role]
+        check_tokenizer_fits(model, tokenizer, name)
         sub = dataclasses.replace(config, speed=config.speed and config.speed_isolation == "inprocess")
         if texts is None:
             sub = dataclasses.replace(sub, ppl_source="none")
         result = evaluate_model(model, tokenizer, sub, name=name, role=role, texts=texts)
-        if texts is None and not config.skip_ppl:
-            result.errors["perplexity"] = f"could not read {config.ppl_source!r}"
         if result.speed is not None and Path(resolved[role]).is_dir():
             from ..evaluation.speed import directory_bytes
 
@@ -104,9 +120,9 @@ def run(config: EvaluateConfig) -> EvaluateResult:
                 result.errors["speed"] = str(exc)
     report = EvalReport(config=config, models=results, environment={**environment(), "device": device},
                         seconds=time.perf_counter() - start)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / RESULT_FILE, report.to_dict())
-    write_report(report, out)
+    with atomic_directory(out) as tmp:
+        atomic_write_json(tmp / RESULT_FILE, report.to_dict())
+        write_report(report, tmp)
     logger.info("wrote %s and %s", out / RESULT_FILE, out / REPORT_FILE)
     return report
 

@@ -70,8 +70,9 @@ def run(config: GroupsConfig, *, model: Any = None) -> GroupsResult:
     from ..graph.discover import discover
 
     if model is None:
-        from ..models.loading import load_model
+        from ..models.loading import check_causal_lm, load_model
 
+        check_causal_lm(config.model)  # from config.json alone: an encoder is refused before its weights load
         model = load_model(config.model)
     if config.lora_rank:
         from ..models.lora import LoraSettings, attach_lora

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..atomic import atomic_write_json, atomic_write_text
+from ..atomic import atomic_write_json, atomic_write_text, output_lock, validate_out
 from ..config import section, to_flat_dict
 from ..data.config import DataConfig
 from ..errors import ConfigError
@@ -129,12 +129,32 @@ def stage_configs(config: PipelineConfig) -> tuple[analyze.AnalyzeConfig, prune.
     return a, p, r, e
 
 
+def check_config(config: PipelineConfig, stage_cfgs: tuple[Any, ...]) -> None:
+    """What the stages would refuse later, checked before the first stage writes anything."""
+    _, p_cfg, _, e_cfg = stage_cfgs
+    for sub in ("knowledge", "pruned", "recovered", "eval"):
+        validate_out(Path(config.out) / sub)
+    if "prune" in config.stages:
+        prune.check_config(p_cfg)
+    if "eval" in config.stages:
+        evaluate.check_config(e_cfg)
+
+
 def run(config: PipelineConfig) -> PipelineResult:
-    """Run the stages of ``config`` in order; see the module docstring."""
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory")
-    a_cfg, p_cfg, r_cfg, e_cfg = stage_configs(config)
+    """Run the stages of ``config`` in order; see the module docstring.
+
+    ``config.out`` and every stage's settings are checked before the first stage runs; the run
+    directory is locked for the pipeline's duration (each stage also locks its own directory).
+    """
+    out = validate_out(config.out)
+    stage_cfgs = stage_configs(config)
+    check_config(config, stage_cfgs)
+    with output_lock(out):
+        return _run(config, out, stage_cfgs)
+
+
+def _run(config: PipelineConfig, out: Path, stage_cfgs: tuple[Any, ...]) -> PipelineResult:
+    a_cfg, p_cfg, r_cfg, e_cfg = stage_cfgs
     out.mkdir(parents=True, exist_ok=True)
     import yaml
 

@@ -13,13 +13,15 @@ Recipe (each step a component)::
 ``prune_report.json`` (everything measured), ``prune_result.json`` (the
 :class:`PruneResult` summary) and ``prune.png``; checkpoints live in
 ``out/checkpoints`` while the run is going (removed at the end unless
-``keep_run_checkpoints``).
+``keep_run_checkpoints``). ``--out`` is checked before any work and locked for the
+run; the result is written complete into a temporary sibling directory that
+then replaces ``out`` as a whole (:func:`lorashear.atomic.atomic_directory`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +30,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_directory, atomic_write_json, output_lock, validate_out
 from ..config import section, to_json_dict
 from ..data.config import DataConfig
 from ..errors import ConfigError
@@ -154,6 +156,36 @@ def run_settings(config: PruneConfig, data: torch.Tensor) -> dict[str, Any]:
     return settings
 
 
+def max_removable(candidates: list, all_groups: list, target: TargetConfig) -> float:
+    """Most parameters the target's group kinds can remove: every layer keeps at least
+    ``max(1, round_to)`` structures of each kind (the rule :func:`~lorashear.lhspg.plan_targets` applies)."""
+    from collections import Counter
+
+    keep = max(1, target.round_to)
+    total = 0.0
+    for kind in target.kinds:
+        mine = [g for g in candidates if g.kind == kind and g.prunable]
+        if not mine:
+            continue
+        size = sum(g.base_params for g in mine) / len(mine)
+        widths = Counter(g.layer for g in all_groups if g.kind == kind and g.layer is not None)
+        per = Counter(g.layer for g in mine)
+        count = sum(n if layer is None else min(n, max(0, widths.get(layer, n) - keep)) for layer, n in per.items())
+        total += count * size
+    return total
+
+
+def check_reachable(candidates: list, all_groups: list, target: TargetConfig, total_params: int) -> None:
+    """Refuse a ratio the structure cannot reach, with one line stating the most it can."""
+    if target.ratio is None or target.attention_ratio is not None or target.mlp_ratio is not None:
+        return
+    most = max_removable(candidates, all_groups, target) / total_params
+    if target.ratio > most + 0.005:
+        raise ConfigError(f"ratio {target.ratio:g} is unreachable: at most {most:.4f} of this model's parameters can "
+                          f"be removed (every layer keeps at least one structure of each kind; unprunable blocks "
+                          f"stay); choose --ratio {math.floor(most * 1000) / 1000:g} or less")
+
+
 def heldout_perplexity(model, tokenizer, source: str, seq_len: int, windows: int) -> float:
     from ..evaluation.perplexity import load_eval_texts, perplexity, token_stream
 
@@ -161,35 +193,64 @@ def heldout_perplexity(model, tokenizer, source: str, seq_len: int, windows: int
     return perplexity(model, stream, seq_len=seq_len, max_windows=windows, source=source).perplexity
 
 
+#: files that mark a directory as a prune stage's output (it may then be replaced)
+OWNER_FILES = (REPORT_FILE, RESULT_FILE)
+
+
+def check_config(config: PruneConfig) -> None:
+    """What can be checked before any work: the LHSPG schedule fits the step budget."""
+    lcfg = config.lhspg.resolve(config.train.steps)
+    if lcfg.schedule.prune_end > config.train.steps:
+        raise ConfigError(f"pruning ends at step {lcfg.schedule.prune_end} but only {config.train.steps} steps are "
+                          "planned; raise --steps or lower --warmup-steps/--period-steps/--num-periods")
+
+
 def run(config: PruneConfig, *, model: Any = None, tokenizer: Any = None, data: torch.Tensor | None = None,
         accelerator: Any = None, stop_after: int | None = None) -> PruneResult | None:
     """Run the prune stage; returns its result (``None`` when stopped early with ``stop_after``).
 
     ``model``/``tokenizer``/``data`` may be given directly (tests, notebooks); otherwise
-    they are loaded from ``config.model`` and ``config.data``.
+    they are loaded from ``config.model`` and ``config.data``. ``config.out`` is checked
+    and locked before anything is loaded.
     """
+    out = validate_out(config.out, owner_files=OWNER_FILES)
+    check_config(config)
+    if model is None and not config.model:
+        raise ConfigError("name the model to prune (MODEL, or `model:` in --config)")
+    if model is None:
+        from ..models.loading import check_causal_lm
+
+        check_causal_lm(config.model)
+    accelerator = accelerator or make_accelerator(config.train.mixed_precision)
+    with output_lock(out, enabled=accelerator.is_main_process):
+        return _run(config, out, model=model, tokenizer=tokenizer, data=data, accelerator=accelerator,
+                    stop_after=stop_after)
+
+
+def _run(config: PruneConfig, out: Path, *, model: Any, tokenizer: Any, data: torch.Tensor | None,
+         accelerator: Any, stop_after: int | None) -> PruneResult | None:
     from accelerate.utils import set_seed
 
     from ..compaction import compact
     from ..graph.discover import discover
-    from ..models.saving import save_pretrained
+    from ..models.saving import write_pretrained
 
-    if not config.out:
-        raise ConfigError("an output directory is required (--out)")
-    out = Path(config.out)
     train = config.train
     seq_len = config.data.seq_len
     t_start = time.perf_counter()
-    accelerator = accelerator or make_accelerator(train.mixed_precision)
     main = accelerator.is_main_process
+    if tokenizer is None and config.model and (data is None or config.eval_data):
+        from ..models.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(config.model)  # before the weights: a missing tokenizer fails fast
     if model is None:
         from ..models.loading import load_model
 
         model = load_model(config.model, dtype=config.dtype)
-    if tokenizer is None and config.model and (data is None or config.eval_data):
-        from ..models.loading import load_tokenizer
+    if tokenizer is not None:
+        from ..models.loading import check_tokenizer_fits
 
-        tokenizer = load_tokenizer(config.model)
+        check_tokenizer_fits(model, tokenizer, config.model)
     model.to(accelerator.device)
     params_before = count_params(model)
     emb = embedding_params(model)
@@ -209,8 +270,14 @@ def run(config: PruneConfig, *, model: Any = None, tokenizer: Any = None, data: 
     graph = discover(peft_model, hidden="hidden_channel" in config.target.kinds)
     excluded, blocks = unprunable_ids(graph, config.knowledge, config.unprunable)
     candidates = [g for g in graph.groups if g.prunable and g.id not in excluded]
-    plan = plan_targets(candidates, total_params=params_before, embedding_params=emb, config=config.target,
-                        all_groups=graph.groups)
+    check_reachable(candidates, graph.groups, config.target, params_before)
+    try:
+        plan = plan_targets(candidates, total_params=params_before, embedding_params=emb, config=config.target,
+                            all_groups=graph.groups)
+    except ConfigError as exc:
+        if "unreachable" in str(exc):
+            raise ConfigError(f"{exc}; choose a smaller --ratio") from exc
+        raise
     lcfg = config.lhspg.resolve(train.steps)
     logger.info("target: %s groups (expected %.2f%% of %d params); schedule T_w=%d, P=%d, T_p=%d",
                 plan.counts, 100 * plan.expected_ratio, params_before, lcfg.warmup_steps, lcfg.num_periods,
@@ -254,13 +321,6 @@ def run(config: PruneConfig, *, model: Any = None, tokenizer: Any = None, data: 
             ppl_after = heldout_perplexity(small, tokenizer, config.eval_data, seq_len, config.eval_windows)
             logger.info("held-out perplexity after: %.3f", ppl_after)
         removed = params_before - params_after
-        tmp = out / ".model.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
-        save_pretrained(small, tmp, tokenizer=tokenizer)
-        for child in tmp.iterdir():
-            os.replace(child, out / child.name)
-        shutil.rmtree(tmp, ignore_errors=True)
         kept = kept_per_layer(graph.groups, selected)
         sched = lcfg.schedule
         target = config.target
@@ -304,17 +364,20 @@ def run(config: PruneConfig, *, model: Any = None, tokenizer: Any = None, data: 
             "data": {"spec": config.data.spec, "sequences": int(data.shape[0]), "seq_len": int(data.shape[1])},
             "settings": to_json_dict(config),
         }
-        plot_prune(report, out / PLOT_FILE)
         pruned = PruneResult(
             out=str(out), params_before=params_before, params_after=params_after,
             ratio_removed=removed / params_before, non_embedding_ratio_removed=removed / max(1, params_before - emb),
             target_ratio=target.ratio, perplexity_before=ppl_before, perplexity_after=ppl_after,
             steps=result.steps_done, tokens_seen=result.tokens_seen, wall_time_s=report["wall_time_s"],
             report=report)
-        atomic_write_json(out / RESULT_FILE, pruned.summary())
-        atomic_write_json(out / REPORT_FILE, report)
-        if not config.keep_run_checkpoints:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        # the whole result in a temporary sibling, then one swap: the old result (and, unless kept,
+        # the run's checkpoints) goes only once the new one is in place
+        carry = ("checkpoints",) if config.keep_run_checkpoints else ()
+        with atomic_directory(out, carry=carry) as tmp:
+            write_pretrained(small, tmp, tokenizer=tokenizer)
+            plot_prune(report, tmp / PLOT_FILE)
+            atomic_write_json(tmp / RESULT_FILE, pruned.summary())
+            atomic_write_json(tmp / REPORT_FILE, report)
         logger.info("removed %d of %d parameters (%.2f%%) -> %s", removed, params_before,
                     100 * removed / params_before, out)
     accelerator.wait_for_everyone()

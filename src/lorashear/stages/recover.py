@@ -35,7 +35,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,9 +43,9 @@ from typing import Any
 
 import torch
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_directory, atomic_write_json, output_lock, validate_out
 from ..config import section, to_flat_dict, to_json_dict
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, CorruptCheckpointError
 from ..models.lora import LoraSettings
 from ..recovery.sources import Source, SourceConfig
 from ..training.loop import TrainConfig
@@ -58,6 +57,9 @@ REPORT_FILE = "recover_report.json"
 PLOT_FILE = "recover.png"
 DENSE_FILE = "dense_losses.json"
 CHECKPOINTS = "checkpoints"
+#: files that mark a directory as a recover stage's output, and the run state it may hold besides
+OWNER_FILES = (REPORT_FILE,)
+TRANSIENT = (CHECKPOINTS, DENSE_FILE)
 
 #: stage 1's default sources: the built-in pretraining-style corpora, each its own source
 DEFAULT_SOURCES: tuple[str, ...] = ("builtin:austen", "builtin:wikipedia", "builtin:debian-handbook")
@@ -219,16 +221,25 @@ def _save_round(root: Path, model: torch.nn.Module, state: dict[str, Any], setti
 def _load_round(root: Path, model: torch.nn.Module, settings: dict[str, Any]) -> dict[str, Any] | None:
     from ..training.checkpoint import latest_checkpoint, load_checkpoint
 
+    from ..training.checkpoint import read_checkpoint_file
+
     path = latest_checkpoint(root)
     if path is None:
         logger.warning("no checkpoint in %s; starting from the first round", root)
         return None
-    saved = json.loads((path / "state.json").read_text()).get("settings")
+    try:
+        stored = read_checkpoint_file(path, "state.json", lambda f: json.loads(f.read_text(encoding="utf-8")))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; run without --resume to start over") from exc
+    saved = stored.get("settings") if isinstance(stored, dict) else None
     if saved != settings:
         diff = sorted(k for k in set(saved or {}) | set(settings) if (saved or {}).get(k) != settings.get(k))
         raise CheckpointError(f"checkpoint {path} was written with other settings ({', '.join(diff[:3])}); "
                               f"run without --resume to start over")
-    state = load_checkpoint(path, model=model, stateful={})
+    try:
+        state = load_checkpoint(path, model=model, stateful={})
+    except CorruptCheckpointError as exc:
+        raise CorruptCheckpointError(f"{exc}; run without --resume to start over") from exc
     logger.info("resumed from %s (round %d)", path, state["recover"]["round"])
     return state["recover"]
 
@@ -249,20 +260,34 @@ def run(config: RecoverConfig, *, model: Any = None, tokenizer: Any = None, teac
     for distillation. ``stop_after_rounds``: stop after this many rounds in total (a deliberate
     interruption; ``resume`` continues).
     """
+    if not config.out:
+        raise ConfigError("name an output directory (--out DIR)")
+    out = validate_out(config.out, owner_files=OWNER_FILES, transient=TRANSIENT)
+    if not config.teacher and teacher is None:
+        raise ConfigError("name the dense model the pruned one came from (--teacher DENSE): each source's "
+                          "degradation is measured against it")
+    if model is None and not config.model:
+        raise ConfigError("name the pruned model to recover (MODEL)")
+    from ..models.loading import check_causal_lm
+
+    if model is None:
+        check_causal_lm(config.model)
+    if teacher is None:
+        check_causal_lm(config.teacher)
+    with output_lock(out):
+        return _run(config, out, model=model, tokenizer=tokenizer, teacher=teacher,
+                    stop_after_rounds=stop_after_rounds)
+
+
+def _run(config: RecoverConfig, out: Path, *, model: Any, tokenizer: Any, teacher: Any,
+         stop_after_rounds: int | None) -> RecoverResult | None:
+    from ..models.loading import check_tokenizer_fits
     from ..recovery.finetune import FinetuneConfig, finetune
     from ..recovery.mixing import degradation, improvement, sample_subset, sampling_weights
     from ..recovery.sources import load_source, source_losses
     from ..training.losses import masked_distillation_loss, masked_lm_loss
 
     t_start = time.perf_counter()
-    if not config.out:
-        raise ConfigError("name an output directory (--out DIR)")
-    if not config.teacher and teacher is None:
-        raise ConfigError("name the dense model the pruned one came from (--teacher DENSE): each source's "
-                          "degradation is measured against it")
-    if model is None and not config.model:
-        raise ConfigError("name the pruned model to recover (MODEL)")
-    out = Path(config.out)
     ckpt_root = out / CHECKPOINTS
     if tokenizer is None:
         from ..models.loading import load_tokenizer
@@ -277,6 +302,7 @@ def run(config: RecoverConfig, *, model: Any = None, tokenizer: Any = None, teac
         from ..models.loading import load_model
 
         model = load_model(config.model, dtype=config.dtype)
+    check_tokenizer_fits(model, tokenizer, config.model)
     model.to(device)
     all_sources = [s for _, _, srcs in stages for s in srcs]
     pools = {s.name: s.train for s in all_sources}
@@ -393,26 +419,21 @@ def run(config: RecoverConfig, *, model: Any = None, tokenizer: Any = None, teac
         "resumed_from_round": resumed_from,
         "settings": to_json_dict(config),
     }
-    _write_outputs(out, model, tokenizer, report)
-    if not config.keep_run_checkpoints:
-        shutil.rmtree(ckpt_root, ignore_errors=True)
+    _write_outputs(out, model, tokenizer, report, keep_checkpoints=config.keep_run_checkpoints)
     logger.info("recovered %s in %d rounds -> %s", report["model"], state["round"], out)
     return RecoverResult(out=str(out), rounds=state["round"], stages=state["stages"], final_delta=final_delta,
                          tokens_seen=state["tokens_seen"], wall_time_s=report["wall_time_s"], report=report)
 
 
-def _write_outputs(out: Path, model: torch.nn.Module, tokenizer: Any, report: dict[str, Any]) -> None:
-    """Model, plot and report into ``out``: each written complete in a temporary directory and renamed
-    into place, the report last (its presence means the run finished)."""
-    from ..models.saving import save_pretrained
+def _write_outputs(out: Path, model: torch.nn.Module, tokenizer: Any, report: dict[str, Any], *,
+                   keep_checkpoints: bool = False) -> None:
+    """Model, plot and report written complete into a temporary sibling of ``out`` that then replaces it
+    as a whole; the cached dense losses (and, with ``keep_checkpoints``, the checkpoints) move over."""
+    from ..models.saving import write_pretrained
     from ..recovery.plot import plot_recover
 
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".recover.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp, tokenizer=tokenizer)
-    plot_recover(report, tmp / PLOT_FILE)
-    for child in sorted(tmp.iterdir()):
-        os.replace(child, out / child.name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    atomic_write_json(out / REPORT_FILE, report)
+    carry = (DENSE_FILE, CHECKPOINTS) if keep_checkpoints else (DENSE_FILE,)
+    with atomic_directory(out, carry=carry) as tmp:
+        write_pretrained(model, tmp, tokenizer=tokenizer)
+        plot_recover(report, tmp / PLOT_FILE)
+        atomic_write_json(tmp / REPORT_FILE, report)

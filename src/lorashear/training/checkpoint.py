@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CorruptCheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -108,13 +108,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # -- checkpoints -------------------------------------------------------------------------------
 def list_checkpoints(root: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """``(step, directory)`` of every checkpoint under ``root``, oldest first.
+
+    A ``step-N`` directory is complete when written (it is renamed into place); one that lost a
+    file later is still listed, so that loading it reports what is wrong.
+    """
     root = Path(root)
     if not root.is_dir():
         return []
     found = []
     for child in root.iterdir():
         m = _STEP_DIR.match(child.name)
-        if m and child.is_dir() and (child / "state.json").is_file():
+        if m and child.is_dir():
             found.append((int(m.group(1)), child))
     return sorted(found)
 
@@ -174,22 +179,18 @@ def save_checkpoint(root: str | os.PathLike[str], *, step: int, model: torch.nn.
 def load_checkpoint(path: str | os.PathLike[str], *, model: torch.nn.Module, stateful: Mapping[str, Any],
                     accelerator: Any = None) -> dict[str, Any]:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns its ``state.json`` (without parts)."""
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     rank = 0 if accelerator is None else accelerator.process_index
-    try:
-        state = json.loads((path / "state.json").read_text())
-        tensors = load_file(str(path / "params.safetensors"))
-        state_tensors = load_file(str(path / "state.safetensors"))
-        rng_file = path / f"rng_{rank}.json"
-        if not rng_file.is_file():
-            rng_file = path / "rng_0.json"
-        rng = json.loads(rng_file.read_text())
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise CheckpointError(f"checkpoint {path} is incomplete or corrupt ({type(exc).__name__}: {exc}); "
-                              f"delete it to fall back to an earlier one, or start over with --force") from exc
+    rng_name = f"rng_{rank}.json" if (path / f"rng_{rank}.json").is_file() else "rng_0.json"
+    # read every file before changing anything: a corrupt checkpoint leaves the model as it was
+    state = read_checkpoint_file(path, "state.json", _read_json)
+    tensors = read_checkpoint_file(path, "params.safetensors", lambda f: load_file(str(f)))
+    state_tensors = read_checkpoint_file(path, "state.safetensors", lambda f: load_file(str(f)))
+    rng = read_checkpoint_file(path, rng_name, _read_json)
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(f"checkpoint file {path / 'state.json'} is corrupt (not a JSON object)")
     params = dict(model.named_parameters(remove_duplicate=False))
     missing = sorted(set(tensors) - set(params))
     if missing:
@@ -208,6 +209,26 @@ def load_checkpoint(path: str | os.PathLike[str], *, model: torch.nn.Module, sta
         obj.load_state_dict(decode_tree(parts[name], state_tensors))
     set_rng_state(rng)
     return state
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_checkpoint_file(checkpoint: str | os.PathLike[str], name: str, reader: Any) -> Any:
+    """``reader(checkpoint / name)``; a missing or unreadable file raises a one-line
+    :class:`~lorashear.errors.CorruptCheckpointError` naming it."""
+    from safetensors import SafetensorError
+
+    file = Path(checkpoint) / name
+    if not file.is_file():
+        raise CorruptCheckpointError(f"checkpoint {checkpoint} is incomplete: {name} is missing")
+    try:
+        return reader(file)
+    except (OSError, ValueError, SafetensorError, UnicodeDecodeError) as exc:
+        text = str(exc).strip()
+        reason = text.splitlines()[0][:200] if text else type(exc).__name__
+        raise CorruptCheckpointError(f"checkpoint file {file} is corrupt or truncated ({reason})") from exc
 
 
 def _barrier(accelerator: Any) -> None:

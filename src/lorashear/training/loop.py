@@ -39,12 +39,12 @@ from typing import Any, Literal
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, CorruptCheckpointError
 from ..graph.groups import Group
 from ..lhspg.optimizer import LHSPG, LHSPGConfig, lora_parameters, make_optimizer
 from ..lhspg.targets import TargetPlan
 from ..progress import progress_disabled
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .hooks import ActivationFisher, LHSPGHook, StepHook
 from .losses import LossFn, lm_loss
 
@@ -227,12 +227,12 @@ def train(
     if resume:
         if checkpoint_dir is None:
             raise ConfigError("resume needs a checkpoint directory")
-        ckpt = latest_checkpoint(checkpoint_dir)
-        if ckpt is None:
+        found = resume_checkpoint(checkpoint_dir, settings, model=unwrapped, stateful=stateful,
+                                  accelerator=accelerator)
+        if found is None:
             logger.warning("no checkpoint in %s; starting from step 0", checkpoint_dir)
         else:
-            check_run_settings(ckpt, settings)
-            state = load_checkpoint(ckpt, model=unwrapped, stateful=stateful, accelerator=accelerator)
+            ckpt, state = found
             start = resumed_from = int(state["step"])
             tokens = int(state.get("tokens_seen", 0))
             log = list(state.get("log", []))
@@ -313,12 +313,44 @@ def train(
                        stopped_early=stopped)
 
 
+def resume_checkpoint(checkpoint_dir: str | os.PathLike[str], settings: dict[str, Any], *, model: torch.nn.Module,
+                      stateful: dict[str, Any], accelerator: Any = None) -> tuple[Path, dict[str, Any]] | None:
+    """Load the newest usable checkpoint under ``checkpoint_dir`` into ``model``/``stateful``.
+
+    Checkpoints are tried newest first: one with a missing, truncated or unreadable file is skipped
+    with a warning (the run falls back to the previous complete one); when none is usable, one line
+    names the bad file. A checkpoint of another run (other settings) is refused at once. Returns
+    ``(checkpoint, state)``, or ``None`` when there is no checkpoint at all.
+    """
+    found = [path for _, path in reversed(list_checkpoints(checkpoint_dir))]
+    if not found:
+        return None
+    errors: list[CorruptCheckpointError] = []
+    for ckpt in found:
+        try:
+            check_run_settings(ckpt, settings)
+            state = load_checkpoint(ckpt, model=model, stateful=stateful, accelerator=accelerator)
+        except CorruptCheckpointError as exc:
+            errors.append(exc)
+            logger.warning("%s; trying an earlier checkpoint", exc)
+            continue
+        if errors:
+            logger.warning("resuming from %s, the newest complete checkpoint", ckpt)
+        return ckpt, state
+    first = errors[0]
+    earlier = f" (and {len(errors) - 1} earlier one(s) too)" if len(errors) > 1 else ""
+    raise CorruptCheckpointError(f"{first}{earlier}; no usable checkpoint left: delete {Path(checkpoint_dir)} or "
+                                 f"start over with --force") from first
+
+
 def check_run_settings(checkpoint: Path, settings: dict[str, Any]) -> None:
     """Refuse to resume ``checkpoint`` if it was written by a run with other settings."""
-    try:
-        stored = json.loads((checkpoint / "state.json").read_text()).get("run_settings", {})
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {checkpoint} is unreadable ({exc}); start over with --force") from exc
+    from .checkpoint import read_checkpoint_file
+
+    state = read_checkpoint_file(checkpoint, "state.json", lambda f: json.loads(f.read_text(encoding="utf-8")))
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(f"checkpoint file {checkpoint / 'state.json'} is corrupt (not a JSON object)")
+    stored = state.get("run_settings", {})
     for key in sorted(set(stored) | set(settings)):
         if stored.get(key) != settings.get(key):
             raise CheckpointError(f"the checkpoint in {checkpoint.parent} belongs to another run ({key}: "
