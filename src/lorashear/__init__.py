@@ -42,6 +42,7 @@ _LAZY = {
     "PipelineConfig": "lorashear.stages.pipeline",
     "PruneConfig": "lorashear.stages.prune",
     "RecoverConfig": "lorashear.stages.recover",
+    "export_gguf": "lorashear.export.gguf",
     "TrainConfig": "lorashear.training",
 }
 
@@ -54,6 +55,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .lhspg import LHSPG, LHSPGConfig, TargetConfig, plan_targets
     from .training import TrainConfig
     from .api import prune
+    from .export.gguf import export_gguf
     from .stages.pipeline import PipelineConfig
     from .stages.prune import PruneConfig
     from .stages.recover import RecoverConfig
