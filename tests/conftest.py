@@ -38,3 +38,14 @@ def family(request) -> str:
 def tiny_llama():
     """``tiny_model("llama")``: the default tiny Llama (seed 0), fresh for each test."""
     return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one torch thread avoids OpenMP spin-waiting on shared cores (many times slower there)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

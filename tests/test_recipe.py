@@ -18,12 +18,7 @@ from lorashear.training.losses import DistillConfig, distillation_loss, kl_to_te
 from test_lhspg import base_param_count, embedding_count, random_batches, tiny_lora_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fisher_by_weight_gradients(model, groups, batch) -> torch.Tensor:

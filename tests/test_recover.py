@@ -40,12 +40,7 @@ FAST = {"seq_len": 32, "val_sequences": 2, "min_paragraph_tokens": 8, "steps": 3
         "lora_dropout": 0.0, "progress": False, "beta": 0.3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def char_tokenizer():
