@@ -158,53 +158,42 @@ def _builtin_sources(spec: Any) -> tuple[str, ...]:
     return sources
 
 
-def split_texts(spec: str) -> tuple[list[str], list[str], str]:
-    """``(train_texts, validation_texts, rule)`` of a text source (see the module docstring)."""
-    from ..data import load_texts, parse_data_spec
+def _split(spec: str, load: Any, *, unit: str, local_need: str) -> tuple[list[Any], list[Any], str]:
+    """``(train, validation, rule)`` of ``spec`` read with ``load`` (``load_texts`` or ``load_conversations``)."""
+    from ..data import parse_data_spec
 
     parsed = parse_data_spec(spec)
     if parsed.kind == "builtin":
         sources = _builtin_sources(parsed)
-        train = load_texts(parsed)
-        validation = [t for s in sources for t in load_texts(f"builtin:{s}", split="validation")]
+        train = load(parsed)
+        validation = [x for s in sources for x in load(f"builtin:{s}", split="validation")]
         return train, validation, "built-in split by document"
+    too_few = f"{spec}: too few {unit}s to hold one out for validation (need at least two"
     if parsed.kind == "local" and parsed.split is None:
-        train = load_texts(parsed, split="train")
+        train = load(parsed, split="train")
         try:
-            validation = load_texts(parsed, split="validation")
+            validation = load(parsed, split="validation")
         except DataError:
-            raise DataError(f"{spec}: too few documents to hold one out for validation (need at least two "
-                            f"paragraphs or records)") from None
-        return train, validation, "document split (10% validation, by SHA-256 of the document id)"
-    texts = load_texts(parsed)
-    train, validation = _index_split(texts)
+            raise DataError(f"{too_few}{local_need})") from None
+        return train, validation, f"document split (10% validation, by SHA-256 of the {unit} id)"
+    train, validation = _index_split(load(parsed))
     if not validation:
-        raise DataError(f"{spec}: too few documents to hold one out for validation (need at least two)")
-    return train, validation, "document split (10% validation, by SHA-256 of the document index)"
+        raise DataError(f"{too_few})")
+    return train, validation, f"document split (10% validation, by SHA-256 of the {unit} index)"
+
+
+def split_texts(spec: str) -> tuple[list[str], list[str], str]:
+    """``(train_texts, validation_texts, rule)`` of a text source (see the module docstring)."""
+    from ..data import load_texts
+
+    return _split(spec, load_texts, unit="document", local_need=" paragraphs or records")
 
 
 def split_conversations(spec: str) -> tuple[list[Any], list[Any], str]:
     """``(train, validation, rule)`` conversations (lists of chat messages) of an instruction source."""
-    from ..data import load_conversations, parse_data_spec
+    from ..data import load_conversations
 
-    parsed = parse_data_spec(spec)
-    if parsed.kind == "builtin":
-        sources = _builtin_sources(parsed)
-        train = load_conversations(parsed)
-        validation = [c for s in sources for c in load_conversations(f"builtin:{s}", split="validation")]
-        return train, validation, "built-in split by document"
-    if parsed.kind == "local" and parsed.split is None:
-        train = load_conversations(parsed, split="train")
-        try:
-            validation = load_conversations(parsed, split="validation")
-        except DataError:
-            raise DataError(f"{spec}: too few records to hold one out for validation (need at least two)") from None
-        return train, validation, "document split (10% validation, by SHA-256 of the record id)"
-    conversations = load_conversations(parsed)
-    train, validation = _index_split(conversations)
-    if not validation:
-        raise DataError(f"{spec}: too few records to hold one out for validation (need at least two)")
-    return train, validation, "document split (10% validation, by SHA-256 of the record index)"
+    return _split(spec, load_conversations, unit="record", local_need="")
 
 
 # -- instruction examples --------------------------------------------------------------------------

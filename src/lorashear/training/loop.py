@@ -384,7 +384,6 @@ def train_lhspg(
 
     cfg = train_config or TrainConfig()
     lcfg = (lhspg_config or LHSPGConfig()).resolve(cfg.steps)
-    check_data(data)
     if lcfg.schedule.prune_end > cfg.steps:
         raise ConfigError(f"pruning ends at step {lcfg.schedule.prune_end} but only {cfg.steps} steps are planned")
     if accelerator is None:

@@ -71,9 +71,7 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
 
 def distillation_loss(teacher: torch.nn.Module, config: DistillConfig) -> LossFn:
     """A loss mixing cross-entropy with the KL to ``teacher`` (frozen, evaluated without gradient)."""
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    freeze(teacher)
     w, temp = config.weight, config.temperature
 
     def loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -86,15 +84,19 @@ def distillation_loss(teacher: torch.nn.Module, config: DistillConfig) -> LossFn
     return loss
 
 
-def make_teacher(model: torch.nn.Module) -> torch.nn.Module:
-    """A frozen copy of ``model`` (before LoRA is attached) to distil from."""
-    import copy
-
-    teacher = copy.deepcopy(model)
+def freeze(teacher: torch.nn.Module) -> torch.nn.Module:
+    """``teacher`` in eval mode with no parameter requiring a gradient (in place; returned)."""
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+def make_teacher(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of ``model`` (before LoRA is attached) to distil from."""
+    import copy
+
+    return freeze(copy.deepcopy(model))
 
 
 # -- batches whose prompt tokens carry no loss (instruction data) -------------------------------
@@ -134,9 +136,7 @@ def masked_lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 def masked_distillation_loss(teacher: torch.nn.Module, config: DistillConfig) -> LossFn:
     """:func:`distillation_loss` for batches with prompt tokens: CE and KL over non-prompt targets only."""
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    freeze(teacher)
     w, temp = config.weight, config.temperature
 
     def loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
