@@ -327,12 +327,24 @@ def apply_recipe(cls: type, flat: dict[str, Any], source: str = "config") -> dic
     recipes = getattr(cls, "RECIPES", None)
     opts = options(cls)
     if not recipes or "recipe" not in opts:
-        return dict(flat)
+        return {**_preset_flags(cls, flat), **flat}
     name = flat.get("recipe", opts["recipe"].default)
     if name not in recipes:
         raise ConfigError(f"unknown recipe {name!r} in {source}; choose from {', '.join(recipes)}")
     preset = _check_types(cls, recipes[name], f"recipe {name}")
-    return {**preset, **flat}
+    return {**preset, **_preset_flags(cls, flat), **flat}
+
+
+def _preset_flags(cls: type, flat: dict[str, Any]) -> dict[str, Any]:
+    """Options filled by boolean preset flags that are on (``cls.PRESET_FLAGS``: flag -> values).
+
+    They sit between the recipe and what the user gave: ``--quick --steps 40`` runs 40 steps.
+    """
+    filled: dict[str, Any] = {}
+    for flag, values in getattr(cls, "PRESET_FLAGS", {}).items():
+        if flat.get(flag):
+            filled.update(_check_types(cls, values, f"preset {flag}"))
+    return filled
 
 
 def build_config(cls: type[T], flat: Mapping[str, Any]) -> T:

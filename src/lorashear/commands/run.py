@@ -1,8 +1,9 @@
-"""``lorashear run [MODEL]``: the whole pipeline (analyze -> prune -> eval) through the stage functions.
+"""``lorashear run [MODEL]``: the whole pipeline (analyze -> prune -> [recover] -> eval -> [export] -> report).
 
 Every option of every component is a flag (``lorashear run --help``) and a key of ``--config``;
 ``--stages eval`` re-runs one stage of an existing run; a stage whose output exists is skipped
-unless ``--force``. The defaults are sized for the built-in reference model on a CPU.
+unless ``--force``. The defaults are sized for the built-in reference model on a CPU;
+``--quick`` is a smoke test of every stage in a few minutes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from ._stage import add_stage_options, stage_config
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "run", help="the whole pipeline: analyze -> prune (LHSPG) -> eval, on MODEL",
+        "run", help="the whole pipeline: analyze -> prune (LHSPG) -> [recover] -> eval -> [export] -> report.md",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default=None,
                         help="hub id, local directory or built-in name (default: the offline reference model)")
@@ -33,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"run finished: {result.out} ({timings})")
     if result.model_dir:
         print(f"pruned model: {result.model_dir}")
-    if result.report:
-        print(f"report: {result.report}")
+    for path in result.exports:
+        print(f"exported: {path}")
+    if result.run_report:
+        print(f"report: {result.run_report}")
     return 0

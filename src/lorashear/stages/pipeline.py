@@ -7,6 +7,11 @@ Stages, each the same function as its own command, all writing under ``config.ou
 3. ``recover``  dynamic knowledge recovery of the pruned model -> ``recovered/`` (off by default:
                 ``--stages analyze,prune,recover,eval``)
 4. ``eval``     the final model against the dense one -> ``eval/report.md``
+5. ``export``   with ``--export gguf``: the final model as GGUF files for llama.cpp -> ``export/``
+
+and at the end ``report.md`` at the top of the run directory (:mod:`lorashear.stages.report`):
+settings, knowledge heatmap, pruning curves, kept widths, recovery rounds, the before/after table
+and how to load and serve the model. ``--quick`` is a smoke-test preset (a few minutes on a CPU).
 
 A stage whose output is complete is skipped unless ``force``; an interrupted prune
 resumes from its latest checkpoint. The resolved config is saved as
@@ -22,7 +27,9 @@ From Python::
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +45,15 @@ from ..lhspg.optimizer import LHSPGConfig
 from ..lhspg.targets import TargetConfig
 from ..models.lora import LoraSettings
 from ..models.reference import REFERENCE_MODEL_NAME
+from ..export.gguf import OUTTYPES
 from ..recipes import DEFAULT_RECIPE, RECIPES
 from ..training.loop import TrainConfig
 from ..training.losses import DistillConfig
-from . import analyze, evaluate, prune, recover
+from . import analyze, evaluate, export, prune, recover
+from .export import FORMATS as EXPORT_FORMATS
+from .export import ExportConfig
+from .report import REPORT_FILE as RUN_REPORT_FILE
+from .report import write_run_report
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +61,15 @@ STAGES = ("analyze", "prune", "recover", "eval")
 DEFAULT_STAGES = ("analyze", "prune", "eval")
 RESULT_FILE = "pipeline_result.json"
 CONFIG_FILE = "config.yaml"
+EXPORT_DIR = "export"
+
+#: ``--quick``: what it sets unless given (a smoke test of every stage in a few minutes on a CPU)
+QUICK: dict[str, Any] = {
+    "steps": 20, "num_sequences": 64, "checkpoint_every": 0,
+    "analyze_num_sequences": 4, "analyze_ratios": [0.5],
+    "recover_steps": 5, "recover_max_rounds": 1, "recover_val_sequences": 4, "recover_instruct_data": [],
+    "eval_limit": 10, "eval_ppl_max_windows": 8, "eval_speed_batch_sizes": [1], "eval_speed_repeats": 1,
+}
 
 
 @dataclass
@@ -56,6 +77,7 @@ class PipelineConfig:
     """The pipeline: shared inputs plus the settings of every component the stages use."""
 
     RECIPES: ClassVar[dict[str, dict[str, Any]]] = RECIPES
+    PRESET_FLAGS: ClassVar[dict[str, dict[str, Any]]] = {"quick": QUICK}
 
     model: str = field(default=REFERENCE_MODEL_NAME, metadata={
         "help": "hub id, local directory or built-in name", "cli": False})
@@ -65,6 +87,14 @@ class PipelineConfig:
     stages: tuple[str, ...] = field(default=DEFAULT_STAGES, metadata={
         "help": f"stages to run, in order, from {', '.join(STAGES)}"})
     force: bool = field(default=False, metadata={"help": "re-run stages whose outputs exist"})
+    quick: bool = field(default=False, metadata={
+        "help": "smoke-test preset, a few minutes on a CPU: 20 prune steps, small analysis and evaluation "
+                "(options given explicitly still win)"})
+    export: str | None = field(default=None, metadata={
+        "help": f"also write the final model for a serving engine: {', '.join(EXPORT_FORMATS)} "
+                "(into OUT/export/, one file per --export-outtypes)"})
+    export_outtypes: tuple[str, ...] = field(default=("f16",), metadata={
+        "help": "tensor types of the exported files, e.g. f16,q8_0"})
     dtype: str = field(default="float32", metadata={"help": "parameter dtype of the model"})
     data: DataConfig = section(DataConfig, help="training text of the prune stage")
     knowledge: KnowledgeConfig = section(KnowledgeConfig, prefix="analyze_", help="knowledge analysis",
@@ -77,6 +107,7 @@ class PipelineConfig:
     recovery: recover.RecoverConfig = section(recover.RecoverConfig, prefix="recover_",
                                               help="dynamic knowledge recovery")
     evaluation: EvalConfig = section(EvalConfig, prefix="eval_", help="evaluation", limit=50)
+    exporting: ExportConfig = section(ExportConfig, prefix="export_", help="GGUF export")
 
     def __post_init__(self) -> None:
         self.stages = tuple(s.strip() for s in self.stages if s.strip())
@@ -85,10 +116,17 @@ class PipelineConfig:
             raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
         if not self.stages:
             raise ConfigError(f"no stage to run; choose from {', '.join(STAGES)}")
+        if self.export is not None and self.export not in EXPORT_FORMATS:
+            raise ConfigError(f"unknown --export {self.export!r}; use one of {', '.join(EXPORT_FORMATS)}")
+        self.export_outtypes = tuple(self.export_outtypes)
+        bad = [t for t in self.export_outtypes if t not in OUTTYPES]
+        if bad or not self.export_outtypes:
+            raise ConfigError(f"unknown --export-outtypes {', '.join(bad) or '(none)'}; use {', '.join(OUTTYPES)}")
 
 
 #: options the pipeline sets itself (hidden from the command line)
-PIPELINE_OWNED = ("eval_baseline", "eval_dtype", "recover_teacher", "recover_dtype", "recover_resume")
+PIPELINE_OWNED = ("eval_baseline", "eval_dtype", "recover_teacher", "recover_dtype", "recover_resume",
+                  "export_format", "export_outtype")
 
 
 @dataclass
@@ -105,6 +143,8 @@ class PipelineResult:
     prune: dict[str, Any] | None = None
     recover: dict[str, Any] | None = None
     eval: dict[str, Any] | None = None
+    exports: list[str] = dataclasses.field(default_factory=list)
+    run_report: str | None = None
 
 
 def stage_configs(config: PipelineConfig) -> tuple[analyze.AnalyzeConfig, prune.PruneConfig,
@@ -149,16 +189,29 @@ def run(config: PipelineConfig) -> PipelineResult:
     out = validate_out(config.out)
     stage_cfgs = stage_configs(config)
     check_config(config, stage_cfgs)
-    with output_lock(out):
-        return _run(config, out, stage_cfgs)
+    world, rank = launched_processes()
+    if world > 1 and set(config.stages) != {"prune"}:
+        raise ConfigError(f"under a multi-process launch ({world} processes) run only --stages prune; run the "
+                          "analyze stage before it and eval after it in one process (see examples/multi_gpu.sh)")
+    with output_lock(out, enabled=rank == 0):
+        return _run(config, out, stage_cfgs, main=rank == 0)
 
 
-def _run(config: PipelineConfig, out: Path, stage_cfgs: tuple[Any, ...]) -> PipelineResult:
+def launched_processes() -> tuple[int, int]:
+    """(world size, rank) of this process as ``accelerate launch``/``torchrun`` set them; (1, 0) alone."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 1, 0
+
+
+def _run(config: PipelineConfig, out: Path, stage_cfgs: tuple[Any, ...], main: bool = True) -> PipelineResult:
     a_cfg, p_cfg, r_cfg, e_cfg = stage_cfgs
     out.mkdir(parents=True, exist_ok=True)
     import yaml
 
-    atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(to_flat_dict(config), sort_keys=False))
+    if main:
+        atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(to_flat_dict(config), sort_keys=False))
     result = PipelineResult(out=str(out), model_dir=None, report=None, stages_run=[], stages_skipped=[], seconds={})
 
     def timed(name: str, fn):
@@ -194,6 +247,40 @@ def _run(config: PipelineConfig, out: Path, stage_cfgs: tuple[Any, ...]) -> Pipe
             raise ConfigError(f"no model to evaluate under {out}; run the prune stage first")
         report = timed("eval", lambda: evaluate.run(e_cfg))
         result.eval = report.to_dict()
+    if Path(e_cfg.out, evaluate.REPORT_FILE).is_file():
         result.report = str(Path(e_cfg.out) / evaluate.REPORT_FILE)
+    if not main:  # the other processes of a multi-process prune: the main one writes the rest
+        return result
+    if config.export is not None:
+        if result.model_dir is None or not Path(result.model_dir, "config.json").is_file():
+            raise ConfigError(f"no model to export under {out}; run the prune stage first")
+        result.exports = timed("export", lambda: _export(config, out, result.model_dir))
+    result.run_report = str(write_run_report(out, model_dir=result.model_dir, timings=result.seconds))
     atomic_write_json(out / RESULT_FILE, dataclasses.asdict(result))
     return result
+
+
+def export_configs(config: PipelineConfig, out: Path, model_dir: str) -> list[ExportConfig]:
+    """One export per ``config.export_outtypes``: ``OUT/export/model-<outtype>.gguf``."""
+    return [dataclasses.replace(config.exporting, model=model_dir, format=config.export or "gguf", outtype=t,
+                                out=str(out / EXPORT_DIR / f"model-{t}.{config.export}"))
+            for t in config.export_outtypes]
+
+
+def _export(config: PipelineConfig, out: Path, model_dir: str) -> list[str]:
+    """Write the exports that are missing (all of them with ``force``), each beside its JSON record."""
+    written = []
+    for cfg in export_configs(config, out, model_dir):
+        record = Path(cfg.out).with_suffix(".json")
+        done = Path(cfg.out).is_file() and record.is_file()
+        if done:  # an export of another model (e.g. the pruned one, before recovery ran) is redone
+            try:
+                done = json.loads(record.read_text()).get("model") == model_dir
+            except (OSError, ValueError):
+                done = False
+        if config.force or not done:
+            exported = export.run(cfg)
+            atomic_write_json(record, exported.to_dict())
+            logger.info("exported %s (%s, %s)", cfg.out, exported.arch, cfg.outtype)
+        written.append(cfg.out)
+    return written

@@ -1,0 +1,302 @@
+"""The run report: one ``report.md`` at the top of a ``lorashear run`` directory.
+
+It is assembled from what the stages wrote (``config.yaml``, ``knowledge/knowledge.json``,
+``pruned/prune_report.json``, ``recovered/recover_report.json``, ``eval/eval.json``,
+``export/*.json``) and links their plots, so it can be rebuilt at any time from a finished
+or partly finished run::
+
+    write_run_report("runs/lorashear")
+
+Sections: the before/after table (parameters, size on disk, perplexity, zero-shot accuracy per
+task, speed), the settings that define the run, where the knowledge sits (heatmap and the
+protected blocks), the pruning curves and the kept width of every layer, the recovery rounds
+(sampling weights and degradation per source), the exported files, and how to load and serve
+the model. A stage that did not run is said to be missing, never invented.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_write_text
+
+REPORT_FILE = "report.md"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines + [""]
+
+
+def _num(value: Any, spec: str = ",.0f") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def _mib(n: Any) -> str:
+    return "-" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def _ratio(a: Any, b: Any) -> str:
+    if a is None or b in (None, 0):
+        return "-"
+    return f"{a / b:.3f}"
+
+
+def _before_after(ev: dict[str, Any]) -> list[str]:
+    models = {m["role"]: m for m in ev.get("models", [])}
+    base, model = models.get("baseline"), models.get("model")
+    cols = [m for m in (base, model) if m is not None]
+    if not cols:
+        return ["No model was evaluated.", ""]
+    header = ["", *(("dense" if m["role"] == "baseline" else "pruned") for m in cols)]
+    if base and model:
+        header.append("pruned / dense")
+
+    def row(label: str, get, spec: str = ",.0f", fmt=None) -> list[str]:
+        vals = [get(m) for m in cols]
+        shown = [(fmt(v) if fmt else _num(v, spec)) if v is not None else "-" for v in vals]
+        out = [label, *shown]
+        if base and model:
+            out.append(_ratio(vals[-1], vals[0]))
+        return out
+
+    def speed(m: dict[str, Any], key: str) -> Any:
+        return (m.get("speed") or {}).get(key)
+
+    def batch(m: dict[str, Any], bs: int, key: str) -> Any:
+        for b in (m.get("speed") or {}).get("batches", []):
+            if b.get("batch_size") == bs:
+                return b.get(key)
+        return None
+
+    ppl_source = next(((m.get("perplexity") or {}).get("source") for m in cols if m.get("perplexity")), None)
+    rows = [
+        row("parameters", lambda m: speed(m, "num_parameters")),
+        row("checkpoint on disk", lambda m: speed(m, "checkpoint_bytes"), fmt=_mib),
+        row(f"perplexity ({ppl_source or 'held-out'})", lambda m: (m.get("perplexity") or {}).get("perplexity"),
+            ".2f"),
+    ]
+    tasks: list[str] = []
+    for m in cols:
+        for t in (m.get("tasks") or {}).get("tasks", []):
+            if t["task"] not in tasks:
+                tasks.append(t["task"])
+
+    def task_acc(task: str):
+        def get(m: dict[str, Any]) -> Any:
+            for t in (m.get("tasks") or {}).get("tasks", []):
+                if t["task"] == task and t.get("error") is None and t.get("acc") is not None:
+                    return 100 * t["acc"]
+            return None
+        return get
+
+    for task in tasks:
+        rows.append(row(f"zero-shot acc, `{task}` (%)", task_acc(task), ".1f"))
+    batch_sizes = sorted({b["batch_size"] for m in cols for b in (m.get("speed") or {}).get("batches", [])})
+    for bs in batch_sizes:
+        rows.append(row(f"decode, batch {bs} (tok/s)", lambda m, bs=bs: batch(m, bs, "decode_tokens_per_s"), ".1f"))
+    rows.append(row("peak memory", lambda m: speed(m, "peak_memory_bytes"), fmt=_mib))
+    env = ev.get("environment", {})
+    note = (f"Measured by the eval stage on {env.get('device', '?')} ({ev.get('config', {}).get('dtype', '?')}); "
+            f"zero-shot tasks on at most {ev.get('config', {}).get('limit') or 'all'} documents each. "
+            "Details and standard errors: [eval/report.md](eval/report.md).")
+    return _table(header, rows) + [note, ""]
+
+
+def _settings(cfg: dict[str, Any], timings: dict[str, float], prune: dict[str, Any] | None) -> list[str]:
+    keys = [("model", "model"), ("recipe", "recipe"), ("target ratio", "ratio"), ("stages", "stages"),
+            ("training data", "data"), ("sequence length", "seq_len"), ("steps", "steps"),
+            ("batch size", "batch_size"), ("learning rate", "lr"), ("LoRA rank / alpha", None),
+            ("saliency", "saliency"), ("allocation", "allocation"), ("quota", "quota"),
+            ("pruning ends at (fraction of steps)", "prune_end"), ("distillation weight", "distill_weight"),
+            ("knowledge proxy / gamma", None), ("dtype", "dtype")]
+    rows = []
+    for label, key in keys:
+        if key is None:
+            if label.startswith("LoRA"):
+                value = f"{cfg.get('lora_r', '?')} / {cfg.get('lora_alpha', '?')}"
+            else:
+                value = f"{cfg.get('analyze_proxy', '?')} / {cfg.get('analyze_gamma', '?')}"
+        else:
+            value = cfg.get(key, "-")
+        if isinstance(value, (list, tuple)):
+            value = ", ".join(map(str, value))
+        rows.append([label, f"`{value}`"])
+    if prune:
+        params = prune.get("params", {})
+        rows.append(["removed", f"{_num(params.get('removed'))} of {_num(params.get('before'))} parameters "
+                                f"({100 * params.get('ratio_removed', 0):.2f}%)"])
+        rows.append(["training tokens (prune)", _num(prune.get("tokens_seen"))])
+    for stage, seconds in timings.items():
+        rows.append([f"time: {stage}", f"{seconds / 60:.1f} min"])
+    out = ["| setting | value |", "|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows]
+    return out + ["", "Every setting: [config.yaml](config.yaml) (`lorashear run --config config.yaml` re-runs it).", ""]
+
+
+def _knowledge(know: dict[str, Any] | None, run_dir: Path) -> list[str]:
+    out = ["## Where the knowledge is", ""]
+    if know is None:
+        return out + ["The knowledge analysis did not run (no `knowledge/knowledge.json`).", ""]
+    if (run_dir / "knowledge" / "knowledge.png").is_file():
+        out += ["![knowledge distribution](knowledge/knowledge.png)", ""]
+    protected = know.get("unprunable", [])
+    out.append(f"Deviation of the loss when each block alone is pruned at ratios {know.get('ratios')} "
+               f"({know.get('metric')}, proxy {know.get('config', {}).get('proxy')}); the top "
+               f"{100 * float(know.get('gamma', 0)):.0f}% are protected from pruning: "
+               + (", ".join(f"`{p}`" for p in protected) if protected else "none") + ".")
+    return out + [""]
+
+
+def _kept_widths(prune: dict[str, Any]) -> list[str]:
+    kept = prune.get("kept_per_layer") or {}
+    kinds = [k for k in ("attention_head", "kv_group", "mlp_channel") if k in kept]
+    if not kinds:
+        return []
+    labels = {"attention_head": "query heads", "kv_group": "KV groups", "mlp_channel": "MLP channels"}
+    layers = sorted({int(i) for k in kinds for i in kept[k]})
+    rows = []
+    for i in layers:
+        row = [str(i)]
+        for k in kinds:
+            c = kept[k].get(str(i))
+            row.append("-" if c is None else f"{c['kept']} / {c['total']}")
+        rows.append(row)
+    return ["Kept width per layer (kept / original):", "", *_table(["layer", *(labels[k] for k in kinds)], rows)]
+
+
+def _pruning(prune: dict[str, Any] | None, run_dir: Path) -> list[str]:
+    out = ["## Pruning", ""]
+    if prune is None:
+        return out + ["The prune stage has not finished (no `pruned/prune_report.json`).", ""]
+    if (run_dir / "pruned" / "prune.png").is_file():
+        out += ["![LHSPG loss and sparsity; kept width per layer](pruned/prune.png)", ""]
+    sched = prune.get("schedule", {})
+    out.append(f"LHSPG: {sched.get('warmup_steps')} warm-up steps, {sched.get('num_periods')} pruning periods "
+               f"ending at step {sched.get('prune_end')}, {prune.get('steps')} steps in all. The compacted model "
+               f"matches the masked one to a max logit difference of "
+               f"{_num(prune.get('verify', {}).get('compacted_vs_masked_max_abs_logit_diff'), '.2e')}.")
+    return out + ["", *_kept_widths(prune)]
+
+
+def _recovery(rec: dict[str, Any] | None, run_dir: Path) -> list[str]:
+    out = ["## Recovery", ""]
+    if rec is None:
+        return out + ["Recovery did not run (add `recover` to `--stages` to run it).", ""]
+    if (run_dir / "recovered" / "recover.png").is_file():
+        out += ["![sampling weights and degradation per round](recovered/recover.png)", ""]
+    rows = []
+    for r in rec.get("rounds", []):
+        for name, s in r.get("sources", {}).items():
+            rows.append([str(r["round"]), f"`{name}`", _num(s.get("weight"), ".3f"), _num(s.get("delta"), ".4f"),
+                         _num(s.get("delta_after"), ".4f"), _num(s.get("tokens"))])
+    out += _table(["round", "source", "weight", "degradation before", "after", "tokens"], rows)
+    out.append(f"{_num(rec.get('tokens_seen'))} tokens in {len(rec.get('rounds', []))} rounds; loss: "
+               f"{rec.get('loss', {}).get('kind', '?')}. Degradation = validation loss of the pruned model minus "
+               "the dense model's, per source, on held-out sequences never trained on.")
+    return out + [""]
+
+
+def _exports(run_dir: Path) -> list[str]:
+    files = sorted((run_dir / "export").glob("*.gguf")) if (run_dir / "export").is_dir() else []
+    if not files:
+        return []
+    rows = []
+    for f in files:
+        meta = _read_json(f.with_suffix(".json")) or {}
+        gguf = meta.get("gguf", {})
+        fallbacks = gguf.get("fallbacks") or []
+        rows.append([f"[export/{f.name}](export/{f.name})", f"`{gguf.get('arch', '?')}`", f"`{gguf.get('outtype', '?')}`",
+                     _mib(f.stat().st_size), str(len(fallbacks))])
+    return ["## Exported files", "", *_table(["file", "architecture", "type", "size", "tensors kept at f16"], rows)]
+
+
+def _serving(model_dir: str | None, run_dir: Path, non_uniform: bool) -> list[str]:
+    if not model_dir:
+        return []
+    rel = Path(model_dir).relative_to(run_dir) if Path(model_dir).is_relative_to(run_dir) else Path(model_dir)
+    out = ["## Load and serve", "", "In Python:", "", "```python"]
+    if non_uniform:
+        out += ["import lorashear", "",
+                f"model = lorashear.load_pretrained(\"{rel}\")   # layers of different widths (per_layer_config)",
+                f"tokenizer = lorashear.load_tokenizer(\"{rel}\")"]
+    else:
+        out += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                f"model = AutoModelForCausalLM.from_pretrained(\"{rel}\")   # every layer has the same widths",
+                f"tokenizer = AutoTokenizer.from_pretrained(\"{rel}\")"]
+    out += ["```", "", "With llama.cpp (one GGUF file; layers of different widths are written as the `deci` "
+            "architecture, which llama.cpp builds per layer):", "", "```bash",
+            f"lorashear export {rel} --out model-q8_0.gguf --outtype q8_0",
+            "llama-cli -m model-q8_0.gguf -p \"Hello\" -n 64",
+            "```", "", "or from Python with llama-cpp-python: "
+            "`llama_cpp.Llama(model_path=\"model-q8_0.gguf\")(\"Hello\", max_tokens=64)`.", ""]
+    if non_uniform:
+        out += ["vLLM and transformers' own Llama class build every layer at one width, so they cannot load a "
+                "model whose layers differ; prune with `--uniform-per-layer` (and `--round-to 64`) for a model "
+                "they can.", ""]
+    return out
+
+
+def write_run_report(run_dir: str | Path, *, model_dir: str | None = None,
+                     timings: dict[str, float] | None = None) -> Path:
+    """Write ``run_dir/report.md`` from the stage outputs found there; return its path."""
+    run_dir = Path(run_dir)
+    cfg = _read_yaml(run_dir / "config.yaml")
+    know = _read_json(run_dir / "knowledge" / "knowledge.json")
+    prune = _read_json(run_dir / "pruned" / "prune_report.json")
+    rec = _read_json(run_dir / "recovered" / "recover_report.json")
+    ev = _read_json(run_dir / "eval" / "eval.json")
+    if timings is None:
+        timings = (_read_json(run_dir / "pipeline_result.json") or {}).get("seconds", {})
+    if model_dir is None:
+        model_dir = next((str(run_dir / d) for d in ("recovered", "pruned") if (run_dir / d / "config.json").is_file()),
+                         None)
+    non_uniform = False
+    if model_dir and Path(model_dir, "config.json").is_file():
+        non_uniform = bool((_read_json(Path(model_dir, "config.json")) or {}).get("per_layer_config"))
+    ratio = (prune or {}).get("params", {}).get("ratio_removed")
+    title = f"# lorashear run: `{cfg.get('model', '?')}`" + (f", {100 * ratio:.1f}% of parameters removed"
+                                                          if ratio is not None else "")
+    out = [title, "", f"Written {_dt.datetime.now().isoformat(timespec='seconds')} from the outputs under "
+           f"`{run_dir}`" + (f"; final model: `{model_dir}`." if model_dir else "."), ""]
+    out += ["## Before and after", ""]
+    out += _before_after(ev) if ev else ["The eval stage has not run (no `eval/eval.json`).", ""]
+    out += ["## Settings", "", *_settings(cfg, timings, prune)]
+    out += _knowledge(know, run_dir)
+    out += _pruning(prune, run_dir)
+    out += _recovery(rec, run_dir)
+    out += _exports(run_dir)
+    out += _serving(model_dir, run_dir, non_uniform)
+    path = run_dir / REPORT_FILE
+    atomic_write_text(path, "\n".join(out))
+    return path
+
+
+__all__ = ["REPORT_FILE", "write_run_report"]
