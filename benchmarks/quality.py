@@ -58,7 +58,8 @@ LORASHEAR_ROWS: dict[str, dict[str, Any]] = {
 #: one ablation per component of the new recipe: the component reverted to the paper's setting
 ABLATIONS: dict[str, dict[str, Any]] = {
     "saliency": {"saliency": ["magnitude", "avg_magnitude", "cosine", "taylor_first", "taylor_second"]},
-    "allocation": {"allocation": "global"},
+    # uniform_per_layer fixes every layer's count, so the allocation rule only matters without it
+    "allocation": {"allocation": "global", "uniform_per_layer": False},
     "schedule": {"quota": "even", "prune_end": 0.7, "merge_at_period_end": True},
     "distill": {"distill_weight": 0.0},
     "knowledge": {"knowledge": None},
