@@ -6,6 +6,7 @@ tokenizer trained in a few milliseconds; no network, no reference checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -340,10 +341,13 @@ def test_run_evaluation_end_to_end(prepared, tokenizer, tmp_path):
                    tokenizer, tmp_path / "pruned")
     text = tmp_path / "heldout.txt"
     text.write_text((TEXT + "\n\n") * 4)
+    other = tmp_path / "other.txt"
+    other.write_text(("Completely different words about gardens, rivers and small boats. " * 8 + "\n\n") * 4)
     out = tmp_path / "eval"
     config = EvalConfig(model=pruned, baseline=dense, out=str(out),
                         tasks=[TASK_PREFIX + "fake_task"] if lm_eval_available() else [],
-                        limit=4, ppl_source=str(text), ppl_seq_len=32, ppl_max_windows=3, speed_prompt_len=8,
+                        limit=4, ppl_source=str(text), ppl_more_sources=[str(other)], ppl_seq_len=32,
+                        ppl_max_windows=3, speed_prompt_len=8,
                         speed_new_tokens=4, speed_batch_sizes=[1, 2], speed_repeats=1, speed_warmup=0,
                         speed_isolation="inprocess")
     report = run_evaluation(config)
@@ -357,6 +361,18 @@ def test_run_evaluation_end_to_end(prepared, tokenizer, tmp_path):
     assert data["config"]["limit"] == 4 and "lorashear_version" in data["config"]
     md = (out / "report.md").read_text()
     assert "## Summary" in md and "| parameters |" in md and "## Perplexity" in md
+    # a further held-out source: its own perplexity per model, under the same protocol, in JSON and report
+    for m, d in zip(report.models, data["models"]):
+        extra = m.more_perplexity[str(other)]
+        assert extra.num_windows == 3 and extra.perplexity != m.perplexity.perplexity
+        assert d["more_perplexity"][str(other)]["perplexity"] == pytest.approx(extra.perplexity)
+        assert f"{extra.perplexity:.3f}" in md
+    assert f"| perplexity, {other} |" in md
+    # a further source that cannot be read stops the stage before any model loads, with nothing written
+    bad = dataclasses.replace(config, out=str(tmp_path / "eval2"), ppl_more_sources=[str(tmp_path / "missing.txt")])
+    with pytest.raises(DataError):
+        run_evaluation(bad)
+    assert not (tmp_path / "eval2").exists()
     assert _is_png(out / "speed.png") and (out / "speed.png").stat().st_size > 1000
     if lm_eval_available():
         assert _is_png(out / "accuracy.png") and (out / "accuracy.png").stat().st_size > 1000

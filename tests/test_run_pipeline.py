@@ -63,6 +63,9 @@ def test_run_pipeline_end_to_end(tiny_dir, tmp_path, capsys) -> None:
     # the run report: the before/after table from eval.json, the settings, every stage's plot and the kept widths
     run_report = (out / "report.md").read_text()
     assert "## Before and after" in run_report and "| perplexity (builtin:heldout) |" in run_report
+    assert "| perplexity (builtin:heldout-docs) |" in run_report  # the pipeline's second held-out source
+    docs = {m["role"]: m["more_perplexity"]["builtin:heldout-docs"]["perplexity"] for m in evaluation["models"]}
+    assert f"{docs['model']:.2f}" in run_report
     ppl = {m["role"]: m["perplexity"]["perplexity"] for m in evaluation["models"]}
     assert f"{ppl['baseline']:.2f}" in run_report and f"{ppl['model']:.2f}" in run_report
     assert "![knowledge distribution](knowledge/knowledge.png)" in run_report

@@ -31,6 +31,8 @@ class EvalConfig:
     device: str | None = field(default=None, metadata=_h("device (default: cuda if available, else cpu)"))
     ppl_source: str = field(default="builtin:heldout", metadata=_h(
         "text for perplexity: a lorashear.data source, a .txt or .jsonl file, or 'none' to skip"))
+    ppl_more_sources: list[str] = field(default_factory=list, metadata=_h(
+        "more held-out texts, each with its own perplexity under the same protocol (e.g. builtin:heldout-docs)"))
     ppl_seq_len: int = field(default=512, metadata=_h("perplexity window length in tokens"))
     ppl_stride: int | None = field(default=None, metadata=_h(
         "tokens between perplexity window starts (default: seq_len, disjoint windows)"))

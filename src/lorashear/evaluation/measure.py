@@ -78,6 +78,16 @@ def evaluate_model(
         except LorashearError as exc:
             logger.warning("%s: perplexity skipped: %s", name, exc)
             result.errors["perplexity"] = str(exc)
+        for source in config.ppl_more_sources:
+            try:
+                stream = token_stream(load_eval_texts(source), tokenizer)
+                result.more_perplexity[source] = perplexity(
+                    model, stream, seq_len=config.ppl_seq_len, stride=config.ppl_stride,
+                    max_windows=config.ppl_max_windows, source=source)
+                logger.info("%s: perplexity %.3f on %s", name, result.more_perplexity[source].perplexity, source)
+            except LorashearError as exc:
+                logger.warning("%s: perplexity on %s skipped: %s", name, source, exc)
+                result.errors[f"perplexity {source}"] = str(exc)
     if config.tasks:
         try:
             result.tasks = evaluate_tasks(model, tokenizer, config.tasks, limit=config.limit,

@@ -200,6 +200,9 @@ def _summary_rows(report: EvalReport) -> list[tuple[str, list[str], str]]:
     row("checkpoint on disk", [_fmt_bytes(sp(m).checkpoint_bytes) if sp(m) else "-" for m in models],
         "checkpoint_bytes")
     row("perplexity", [_fmt(m.perplexity.perplexity, ".3f") if m.perplexity else "-" for m in models], "perplexity")
+    for source in report.config.ppl_more_sources:
+        row(f"perplexity, {source}", [_fmt(m.more_perplexity[source].perplexity, ".3f")
+                                      if source in m.more_perplexity else "-" for m in models])
     row("mean acc (%)", [_pct(m.tasks.mean("acc")) if m.tasks else "-" for m in models], "mean_acc")
     row("mean acc_norm (%)", [_pct(m.tasks.mean("acc_norm")) if m.tasks else "-" for m in models], "mean_acc_norm")
     batch_sizes = sorted({b.batch_size for m in models if m.speed for b in m.speed.batches})
@@ -295,6 +298,13 @@ def render_markdown(report: EvalReport, plots: dict[str, bool]) -> str:
         out += [_table(["model", "perplexity", "mean NLL (nats)", "tokens scored", "windows"],
                        [[_label(m), _fmt(m.perplexity.perplexity), _fmt(m.perplexity.nll, ".4f"),  # type: ignore[union-attr]
                          str(m.perplexity.num_tokens), str(m.perplexity.num_windows)] for m in ppl_models]), ""]  # type: ignore[union-attr]
+    more = [(source, m, m.more_perplexity[source]) for source in cfg.ppl_more_sources for m in models
+            if source in m.more_perplexity]
+    if more:
+        out += ["Further held-out sources, the same protocol:", ""]
+        out += [_table(["source", "model", "perplexity", "mean NLL (nats)", "tokens scored", "windows"],
+                       [[f"`{source}`", _label(m), _fmt(p.perplexity), _fmt(p.nll, ".4f"), str(p.num_tokens),
+                         str(p.num_windows)] for source, m, p in more]), ""]
 
     speed_models = [m for m in models if m.speed is not None]
     if speed_models:

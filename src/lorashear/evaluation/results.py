@@ -25,6 +25,8 @@ class ModelEval:
     tasks: TaskEvalResult | None = None
     speed: SpeedResult | None = None
     errors: dict[str, str] = field(default_factory=dict)  #: stage -> why it failed
+    #: perplexity on each of ``ppl_more_sources``, by source
+    more_perplexity: dict[str, PerplexityResult] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -34,6 +36,7 @@ class ModelEval:
             "tasks": self.tasks.to_dict() if self.tasks else None,
             "speed": self.speed.to_dict() if self.speed else None,
             "errors": dict(self.errors),
+            "more_perplexity": {k: v.to_dict() for k, v in self.more_perplexity.items()},
         }
 
 

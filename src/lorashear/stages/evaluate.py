@@ -81,6 +81,8 @@ def _run(config: EvaluateConfig, out: Path, runs: list[tuple[str, str]], resolve
         torch.set_num_threads(config.threads)
     start = time.perf_counter()
     texts = None if config.skip_ppl else load_eval_texts(config.ppl_source)  # missing/empty/binary: one line
+    for source in config.ppl_more_sources:
+        load_eval_texts(source)  # the same check for every further source, before a model loads
     tokenizers: dict[str, object] = {}
     for role, name in runs:
         try:

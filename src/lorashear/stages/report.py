@@ -104,6 +104,9 @@ def _before_after(ev: dict[str, Any]) -> list[str]:
         row(f"perplexity ({ppl_source or 'held-out'})", lambda m: (m.get("perplexity") or {}).get("perplexity"),
             ".2f"),
     ]
+    for source in ev.get("config", {}).get("ppl_more_sources", []):
+        rows.append(row(f"perplexity ({source})",
+                        lambda m, s=source: ((m.get("more_perplexity") or {}).get(s) or {}).get("perplexity"), ".2f"))
     tasks: list[str] = []
     for m in cols:
         for t in (m.get("tasks") or {}).get("tasks", []):
