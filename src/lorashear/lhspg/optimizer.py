@@ -65,6 +65,7 @@ from .saliency import CRITERIA, DATA_CRITERIA, criteria, group_statistics, salie
 from .schedule import PruningSchedule, period_quotas
 from .tables import LoraInfo, SliceTable, find_loras, gather, lora_rows, scatter
 from .targets import TargetPlan, layer_rounding
+from .transfer import GramSource, consumer_module, kept_columns, transfer_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,12 @@ class LHSPGConfig:
         "help": "merge s*B*A into the base weights at each period's end and restart the LoRA factors"})
     reset_optimizer_state: bool = field(default=True, metadata={
         "help": "clear the optimizer state of the LoRA factors when they restart"})
+    transfer: bool = field(default=False, metadata={
+        "help": "explicit transfer: while a structure fades, move what its consumer (down_proj / o_proj) "
+                "columns lose into the kept columns by least squares on the consumer's input statistics, "
+                "gathered during the training steps"})
+    transfer_damp: float = field(default=0.01, metadata={
+        "help": "explicit transfer: ridge damping, as a fraction of the mean diagonal of the kept columns' Gram"})
 
     def __post_init__(self) -> None:
         if isinstance(self.saliency, str):
@@ -143,6 +150,8 @@ class LHSPGConfig:
             raise ConfigError(f"fisher_decay must be in [0, 1], got {self.fisher_decay}")
         if not 0.0 <= self.min_keep < 1.0:
             raise ConfigError(f"min_keep must be in [0, 1), got {self.min_keep}")
+        if not self.transfer_damp > 0:
+            raise ConfigError(f"transfer_damp must be > 0, got {self.transfer_damp}")
         if self.warmup_steps is not None and self.period_steps is not None:
             self.schedule  # validates the step counts
 
@@ -208,7 +217,7 @@ class LHSPG:
     def __init__(self, model: torch.nn.Module, groups: Iterable[Group], optimizer: Any, *, plan: TargetPlan,
                  config: LHSPGConfig | None = None, exclude: Iterable[int] = (),
                  broadcast: Callable[[list[int]], list[int]] | None = None,
-                 data_scores: DataScores | None = None) -> None:
+                 data_scores: DataScores | None = None, grams: GramSource | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.plan = plan
@@ -219,6 +228,12 @@ class LHSPG:
         if self.config.uses_data and data_scores is None:
             raise ConfigError("the fisher saliency needs activation statistics: pass data_scores "
                               "(lorashear.training.hooks.ActivationFisher); train_lhspg does this for you")
+        if self.config.transfer and grams is None:
+            raise ConfigError("explicit transfer needs consumer input statistics: pass grams "
+                              "(lorashear.training.hooks.ActivationGram); train_lhspg does this for you")
+        self.grams = grams if self.config.transfer else None
+        #: per consumer weight being faded: (fading columns, kept columns, T) of the current period
+        self._transfer: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         groups = list(groups)
         excluded = set(exclude)
         self.candidates: list[Group] = [g for g in groups if g.prunable and g.kind in plan.counts
@@ -300,13 +315,19 @@ class LHSPG:
             x_new = x * (1.0 - c) if u is None else x * (1.0 - c) + u
             norm_sq.index_add_(0, e.gid, (x * x).sum(1).double())
             inner.index_add_(0, e.gid, (x_new * x).sum(1).double())
-            pending.append((e, p, x_new))
+            pending.append((e, p, x, u, x_new))
         zero = (inner < self.config.epsilon * norm_sq) | (norm_sq == 0)
         if last:
             zero[:] = True
         keep = (~zero).to(torch.float32)
-        for e, p, x_new in pending:  # rows before columns (table order)
-            scatter(p, e.dim, e.idx, x_new * keep[e.gid].unsqueeze(1))
+        for e, p, x, u, x_new in pending:  # rows before columns (table order)
+            after = x_new * keep[e.gid].unsqueeze(1)
+            scatter(p, e.dim, e.idx, after)
+            plan = self._transfer.get(e.name) if e.dim == 1 else None
+            if plan is not None:  # what these consumer columns lost, moved into the kept columns
+                fading, kept, t = plan
+                lost = (x if u is None else x + u) - after  # (|S|, out): the effective columns' change
+                p.index_add_(1, kept, (lost.t() @ t).to(p.dtype))
             lora = self.loras.get(e.name)
             if lora is not None and p.dim() == 2:
                 if e.dim == 0:
@@ -384,10 +405,35 @@ class LHSPG:
             chosen = list(self.broadcast(chosen))
         self.redundant = chosen
         self._red_table = SliceTable([self.candidates[i] for i in chosen], self.params) if chosen else None
+        self._plan_transfer()
         self.selected_period = period
         self.history.append({"period": period, "step": self.step_count,
                              "selected": [self.candidates[i].id for i in chosen]})
         logger.debug("period %d: %d groups selected", period, len(chosen))
+
+    @torch.no_grad()
+    def _plan_transfer(self) -> None:
+        """The least-squares maps of this period's fading consumer columns (:mod:`.transfer`)."""
+        self._transfer = {}
+        if self.grams is None:
+            return
+        if self._red_table is not None:
+            dead: dict[str, list[torch.Tensor]] = defaultdict(list)
+            if self.committed:
+                for e in SliceTable([self.candidates[i] for i in self.committed], self.params).base_entries:
+                    if e.dim == 1:
+                        dead[e.name].append(e.idx)
+            for e in self._red_table.base_entries:
+                p = self.params[e.name]
+                if e.dim != 1 or p.dim() != 2 or torch.unique(e.idx).numel() != e.idx.numel():
+                    continue
+                gram = self.grams.gram(consumer_module(e.name))
+                if gram is None:
+                    continue
+                kept = kept_columns(p.shape[1], torch.cat([e.idx, *dead[e.name]]))
+                t = transfer_matrix(gram.to(p.device), e.idx, kept, self.config.transfer_damp)
+                self._transfer[e.name] = (e.idx, kept, t)
+        self.grams.roll()
 
     def _per_layer_normalised(self, cands: list[int], score: torch.Tensor) -> torch.Tensor:
         """Each score divided by the mean score of its (kind, layer) among the candidates."""
@@ -499,6 +545,8 @@ class LHSPG:
             "committed": [self.candidates[i].id for i in self.committed],
             "history": self.history,
         }
+        if self._transfer:
+            state["transfer"] = {name: {"kept": kept, "t": t} for name, (_, kept, t) in self._transfer.items()}
         if include_optimizer:
             state["optimizer"] = self.optimizer.state_dict()
         return state
@@ -513,6 +561,12 @@ class LHSPG:
             self.optimizer.load_state_dict(state["optimizer"])
         self._red_table = (SliceTable([self.candidates[i] for i in self.redundant], self.params)
                            if self.redundant else None)
+        self._transfer = {}
+        if self._red_table is not None and self.grams is not None:
+            fading = {e.name: e.idx for e in self._red_table.base_entries if e.dim == 1}
+            for name, item in state.get("transfer", {}).items():
+                self._transfer[name] = (fading[name], item["kept"].to(fading[name].device),
+                                        item["t"].to(fading[name].device))
         self._rebuild_hold()
 
 

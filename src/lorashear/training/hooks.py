@@ -27,6 +27,7 @@ import torch
 
 from ..graph.groups import Group
 from ..lhspg.optimizer import LHSPG
+from ..lhspg.transfer import consumer_module
 from ..models.params import is_lora_name
 
 logger = logging.getLogger(__name__)
@@ -95,20 +96,12 @@ class LHSPGHook(StepHook):
         self.lhspg.load_state_dict(state)
 
 
-def _module_of(weight_name: str) -> str:
-    """``a.b.down_proj.base_layer.weight`` -> ``a.b.down_proj`` (the module whose forward gets ``h``)."""
-    name = weight_name.rsplit(".", 1)[0]
-    if name.endswith(".base_layer"):
-        name = name[: -len(".base_layer")]
-    return name
-
-
 def consumer_columns(group: Group) -> list[tuple[str, tuple[int, ...]]]:
     """``(module name, input columns)`` of the consumer layers the group's output enters."""
     out = []
     for s in group.slices:
         if s.dim == 1 and not is_lora_name(s.name) and s.name.endswith("weight"):
-            out.append((_module_of(s.name), s.indices))
+            out.append((consumer_module(s.name), s.indices))
     return out
 
 
@@ -206,3 +199,72 @@ class ActivationFisher(StepHook):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.current.copy_(state["current"])
         self.smoothed.copy_(state["smoothed"])
+
+
+class ActivationGram(StepHook):
+    """Input Gram matrices ``H = sum_t h_t h_t^T`` of consumer layers, gathered by forward hooks during
+    training steps (the statistics of LHSPG's explicit transfer, :mod:`lorashear.lhspg.transfer`).
+
+    Only forward passes with gradients enabled count (training, not evaluation). At each :meth:`roll`
+    (a period's selection) the running sums are multiplied by ``decay``, so newer steps weigh more. In a
+    multi-process run :meth:`gram` sums the processes' matrices, so every process computes the same
+    compensation. Memory: ``in_features^2`` floats per consumer layer.
+    """
+
+    state_name = "activation_gram"
+
+    def __init__(self, model: torch.nn.Module, modules: Iterable[str], *, decay: float = 0.5) -> None:
+        self.decay = float(decay)
+        named = dict(model.named_modules())
+        self.grams: dict[str, torch.Tensor] = {}
+        self._handles = []
+        for name in sorted(set(modules)):
+            if name not in named:
+                raise ValueError(f"consumer module {name} not found in the model")
+            self._handles.append(named[name].register_forward_hook(self._make_hook(name)))
+        self.enabled = True
+
+    @classmethod
+    def for_groups(cls, model: torch.nn.Module, groups: Iterable[Group], *, decay: float = 0.5) -> "ActivationGram":
+        """Hooks on every consumer layer of ``groups``."""
+        return cls(model, {module for g in groups for module, _ in consumer_columns(g)}, decay=decay)
+
+    def _make_hook(self, name: str):
+        def forward_hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not self.enabled or not torch.is_grad_enabled() or not args or not isinstance(args[0], torch.Tensor):
+                return
+            with torch.no_grad():
+                h = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                gram = self.grams.get(name)
+                if gram is None:
+                    gram = self.grams[name] = torch.zeros(h.shape[1], h.shape[1], device=h.device)
+                gram.addmm_(h.t(), h)
+
+        return forward_hook
+
+    def gram(self, module: str) -> torch.Tensor | None:
+        """The (decayed) Gram matrix of ``module``'s input, summed over processes; None before any data."""
+        gram = self.grams.get(module)
+        if gram is None:
+            return None
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gram = gram.clone()
+            dist.all_reduce(gram)
+        return gram
+
+    def roll(self) -> None:
+        for gram in self.grams.values():
+            gram.mul_(self.decay)
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"grams": {name: g.clone() for name, g in self.grams.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.grams = {name: g.clone() for name, g in state.get("grams", {}).items()}

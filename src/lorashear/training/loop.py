@@ -45,7 +45,7 @@ from ..lhspg.optimizer import LHSPG, LHSPGConfig, lora_parameters, make_optimize
 from ..lhspg.targets import TargetPlan
 from ..progress import progress_disabled
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from .hooks import ActivationFisher, LHSPGHook, StepHook
+from .hooks import ActivationFisher, ActivationGram, LHSPGHook, StepHook
 from .losses import LossFn, lm_loss
 
 logger = logging.getLogger(__name__)
@@ -406,8 +406,13 @@ def train_lhspg(
             scored = [g for g in groups if g.prunable and g.kind in plan.counts and g.id not in excluded]
             fisher = ActivationFisher(unwrapped, scored, decay=lcfg.fisher_decay)
             made.append(fisher)
+        grams = None
+        if lcfg.transfer:
+            pruned = [g for g in groups if g.prunable and g.kind in plan.counts and g.id not in excluded]
+            grams = ActivationGram.for_groups(unwrapped, pruned, decay=lcfg.fisher_decay)
+            made.append(grams)
         box["lhspg"] = LHSPG(unwrapped, groups, optimizer, plan=plan, config=lcfg, exclude=excluded,
-                             broadcast=broadcast, data_scores=fisher)
+                             broadcast=broadcast, data_scores=fisher, grams=grams)
         made.append(LHSPGHook(box["lhspg"]))
         return made
 
