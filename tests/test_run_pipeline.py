@@ -93,6 +93,17 @@ def test_pipeline_from_python_in_five_lines(tiny_dir, tmp_path) -> None:
     assert result.stages_run == ["prune"] and result.prune["params_after"] < result.prune["params_before"]
 
 
+def test_lorashear_prune_returns_the_pruned_model_and_its_report(tiny_dir, tmp_path) -> None:
+    import lorashear
+
+    result = lorashear.prune(str(tiny_dir), ratio=0.005, out=str(tmp_path / "api"), stages=["prune"], steps=12,
+                             seq_len=32, batch_size=2, progress=False)
+    model = result.load_model()
+    assert sum(p.numel() for p in model.parameters()) == result.prune["params_after"]
+    assert result.load_tokenizer()("hello").input_ids
+    assert result.read_report().startswith("# lorashear run:") and "## Pruning" in result.read_report()
+
+
 def test_run_rejects_unknown_stage(tmp_path, capsys) -> None:
     assert main(["run", "--stages", "prune,dance", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -147,6 +147,27 @@ class PipelineResult:
     exports: list[str] = dataclasses.field(default_factory=list)
     run_report: str | None = None
 
+    def load_model(self, **kwargs: Any) -> Any:
+        """The final (pruned, or recovered) model, loaded; layers of different widths included."""
+        from ..models.loading import load_pretrained
+
+        if self.model_dir is None:
+            raise ConfigError(f"the run in {self.out} produced no model yet")
+        return load_pretrained(self.model_dir, **kwargs)
+
+    def load_tokenizer(self) -> Any:
+        from ..models.loading import load_tokenizer
+
+        if self.model_dir is None:
+            raise ConfigError(f"the run in {self.out} produced no model yet")
+        return load_tokenizer(self.model_dir)
+
+    def read_report(self) -> str:
+        """The run report (``report.md``) as text."""
+        if self.run_report is None:
+            raise ConfigError(f"the run in {self.out} wrote no report")
+        return Path(self.run_report).read_text()
+
 
 def stage_configs(config: PipelineConfig) -> tuple[analyze.AnalyzeConfig, prune.PruneConfig,
                                                     recover.RecoverConfig, EvalConfig]:
