@@ -286,11 +286,21 @@ def _run(config: PruneConfig, out: Path, *, model: Any, tokenizer: Any, data: to
     if config.force and ckpt_dir.is_dir():
         logger.info("--force: removing the checkpoints of an earlier run in %s", ckpt_dir)
         shutil.rmtree(ckpt_dir)
+    loss_fn = lm_loss
+    if teacher is not None and config.distill.topk:  # the teacher's top-k logits once; then free it
+        from ..training.teacher_cache import build_topk_cache, rows_used, topk_distillation_loss
+
+        rows = rows_used(data.shape[0], steps=train.steps, batch_size=train.batch_size, grad_accum=train.grad_accum,
+                         seed=train.seed, rank=accelerator.process_index, world=accelerator.num_processes)
+        cache = build_topk_cache(teacher, data, rows, k=config.distill.topk, batch_size=train.batch_size)
+        loss_fn = topk_distillation_loss(cache, config.distill.weight, config.distill.temperature)
+        teacher = None
+    elif teacher is not None:
+        loss_fn = distillation_loss(teacher, config.distill)
     result = train_lhspg(peft_model, graph.groups, plan, data, train_config=train, lhspg_config=lcfg,
                          exclude=excluded, checkpoint_dir=ckpt_dir, resume=config.resume, accelerator=accelerator,
-                         stop_after=stop_after, run_settings=run_settings(config, data),
-                         loss_fn=distillation_loss(teacher, config.distill) if teacher is not None else lm_loss)
-    del teacher
+                         stop_after=stop_after, run_settings=run_settings(config, data), loss_fn=loss_fn)
+    del teacher, loss_fn
     if result.stopped_early:
         return None
     lh = result.lhspg

@@ -117,6 +117,9 @@ class RecoverConfig:
             raise ConfigError(f"tolerance must be a number >= 0, got {self.tolerance}")
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"beta must be in [0, 1], got {self.beta}")
+        if self.distill.topk:
+            raise ConfigError("distill topk applies to the prune stage only: recovery picks each round's data from the "
+                              "round before, so its teacher stays online (set it to 0)")
 
     @property
     def steps_per_round(self) -> int:

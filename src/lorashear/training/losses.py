@@ -40,10 +40,16 @@ class DistillConfig:
     weight: float = field(default=0.0, metadata={
         "help": "share of the KL-to-teacher term in the loss, (1-w) CE + w KL; 0 = off (cross-entropy only)"})
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of teacher and student"})
+    topk: int = field(default=0, metadata={
+        "help": "0 = online teacher (a second copy of the dense model during training); K > 0 = the teacher's "
+                "top-K logits of every training sequence, computed once before training (6 x K bytes per token, "
+                "CPU memory), then the teacher is freed; the KL is over those K tokens"})
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.weight <= 1.0:
             raise ConfigError(f"distill weight must be in [0, 1], got {self.weight}")
+        if self.topk < 0:
+            raise ConfigError(f"distill topk must be >= 0, got {self.topk}")
         if not self.temperature > 0:
             raise ConfigError(f"distill temperature must be > 0, got {self.temperature}")
 
