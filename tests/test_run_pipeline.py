@@ -147,7 +147,7 @@ def test_quick_preset_fills_only_what_is_not_given() -> None:
     assert quick.evaluation.limit == pipeline.QUICK["eval_limit"] and quick.train.checkpoint_every == 0
     assert quick.lhspg.saliency == ("fisher",) or list(quick.lhspg.saliency) == ["fisher"]  # the recipe still applies
     plain = config_from_dict(pipeline.PipelineConfig, {})
-    assert plain.train.steps == 200 and plain.evaluation.limit == 50 and plain.data.num_sequences is None
+    assert plain.train.steps == 180 and plain.evaluation.limit == 50 and plain.data.num_sequences is None
 
 
 def test_run_rejects_unknown_export_before_work(tmp_path, capsys) -> None:
