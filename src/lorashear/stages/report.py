@@ -244,7 +244,7 @@ def _exports(run_dir: Path) -> list[str]:
 def _serving(model_dir: str | None, run_dir: Path, non_uniform: bool) -> list[str]:
     if not model_dir:
         return []
-    rel = Path(model_dir).relative_to(run_dir) if Path(model_dir).is_relative_to(run_dir) else Path(model_dir)
+    rel = model_dir  # as the run was given it: relative to where the run was started
     out = ["## Load and serve", "", "In Python:", "", "```python"]
     if non_uniform:
         out += ["import lorashear", "",
@@ -261,9 +261,10 @@ def _serving(model_dir: str | None, run_dir: Path, non_uniform: bool) -> list[st
             "```", "", "or from Python with llama-cpp-python: "
             "`llama_cpp.Llama(model_path=\"model-q8_0.gguf\")(\"Hello\", max_tokens=64)`.", ""]
     if non_uniform:
-        out += ["vLLM and transformers' own Llama class build every layer at one width, so they cannot load a "
-                "model whose layers differ; prune with `--uniform-per-layer` (and `--round-to 64`) for a model "
-                "they can.", ""]
+        out += ["vLLM and transformers' own Llama class build every layer at one width, so they cannot load this "
+                "model (its layers differ: the knowledge analysis protects some blocks, and the recipe may give "
+                "layers different shares). For a model they can load, prune every layer alike: "
+                "`--uniform-per-layer` without the knowledge analysis (`--stages prune,eval`).", ""]
     return out
 
 
