@@ -43,6 +43,7 @@ def measure(path: Path, prompt_len: int, new_tokens: int, repeats: int, threads:
 
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=prompt_len + new_tokens + 8, n_batch=prompt_len,
                           n_threads=threads, n_threads_batch=threads, verbose=False, seed=0)
+    n_vocab = llm.n_vocab()
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(100, llm.n_vocab() - 100, size=prompt_len)]
     prefill, decode = [], []
@@ -52,7 +53,8 @@ def measure(path: Path, prompt_len: int, new_tokens: int, repeats: int, threads:
         llm.eval(prompt)
         t1 = time.perf_counter()
         for _ in range(new_tokens):
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            last = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)  # the last evaluated token's logits
+            nxt = int(np.argmax(np.ctypeslib.as_array(last, shape=(n_vocab,))))
             llm.eval([nxt])
         t2 = time.perf_counter()
         if i:  # the first run warms up
