@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()) or "nothing to do"
     print(f"run finished: {result.out} ({timings})")
     if result.model_dir:
-        print(f"pruned model: {result.model_dir}")
+        kind = "recovered" if result.recover is not None or result.model_dir.endswith("recovered") else "pruned"
+        print(f"{kind} model: {result.model_dir}")
     for path in result.exports:
         print(f"exported: {path}")
     if result.run_report:
