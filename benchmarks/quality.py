@@ -283,10 +283,14 @@ def write_report(work: Path, out: Path) -> None:
                      f"{','.join(map(str, entry['seeds']))} | {entry['params']:,} | " + " | ".join(cells) + " |")
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     table = "\n".join(lines) + "\n"
-    md = out.with_suffix(".md")
-    head = md.read_text().split("<!-- table -->")[0] if md.is_file() else "# Quality benchmark\n\n"
-    md.write_text(head.rstrip() + "\n\n<!-- table -->\n" + table)
+    replace_table(out.with_suffix(".md"), table, "# Quality benchmark")
     print(table)
+
+
+def replace_table(md: Path, table: str, title: str) -> None:
+    """Write ``table`` below the ``<!-- table -->`` marker of ``md``, keeping the hand-written text above it."""
+    head = md.read_text().split("<!-- table -->")[0] if md.is_file() else title + "\n\n"
+    md.write_text(head.rstrip() + "\n\n<!-- table -->\n" + table)
 
 
 def main(argv: list[str] | None = None) -> int:

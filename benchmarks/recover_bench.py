@@ -132,9 +132,9 @@ def write_report(args: argparse.Namespace) -> None:
                 lines.append(f"- `{r['row']}` sampling weights: {w}")
         lines.append("")
     table = "\n".join(lines)
-    md = Path(args.out).with_suffix(".md")
-    head = md.read_text().split("<!-- table -->")[0] if md.is_file() else "# Recovery benchmark\n\n"
-    md.write_text(head.rstrip() + "\n\n<!-- table -->\n" + table + "\n")
+    from quality import replace_table
+
+    replace_table(Path(args.out).with_suffix(".md"), table + "\n", "# Recovery benchmark")
     Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     print(table)
 

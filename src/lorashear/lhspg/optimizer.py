@@ -232,8 +232,8 @@ class LHSPG:
             raise ConfigError("explicit transfer needs consumer input statistics: pass grams "
                               "(lorashear.training.hooks.ActivationGram); train_lhspg does this for you")
         self.grams = grams if self.config.transfer else None
-        #: per consumer weight being faded: (fading columns, kept columns, T) of the current period
-        self._transfer: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        #: per consumer weight being faded: (kept columns, T) of the current period
+        self._transfer: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         groups = list(groups)
         excluded = set(exclude)
         self.candidates: list[Group] = [g for g in groups if g.prunable and g.kind in plan.counts
@@ -325,7 +325,7 @@ class LHSPG:
             scatter(p, e.dim, e.idx, after)
             plan = self._transfer.get(e.name) if e.dim == 1 else None
             if plan is not None:  # what these consumer columns lost, moved into the kept columns
-                fading, kept, t = plan
+                kept, t = plan
                 lost = (x if u is None else x + u) - after  # (|S|, out): the effective columns' change
                 p.index_add_(1, kept, (lost.t() @ t).to(p.dtype))
             lora = self.loras.get(e.name)
@@ -432,7 +432,7 @@ class LHSPG:
                     continue
                 kept = kept_columns(p.shape[1], torch.cat([e.idx, *dead[e.name]]))
                 t = transfer_matrix(gram.to(p.device), e.idx, kept, self.config.transfer_damp)
-                self._transfer[e.name] = (e.idx, kept, t)
+                self._transfer[e.name] = (kept, t)
         self.grams.roll()
 
     def _per_layer_normalised(self, cands: list[int], score: torch.Tensor) -> torch.Tensor:
@@ -546,7 +546,7 @@ class LHSPG:
             "history": self.history,
         }
         if self._transfer:
-            state["transfer"] = {name: {"kept": kept, "t": t} for name, (_, kept, t) in self._transfer.items()}
+            state["transfer"] = {name: {"kept": kept, "t": t} for name, (kept, t) in self._transfer.items()}
         if include_optimizer:
             state["optimizer"] = self.optimizer.state_dict()
         return state
@@ -562,11 +562,10 @@ class LHSPG:
         self._red_table = (SliceTable([self.candidates[i] for i in self.redundant], self.params)
                            if self.redundant else None)
         self._transfer = {}
-        if self._red_table is not None and self.grams is not None:
-            fading = {e.name: e.idx for e in self._red_table.base_entries if e.dim == 1}
+        if self.grams is not None:
             for name, item in state.get("transfer", {}).items():
-                self._transfer[name] = (fading[name], item["kept"].to(fading[name].device),
-                                        item["t"].to(fading[name].device))
+                device = self.params[name].device
+                self._transfer[name] = (item["kept"].to(device), item["t"].to(device))
         self._rebuild_hold()
 
 

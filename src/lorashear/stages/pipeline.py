@@ -52,7 +52,6 @@ from ..training.losses import DistillConfig
 from . import analyze, evaluate, export, prune, recover
 from .export import FORMATS as EXPORT_FORMATS
 from .export import ExportConfig
-from .report import REPORT_FILE as RUN_REPORT_FILE
 from .report import write_run_report
 
 logger = logging.getLogger(__name__)
