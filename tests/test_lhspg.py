@@ -374,3 +374,41 @@ def test_uniform_per_layer_run():
     for kind, layers in plan.per_layer.items():
         counts = {per_layer.get((kind, layer), 0) for layer in layers}
         assert counts == set(layers.values())
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_round_to_rounds_channels_only_so_heads_are_still_pruned(uniform):
+    """round_to keeps every layer's MLP width a multiple of it; head counts are not rounded, so with a
+    multiple larger than a layer's head count heads are still removed."""
+    model = tiny_lora_model(seed=7)
+    graph = hand_groups(model)
+    heads = {g.layer: 0 for g in graph.groups if g.kind == "attention_head"}
+    for g in graph.groups:
+        if g.kind == "attention_head":
+            heads[g.layer] += 1
+    assert max(heads.values()) < 8  # the multiple below would forbid pruning any head if it applied to heads
+    plan = make_plan(model, graph, 0.3, round_to=8, uniform_per_layer=uniform)
+    assert plan.counts["attention_head"] > 0 and plan.counts["mlp_channel"] > 0
+    lh, _ = _lhspg(model, graph, plan, warmup_steps=1, num_periods=2, period_steps=2)
+    _train_steps(model, lh, 5, random_batches())
+    removed = {}
+    for g in lh.committed_groups:
+        removed[(g.kind, g.layer)] = removed.get((g.kind, g.layer), 0) + 1
+    assert sum(n for (k, _), n in removed.items() if k == "attention_head") > 0
+    for layer in heads:
+        assert (64 - removed.get(("mlp_channel", layer), 0)) % 8 == 0, removed
+    assert abs(sum(g.base_params for g in lh.committed_groups) / plan.total_params - 0.3) <= 0.03
+
+
+def test_max_removable_rounds_channels_only():
+    from lorashear.stages.prune import max_removable
+
+    model = tiny_lora_model()
+    graph = hand_groups(model)
+    cands = graph.prunable()
+    one = max_removable(cands, graph.groups, TargetConfig(ratio=0.1))
+    eight = max_removable(cands, graph.groups, TargetConfig(ratio=0.1, round_to=8))
+    mlp = [g for g in cands if g.kind == "mlp_channel"]
+    layers = {g.layer for g in mlp}
+    # only the MLP keeps 8 channels instead of 1 per layer; heads keep one slot either way
+    assert one - eight == pytest.approx(7 * len(layers) * mlp[0].base_params)

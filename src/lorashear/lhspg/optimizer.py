@@ -64,7 +64,7 @@ from ..graph.groups import Group
 from .saliency import CRITERIA, DATA_CRITERIA, criteria, group_statistics, saliency
 from .schedule import PruningSchedule, period_quotas
 from .tables import LoraInfo, SliceTable, find_loras, gather, lora_rows, scatter
-from .targets import TargetPlan, layer_rounding
+from .targets import TargetPlan, kind_multiple, layer_rounding
 from .transfer import GramSource, consumer_module, kept_columns, transfer_matrix
 
 logger = logging.getLogger(__name__)
@@ -458,10 +458,10 @@ class LHSPG:
         removed_layer = Counter((self.candidates[i].kind, self.candidates[i].layer) for i in self.committed)
         chosen: list[int] = []
         claimed: set[tuple[str, int, int]] | None = set() if self._kinds_overlap() else None
-        m = self.plan.round_to
         for k in self._kinds:
+            m = kind_multiple(k, self.plan.round_to)
             items = sorted(by_kind.get(k, []))
-            # never empty a layer: keep at least max(1, round_to) structures of each kind per layer
+            # never empty a layer: keep at least max(1, the kind's multiple) structures per layer
             cap = {layer: w - max(1, m, math.ceil(self.config.min_keep * w)) - removed_layer[(k, layer)]
                    for layer, w in self._layer_width[k].items()}
             per_layer = self.plan.per_layer.get(k) if self.plan.per_layer else None

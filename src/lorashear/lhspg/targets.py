@@ -11,7 +11,9 @@ and KV groups, ``mlp`` = MLP channels, ``hidden`` = residual channels):
   when it is given;
 - ``uniform_per_layer``: the same number of groups per layer (the saved model
   then has a plain Hugging Face config);
-- ``round_to``: kept widths per layer (channels, head slots) are multiples of it.
+- ``round_to``: kept channel widths per layer (MLP channels, the residual width) are
+  multiples of it; head counts are not rounded (a head is already a block of ``head_dim``
+  rows, and rounding 9 query heads to a multiple of 32 would forbid pruning any).
 
 Group counts are rounded so the removed parameters are as close as possible to
 the target; :class:`TargetPlan` records what is expected, the run reports what
@@ -32,6 +34,18 @@ from ..models.adapters import BLOCK_OF_KIND
 
 #: The cluster each group kind is counted in: its layer block, or ``hidden`` for residual channels.
 CLUSTER_OF_KIND: dict[str, str] = {**BLOCK_OF_KIND, "hidden_channel": "hidden"}
+#: The kinds whose kept widths ``round_to`` rounds: channels, whose counts are the quantised dimensions.
+ROUNDED_KINDS: tuple[str, ...] = ("mlp_channel", "hidden_channel")
+
+
+def kind_multiple(kind: str, round_to: int) -> int:
+    """The multiple that ``kind``'s kept per-layer widths keep: ``round_to`` for channels, 1 for heads."""
+    return round_to if kind in ROUNDED_KINDS else 1
+
+
+def min_kept(kind: str, round_to: int) -> int:
+    """Structures of ``kind`` every layer keeps at the least (never empty a layer)."""
+    return max(1, kind_multiple(kind, round_to))
 
 
 @dataclass
@@ -47,7 +61,8 @@ class TargetConfig:
     uniform_per_layer: bool = field(default=False, metadata={
         "help": "remove the same number of groups of each kind in every layer (plain HF config)"})
     round_to: int = field(default=1, metadata={
-        "help": "keep per-layer widths (channels, head slots) a multiple of this"})
+        "help": "keep per-layer MLP widths (and the hidden width) a multiple of this, e.g. 32 so q8_0 "
+                "quantises every tensor; head counts are not rounded"})
     kinds: tuple[str, ...] = field(default=("attention_head", "mlp_channel"), metadata={
         "help": "group kinds to prune: attention_head, kv_group, mlp_channel, hidden_channel"})
 
@@ -176,15 +191,15 @@ def plan_targets(
             desired[k] = 0.0
         target = sum(desired.values())
 
-    # never empty a layer: at most width - max(1, round_to) structures of a kind per layer
-    m = config.round_to
+    # never empty a layer: at most width - min_kept structures of a kind per layer
     limit: dict[str, int] = {}
     for k in kinds:
         widths = _layer_widths(all_groups, k)
         per: dict[object, int] = defaultdict(int)
         for g in by_kind[k]:
             per[g.layer] += 1
-        limit[k] = sum(n if layer is None else min(n, max(0, widths.get(layer, n) - max(1, m)))
+        keep = min_kept(k, config.round_to)
+        limit[k] = sum(n if layer is None else min(n, max(0, widths.get(layer, n) - keep))
                        for layer, n in per.items())
     counts = {k: min(limit[k], max(0, round(desired[k] / size[k]))) for k in kinds}
     per_layer: dict[str, dict[int, int]] | None = None
@@ -202,7 +217,8 @@ def plan_targets(
                 notes.append(f"{k}: layers differ in width; uniform mode removes the same count from each")
             n_layers = len(layers)
             width = min(widths[layer] for layer in layers)
-            cap = min(min(layers.values()), max(0, width - max(1, m)))
+            m = kind_multiple(k, config.round_to)
+            cap = min(min(layers.values()), max(0, width - min_kept(k, config.round_to)))
             feasible = [q for q in range(0, cap + 1) if (width - q) % m == 0 or q == 0]
             want = counts[k] / n_layers
             q = min(feasible, key=lambda q: abs(q - want))
@@ -214,7 +230,8 @@ def plan_targets(
                              "has per-layer sizes")
         # Tune the finest-grained kind to land closest to the target.
         fine = min(kinds, key=lambda k: step_size[k])
-        per_layer, counts = _tune_uniform(per_layer, counts, fine, size, target, by_kind, all_groups, m)
+        per_layer, counts = _tune_uniform(per_layer, counts, fine, size, target, by_kind, all_groups,
+                                          kind_multiple(fine, config.round_to))
     else:
         fine = min(kinds, key=lambda k: size[k])
         removed = sum(counts[k] * size[k] for k in kinds)
@@ -229,7 +246,7 @@ def plan_targets(
             notes.append(f"no prunable {k} groups")
     return TargetPlan(counts=counts, group_params=size, total_params=total_params,
                       embedding_params=embedding_params, target_params=int(round(target)),
-                      expected_removed=expected, per_layer=per_layer, round_to=m, notes=notes)
+                      expected_removed=expected, per_layer=per_layer, round_to=config.round_to, notes=notes)
 
 
 def _tune_uniform(per_layer, counts, fine, size, target, by_kind, all_groups, m):

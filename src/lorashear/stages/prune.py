@@ -157,16 +157,18 @@ def run_settings(config: PruneConfig, data: torch.Tensor) -> dict[str, Any]:
 
 
 def max_removable(candidates: list, all_groups: list, target: TargetConfig) -> float:
-    """Most parameters the target's group kinds can remove: every layer keeps at least
-    ``max(1, round_to)`` structures of each kind (the rule :func:`~lorashear.lhspg.plan_targets` applies)."""
+    """Most parameters the target's group kinds can remove: every layer keeps at least one structure
+    of each kind, ``round_to`` channels (the rule :func:`~lorashear.lhspg.plan_targets` applies)."""
     from collections import Counter
 
-    keep = max(1, target.round_to)
+    from ..lhspg.targets import min_kept
+
     total = 0.0
     for kind in target.kinds:
         mine = [g for g in candidates if g.kind == kind and g.prunable]
         if not mine:
             continue
+        keep = min_kept(kind, target.round_to)
         size = sum(g.base_params for g in mine) / len(mine)
         widths = Counter(g.layer for g in all_groups if g.kind == kind and g.layer is not None)
         per = Counter(g.layer for g in mine)
