@@ -4,7 +4,9 @@ Both models are exported the same way (``lorashear export``, one file per ``--ou
 llama.cpp through llama-cpp-python in one process, one after another, each with ``--threads`` CPU
 threads: prefill = one ``eval`` of a ``--prompt-len``-token prompt, decode = ``--new-tokens`` greedy
 steps of one token each (argmax of the last logits). The median of ``--repeats`` timed runs after one
-warm-up is reported, with the pruned/dense ratios measured in the same run.
+warm-up is reported, with the pruned/dense ratios measured in the same run. ``--pruned`` may be given
+several times (``LABEL=DIR`` names a row); ``--dense-as-deci`` adds the dense model written as ``deci``
+(the same weights through llama.cpp's per-layer graph: what the graph itself costs).
 
     python benchmarks/gguf_speed.py --pruned runs/lorashear/pruned --out benchmarks/results/gguf_speed_smollm2
 """
@@ -26,7 +28,9 @@ from typing import Any
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dense", default="smollm2-135m-instruct", help="the dense model (directory or built-in name)")
-    p.add_argument("--pruned", required=True, help="the pruned model directory")
+    p.add_argument("--pruned", required=True, action="append",
+                   help="a pruned model directory, or LABEL=DIR; may be repeated")
+    p.add_argument("--dense-as-deci", action="store_true", help="also run the dense model written as deci")
     p.add_argument("--outtypes", default="f16,q8_0")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -74,10 +78,16 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gguf-speed-"))
     rows: list[dict[str, Any]] = []
+    models: list[tuple[str, str, str | None]] = [("dense", args.dense, None)]
+    if args.dense_as_deci:
+        models.append(("dense as deci", args.dense, "deci"))
+    for value in args.pruned:
+        label, _, directory = value.rpartition("=")
+        models.append((label or ("pruned" if len(args.pruned) == 1 else directory), directory, None))
     for outtype in args.outtypes.split(","):
-        for role, model in (("dense", args.dense), ("pruned", args.pruned)):
-            path = work / f"{role}-{outtype}.gguf"
-            written = export_gguf(model, path, outtype=outtype)
+        for role, model, arch in models:
+            path = work / f"{role.replace(' ', '_').replace('/', '_')}-{outtype}.gguf"
+            written = export_gguf(model, path, outtype=outtype, arch=arch)
             print(f"exported {role} {outtype}: {written.arch}, {path.stat().st_size / 2**20:.1f} MiB, "
                   f"{len(written.fallbacks)} tensors kept f16", flush=True)
             speed = measure(path, args.prompt_len, args.new_tokens, args.repeats, args.threads)
@@ -85,12 +95,13 @@ def main(argv: list[str] | None = None) -> int:
                          "bytes": path.stat().st_size, "fallbacks": len(written.fallbacks), **speed})
             print(json.dumps(rows[-1]), flush=True)
     by = {(r["model"], r["outtype"]): r for r in rows}
-    lines = ["| type | model | arch | size (MiB) | size pruned/dense | prefill (tok/s) | decode (tok/s) "
-             "| decode pruned/dense | tensors kept f16 |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| type | model | arch | size (MiB) | size / dense | prefill (tok/s) | prefill / dense | decode (tok/s) "
+             "| decode / dense | tensors kept f16 |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         d = by[("dense", r["outtype"])]
         lines.append(f"| {r['outtype']} | {r['model']} | `{r['arch']}` | {r['bytes'] / 2**20:.1f} | "
-                     f"{r['bytes'] / d['bytes']:.3f} | {r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | "
+                     f"{r['bytes'] / d['bytes']:.3f} | {r['prefill_tokens_per_s']:.0f} | "
+                     f"{r['prefill_tokens_per_s'] / d['prefill_tokens_per_s']:.3f} | {r['decode_tokens_per_s']:.1f} | "
                      f"{r['decode_tokens_per_s'] / d['decode_tokens_per_s']:.3f} | {r['fallbacks']} |")
     table = "\n".join(lines)
     print(table)

@@ -206,6 +206,24 @@ def test_per_layer_widths_are_written_as_deci(tmp_path, bpe_tokenizer) -> None:
     torch.testing.assert_close(_gguf_forward(tmp_path / "d.gguf", ids), _hf_logits(model, ids), atol=1e-4, rtol=1e-4)
 
 
+def test_arch_deci_writes_a_uniform_model_with_per_layer_arrays_and_llama_refuses_differing_layers(
+        tmp_path, bpe_tokenizer) -> None:
+    model = _pruned(len(bpe_tokenizer), "uniform")
+    result = export_gguf(model, tmp_path / "ud.gguf", tokenizer=bpe_tokenizer, outtype="f32", arch="deci")
+    fields, reader = _fields(tmp_path / "ud.gguf")
+    assert result.arch == fields["general.architecture"] == "deci"
+    assert fields["deci.attention.head_count"] == [4, 4, 4] and fields["deci.feed_forward_length"] == [32, 32, 32]
+    assert {t.name: [int(s) for s in t.shape] for t in reader.tensors} == _expected_tensors(model)
+    ids = _ids(len(bpe_tokenizer))
+    torch.testing.assert_close(_gguf_forward(tmp_path / "ud.gguf", ids), _hf_logits(model, ids), atol=1e-4, rtol=1e-4)
+    per_layer = _pruned(len(bpe_tokenizer), "per_layer")
+    with pytest.raises(ConfigError, match="differ"):
+        export_gguf(per_layer, tmp_path / "x.gguf", tokenizer=bpe_tokenizer, arch="llama")
+    with pytest.raises(ConfigError, match="architecture"):
+        export_gguf(per_layer, tmp_path / "x.gguf", tokenizer=bpe_tokenizer, arch="mistral")
+    assert not list(tmp_path.glob("x.gguf*"))
+
+
 def test_tokenizer_is_embedded(tmp_path, bpe_tokenizer) -> None:
     model = _pruned(len(bpe_tokenizer), "dense")
     result = export_gguf(model, tmp_path / "t.gguf", tokenizer=bpe_tokenizer)

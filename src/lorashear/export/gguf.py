@@ -360,6 +360,7 @@ def export_gguf(
     empty_ffn: str = "pad",
     tokenizer_pre: str | None = None,
     name: str | None = None,
+    arch: str | None = None,
 ) -> GGUFExport:
     """Write ``model`` as one self-contained GGUF file that llama.cpp runs.
 
@@ -377,6 +378,9 @@ def export_gguf(
         tokenizer_pre: llama.cpp's pre-tokenizer name; default: recognised from the tokenizer,
             else ``default`` (with a note).
         name: ``general.name``; default: the directory name or the config's ``_name_or_path``.
+        arch: ``None`` (default) picks ``llama`` for a uniform model and ``deci`` otherwise; ``deci``
+            writes even a uniform model as ``deci`` (per-layer arrays; to compare the two graphs);
+            ``llama`` refuses a model whose layers differ.
     """
     if outtype not in OUTTYPES:
         raise ConfigError(f"unknown GGUF outtype {outtype!r}; use one of {', '.join(OUTTYPES)}")
@@ -385,6 +389,8 @@ def export_gguf(
     out = Path(out).expanduser()
     if out.is_dir():
         raise ConfigError(f"{out} is a directory; name the .gguf file to write")
+    if arch not in (None, "llama", "deci"):
+        raise ConfigError(f"unknown GGUF architecture {arch!r}; use llama, deci or leave it unset")
     gguf = _import_gguf()
     import numpy as np
     import torch
@@ -416,7 +422,11 @@ def export_gguf(
     adapter = adapter_for(model)
     head_dim, plans, notes = plan_layers(model, empty_ffn=empty_ffn)
     uniform = len({(p.n_head, p.n_head_kv, p.n_ff) for p in plans}) == 1
-    arch = "llama" if uniform else "deci"
+    if arch == "llama" and not uniform:
+        raise ConfigError("its layers differ in width, which llama.cpp's llama architecture cannot build; "
+                          "leave arch unset (deci is chosen)")
+    arch = arch or ("llama" if uniform else "deci")
+    uniform = arch == "llama"
     embed = model.get_input_embeddings().weight
     vocab_size, hidden = int(embed.shape[0]), int(embed.shape[1])
     theta, rope_type, rope_factor = _rope(config)
