@@ -134,6 +134,31 @@ class KnowledgeResult:
     def unprunable_group_ids(self, graph: StructureGraph) -> set[int]:
         return {g.id for g in self.unprunable_groups(graph)}
 
+    def layer_weights(self, strength: float) -> dict[tuple[str, int], float]:
+        """``{(group kind, layer): weight}`` for graded allocation: ``(mean / score) ** strength``.
+
+        ``score`` is a block's mean deviation over the analysed ratios and ``mean`` the mean over the
+        prunable blocks of the same type (attention or MLP), so a block whose removal hurt twice as much
+        as the typical one gets half the share at ``strength`` 1. Scores below 5% of the mean are raised
+        to it (a block whose removal did not hurt does not take everything); a block whose deviation is
+        infinite gets weight 0. Unprunable blocks are left out (they are not pruned at all).
+        """
+        out: dict[tuple[str, int], float] = {}
+        for block in dict.fromkeys(n.block for n in self.node_groups):
+            mine = [n for n in self.node_groups if n.block == block and not n.unprunable]
+            finite = [n.score for n in mine if math.isfinite(n.score)]
+            mean = sum(max(x, 0.0) for x in finite) / len(finite) if finite else 0.0
+            for n in mine:
+                if not math.isfinite(n.score):
+                    weight = 0.0
+                elif mean <= 0.0:
+                    weight = 1.0
+                else:
+                    weight = (mean / max(n.score, 0.05 * mean)) ** strength
+                for kind in BLOCK_KINDS[n.block]:
+                    out[(kind, n.layer)] = weight
+        return out
+
     def matrix(self) -> tuple[list[int], dict[str, list[float]]]:
         """``(layers, {block: score per layer})`` with NaN where a layer lacks the block."""
         layers = sorted({n.layer for n in self.node_groups})

@@ -11,6 +11,8 @@ and KV groups, ``mlp`` = MLP channels, ``hidden`` = residual channels):
   when it is given;
 - ``uniform_per_layer``: the same number of groups per layer (the saved model
   then has a plain Hugging Face config);
+- ``knowledge_grading`` (with ``uniform_per_layer`` and per-layer weights from the knowledge
+  analysis): each layer's share of a kind's removals follows its weight instead of being equal;
 - ``round_to``: kept channel widths per layer (MLP channels, the residual width) are
   multiples of it; head counts are not rounded (a head is already a block of ``head_dim``
   rows, and rounding 9 query heads to a multiple of 32 would forbid pruning any).
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +62,10 @@ class TargetConfig:
         "help": "fraction of the MLP cluster's prunable parameters to remove (overrides the even split)"})
     uniform_per_layer: bool = field(default=False, metadata={
         "help": "remove the same number of groups of each kind in every layer (plain HF config)"})
+    knowledge_grading: float = field(default=0.0, metadata={
+        "help": "with --knowledge and --uniform-per-layer: a layer's share of the removals scales with "
+                "(mean deviation / its block's deviation) ** this, so blocks whose removal hurt more in the "
+                "knowledge analysis lose fewer structures; 0 = the same share everywhere"})
     round_to: int = field(default=1, metadata={
         "help": "keep per-layer MLP widths (and the hidden width) a multiple of this, e.g. 32 so q8_0 "
                 "quantises every tensor; head counts are not rounded"})
@@ -76,6 +82,8 @@ class TargetConfig:
             raise ConfigError("give a target: --ratio, or --attention-ratio / --mlp-ratio")
         if self.round_to < 1:
             raise ConfigError(f"round_to must be >= 1, got {self.round_to}")
+        if not 0.0 <= self.knowledge_grading <= 4.0:
+            raise ConfigError(f"knowledge_grading must be in [0, 4], got {self.knowledge_grading}")
         bad = [k for k in self.kinds if k not in GROUP_KINDS]
         if bad or not self.kinds:
             raise ConfigError(f"unknown group kind(s) {bad}; choose from {', '.join(GROUP_KINDS)}")
@@ -143,6 +151,7 @@ def plan_targets(
     embedding_params: int,
     config: TargetConfig,
     all_groups: Sequence[Group] | None = None,
+    layer_weights: Mapping[tuple[str, int], float] | None = None,
 ) -> TargetPlan:
     """Number of groups of each kind to prune so the parameter drop is closest to the target.
 
@@ -152,6 +161,9 @@ def plan_targets(
         embedding_params: input embeddings (+ an untied output head), for the non-embedding ratio.
         config: the target.
         all_groups: every group of the graph, for per-layer widths (defaults to ``candidates``).
+        layer_weights: ``{(kind, layer): weight}``; with ``uniform_per_layer`` each kind's total is
+            then spread over its layers in proportion to the weights (:func:`graded_counts`) instead
+            of equally. Layers without a weight get 1.
     """
     all_groups = list(all_groups if all_groups is not None else candidates)
     by_kind: dict[str, list[Group]] = defaultdict(list)
@@ -232,6 +244,19 @@ def plan_targets(
         fine = min(kinds, key=lambda k: step_size[k])
         per_layer, counts = _tune_uniform(per_layer, counts, fine, size, target, by_kind, all_groups,
                                           kind_multiple(fine, config.round_to))
+        if layer_weights:
+            for k in kinds:
+                layers = sorted(per_layer[k])
+                widths = _layer_widths(all_groups, k)
+                have = {layer: sum(1 for g in by_kind[k] if g.layer == layer) for layer in layers}
+                caps = {layer: min(have[layer], max(0, widths[layer] - min_kept(k, config.round_to)))
+                        for layer in layers}
+                per_layer[k] = graded_counts(counts[k], caps, {layer: layer_weights.get((k, layer), 1.0)
+                                                               for layer in layers},
+                                             {layer: widths[layer] for layer in layers},
+                                             kind_multiple(k, config.round_to))
+                counts[k] = sum(per_layer[k].values())
+            notes.append("per-layer counts graded by the knowledge analysis")
     else:
         fine = min(kinds, key=lambda k: size[k])
         removed = sum(counts[k] * size[k] for k in kinds)
@@ -262,6 +287,50 @@ def _tune_uniform(per_layer, counts, fine, size, target, by_kind, all_groups, m)
     per_layer[fine] = {layer: best for layer in layers}
     counts[fine] = best * n_layers
     return per_layer, counts
+
+
+def graded_counts(total: int, caps: Mapping[int, int], weights: Mapping[int, float], widths: Mapping[int, int],
+                  m: int = 1) -> dict[int, int]:
+    """Spread ``total`` removals over layers in proportion to ``weights``.
+
+    Each layer takes at most ``caps[layer]``; what a capped layer cannot take goes to the others
+    in proportion to their weights (water-filling). With ``m > 1`` a layer's kept width
+    ``widths[layer] - count`` stays a multiple of ``m`` (or the count is 0), and the sum is the
+    reachable total closest to ``total``. Equal weights give equal counts (up to rounding).
+    """
+    layers = sorted(caps)
+    share: dict[int, float] = {}
+    free = [layer for layer in layers if caps[layer] > 0 and weights[layer] > 0]
+    rest = float(min(total, sum(caps.values())))
+    while free:
+        wsum = sum(weights[layer] for layer in free)
+        want = {layer: rest * weights[layer] / wsum for layer in free}
+        over = [layer for layer in free if want[layer] >= caps[layer]]
+        if not over:
+            share.update(want)
+            break
+        for layer in over:
+            share[layer] = float(caps[layer])
+            rest -= caps[layer]
+            free.remove(layer)
+
+    def feasible(layer: int) -> list[int]:
+        return [q for q in range(caps[layer] + 1) if q == 0 or (widths[layer] - q) % m == 0]
+
+    options = {layer: feasible(layer) for layer in layers}
+    counts = {layer: max(q for q in options[layer] if q <= share.get(layer, 0.0) + 1e-9) for layer in layers}
+    while True:  # add the next feasible step where the rounding fell furthest short
+        left = total - sum(counts.values())
+        steps = {layer: min((q for q in options[layer] if q > counts[layer]), default=None) for layer in layers}
+        steps = {layer: q for layer, q in steps.items() if q is not None}
+        if not steps:
+            break
+        layer = max(steps, key=lambda layer: (share.get(layer, 0.0) - counts[layer], -layer))
+        step = steps[layer] - counts[layer]
+        if abs(left - step) >= abs(left):
+            break
+        counts[layer] = steps[layer]
+    return counts
 
 
 def layer_rounding(kept_widths: dict[int, int], removable: dict[int, int], want_removed: int,

@@ -89,6 +89,9 @@ class PruneConfig:
         if self.eval_windows < 1:
             raise ConfigError(f"eval_windows must be >= 1, got {self.eval_windows}")
         parse_unprunable(self.unprunable)
+        if self.target.knowledge_grading and not (self.knowledge and self.target.uniform_per_layer):
+            raise ConfigError("--knowledge-grading needs --knowledge FILE and --uniform-per-layer "
+                              "(it grades the per-layer counts by the knowledge analysis)")
 
 
 @dataclass
@@ -274,8 +277,13 @@ def _run(config: PruneConfig, out: Path, *, model: Any, tokenizer: Any, data: to
     candidates = [g for g in graph.groups if g.prunable and g.id not in excluded]
     check_reachable(candidates, graph.groups, config.target, params_before)
     try:
+        weights = None
+        if config.target.knowledge_grading:
+            from ..knowledge.result import load_knowledge
+
+            weights = load_knowledge(config.knowledge).layer_weights(config.target.knowledge_grading)
         plan = plan_targets(candidates, total_params=params_before, embedding_params=emb, config=config.target,
-                            all_groups=graph.groups)
+                            all_groups=graph.groups, layer_weights=weights)
     except ConfigError as exc:
         if "unreachable" in str(exc):
             raise ConfigError(f"{exc}; choose a smaller --ratio") from exc
