@@ -4,8 +4,10 @@
 
 The model is built on the meta device (no weights), so the parameter counts are exact; everything else is
 arithmetic on them and printed with its formula: the online teacher (a frozen copy of the dense model), the
-distillation loss's logits, the activation-Fisher statistics (two float64 per structure plus column maps) and,
-as the alternative to an online teacher, the disk for caching the teacher's top-k logits of a deterministic run.
+distillation loss's logits, the activation-Fisher statistics (two float64 per structure plus column maps),
+the input Gram matrices of ``--transfer`` (one fp32 ``in_features^2`` matrix per ``o_proj`` / ``down_proj``) and,
+as the alternative to an online teacher, the memory for the teacher's top-k logits of a deterministic run
+(``--distill-topk``: fp16 value + int32 index per kept logit, held in CPU memory).
 """
 
 from __future__ import annotations
@@ -38,15 +40,18 @@ def main() -> None:
     tokens_step = a.batch_size * a.seq_len
     logits_bytes = tokens_step * V * 4 * 3  # teacher logits, student log-softmax, teacher probabilities (fp32)
     run_tokens = a.steps * a.grad_accum * tokens_step
-    topk_bytes = run_tokens * a.top_k * (2 + 4)  # bf16 value + int32 index per kept logit
+    topk_bytes = run_tokens * a.top_k * (2 + 4)  # fp16 value + int32 index per kept logit
     print(f"LLaMA-7B shape: {params:,} parameters ({params * 2 / gib:.1f} GiB in bf16)")
     print(f"online teacher (frozen bf16 copy, no gradients or optimizer state): +{params * 2 / gib:.1f} GiB")
     print(f"distillation logits per micro-batch ({a.batch_size} x {a.seq_len} tokens x {V} vocab x 4 B x 3): "
           f"+{logits_bytes / gib:.2f} GiB")
     print(f"activation-Fisher statistics ({structures:,} structures x 17 B + {consumer_columns:,} column maps x 16 B):"
           f" +{fisher_bytes / 2**20:.1f} MiB")
-    print(f"cached top-{a.top_k} teacher logits instead of the online teacher, {a.steps} steps x {a.grad_accum} x "
-          f"{tokens_step} tokens = {run_tokens:,} tokens x {a.top_k} x 6 B: {topk_bytes / gib:.1f} GiB on disk")
+    gram_bytes = L * (cfg.hidden_size ** 2 + I ** 2) * 4  # o_proj input (H x head_dim) and down_proj input (I)
+    print(f"--transfer input Grams ({L} x ({cfg.hidden_size}^2 + {I}^2) x 4 B, on the training device): "
+          f"+{gram_bytes / gib:.1f} GiB")
+    print(f"--distill-topk {a.top_k} instead of the online teacher, {a.steps} steps x {a.grad_accum} x "
+          f"{tokens_step} tokens = {run_tokens:,} tokens x {a.top_k} x 6 B: {topk_bytes / gib:.1f} GiB of CPU memory")
 
 
 if __name__ == "__main__":
