@@ -97,6 +97,10 @@ def main(argv=None) -> int:
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--fisher", action="store_true",
                     help="LHSPG with the fisher saliency: activation-statistics hooks on in its steps (off in plain)")
+    ap.add_argument("--transfer", action="store_true",
+                    help="LHSPG with --transfer: input-Gram hooks on in its steps (off in plain), the fading columns' "
+                         "least-squares maps applied at every step")
+    ap.add_argument("--transfer-token-stride", type=int, default=8, help="as lorashear prune's option")
     args = ap.parse_args(argv)
     if args.shape == "7b" and args.device == "cpu" and not args.layers:
         ap.error("--shape 7b on CPU needs --layers (e.g. --layers 1)")
@@ -128,8 +132,14 @@ def main(argv=None) -> int:
         from lorashear.training.hooks import ActivationFisher
 
         fisher = ActivationFisher(model, [g for g in graph.prunable() if g.kind in plan.counts])
-    lh = LHSPG(model, graph.groups, inner, plan=plan, data_scores=fisher,
-               config=LHSPGConfig(warmup_steps=1, num_periods=2, period_steps=period,
+    grams = None
+    if args.transfer:
+        from lorashear.training.hooks import ActivationGram
+
+        grams = ActivationGram.for_groups(model, [g for g in graph.prunable() if g.kind in plan.counts],
+                                          token_stride=args.transfer_token_stride)
+    lh = LHSPG(model, graph.groups, inner, plan=plan, data_scores=fisher, grams=grams,
+               config=LHSPGConfig(warmup_steps=1, num_periods=2, period_steps=period, transfer=args.transfer,
                                   saliency=("fisher",) if fisher is not None else LHSPGConfig().saliency))
     vocab = model.config.vocab_size
     batch = torch.randint(0, vocab, (args.batch_size, args.seq_len), device=args.device)
@@ -144,7 +154,8 @@ def main(argv=None) -> int:
         if cuda:
             torch.cuda.synchronize()
 
-    # warm-up of LoRA, then fast-forward through period 0 (post_step only) to reach period 1
+    # warm-up of LoRA (its forward pass fills the Grams of --transfer), then fast-forward through
+    # period 0 (post_step only) to reach period 1
     fwd_bwd(); inner.step(); inner.zero_grad()
     lh.post_step()
     t = time.perf_counter()
@@ -152,10 +163,12 @@ def main(argv=None) -> int:
         lh.post_step()
     t_ff = time.perf_counter() - t
     assert lh.selected_period == 1 and len(lh.committed) > 0, "did not reach period 1"
+    assert not args.transfer or lh._transfer, "no transfer maps in period 1"  # noqa: SLF001
 
     def run(variant: str, count: int, times: list[float] | None):
-        if fisher is not None:
-            fisher.enabled = variant == "lhspg"
+        for hook in (fisher, grams):
+            if hook is not None:
+                hook.enabled = variant == "lhspg"
         for _ in range(count):
             sync()
             t0 = time.perf_counter()
@@ -201,7 +214,8 @@ def main(argv=None) -> int:
     print(f"model: {args.shape} ({before / 1e6:.1f}M params{', ' + str(args.layers) + ' layers' if args.layers else ''}), "
           f"device {args.device}, dtype {args.dtype}, batch {args.batch_size} x {args.seq_len}, "
           f"grad checkpointing {'on' if args.grad_checkpointing else 'off'}, torch threads {torch.get_num_threads()}, "
-          f"fisher hooks {'on in LHSPG steps' if fisher is not None else 'off'}")
+          f"fisher hooks {'on in LHSPG steps' if fisher is not None else 'off'}, "
+          f"transfer {f'on (Gram hooks in LHSPG steps, every {args.transfer_token_stride}th token)' if grams is not None else 'off'}")
     print(f"groups: {len(graph.groups)} ({len(graph.prunable())} prunable), discovery {t_discover:.2f} s; "
           f"target {args.ratio:.0%} -> {plan.counts}")
     print(f"period 1: {len(lh.redundant)} redundant groups fading, {len(lh.committed)} committed held at 0 "

@@ -54,6 +54,22 @@ def test_activation_gram_counts_training_forwards_only_and_decays():
     gram.close()
 
 
+def test_activation_gram_token_stride_uses_every_nth_token():
+    model = tiny_lora_model(seed=3)
+    name = "base_model.model.model.layers.0.mlp.down_proj"
+    gram = ActivationGram(model, [name], token_stride=3)
+    seen = []
+    handle = dict(model.named_modules())[name].register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
+    model(input_ids=random_batches(n=2, seq=8))
+    handle.remove()
+    h = seen[0].reshape(-1, seen[0].shape[-1]).double()[::3]
+    assert h.shape[0] == 6
+    torch.testing.assert_close(gram.gram(name).double(), h.t() @ h, rtol=1e-5, atol=1e-5)
+    gram.close()
+    with pytest.raises(ValueError):
+        ActivationGram(model, [name], token_stride=0)
+
+
 def _mlp_output_error(transfer: bool) -> float:
     """Prune layer 1's MLP channels (only) over one period; the layer's MLP output error on the
     warm-up data, against the unpruned model, at the end."""

@@ -134,6 +134,9 @@ class LHSPGConfig:
                 "gathered during the training steps"})
     transfer_damp: float = field(default=0.01, metadata={
         "help": "explicit transfer: ridge damping, as a fraction of the mean diagonal of the kept columns' Gram"})
+    transfer_token_stride: int = field(default=8, metadata={
+        "help": "explicit transfer: the input statistics use every N-th token of each training batch "
+                "(1 = all; the Gram hooks cost about 1/N of their full price)"})
 
     def __post_init__(self) -> None:
         if isinstance(self.saliency, str):
@@ -150,6 +153,8 @@ class LHSPGConfig:
             raise ConfigError(f"fisher_decay must be in [0, 1], got {self.fisher_decay}")
         if not 0.0 <= self.min_keep < 1.0:
             raise ConfigError(f"min_keep must be in [0, 1), got {self.min_keep}")
+        if self.transfer_token_stride < 1:
+            raise ConfigError(f"transfer_token_stride must be >= 1, got {self.transfer_token_stride}")
         if not self.transfer_damp > 0:
             raise ConfigError(f"transfer_damp must be > 0, got {self.transfer_damp}")
         if self.warmup_steps is not None and self.period_steps is not None:

@@ -208,13 +208,18 @@ class ActivationGram(StepHook):
     Only forward passes with gradients enabled count (training, not evaluation). At each :meth:`roll`
     (a period's selection) the running sums are multiplied by ``decay``, so newer steps weigh more. In a
     multi-process run :meth:`gram` sums the processes' matrices, so every process computes the same
-    compensation. Memory: ``in_features^2`` floats per consumer layer.
+    compensation. Memory: ``in_features^2`` floats per consumer layer. ``token_stride`` N uses every
+    N-th token of each forward pass (N times cheaper; the transfer maps do not depend on the Gram's scale).
     """
 
     state_name = "activation_gram"
 
-    def __init__(self, model: torch.nn.Module, modules: Iterable[str], *, decay: float = 0.5) -> None:
+    def __init__(self, model: torch.nn.Module, modules: Iterable[str], *, decay: float = 0.5,
+                 token_stride: int = 1) -> None:
+        if token_stride < 1:
+            raise ValueError(f"token_stride must be >= 1, got {token_stride}")
         self.decay = float(decay)
+        self.token_stride = int(token_stride)
         named = dict(model.named_modules())
         self.grams: dict[str, torch.Tensor] = {}
         self._handles = []
@@ -225,16 +230,18 @@ class ActivationGram(StepHook):
         self.enabled = True
 
     @classmethod
-    def for_groups(cls, model: torch.nn.Module, groups: Iterable[Group], *, decay: float = 0.5) -> "ActivationGram":
+    def for_groups(cls, model: torch.nn.Module, groups: Iterable[Group], *, decay: float = 0.5,
+                   token_stride: int = 1) -> "ActivationGram":
         """Hooks on every consumer layer of ``groups``."""
-        return cls(model, {module for g in groups for module, _ in consumer_columns(g)}, decay=decay)
+        return cls(model, {module for g in groups for module, _ in consumer_columns(g)}, decay=decay,
+                   token_stride=token_stride)
 
     def _make_hook(self, name: str):
         def forward_hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not self.enabled or not torch.is_grad_enabled() or not args or not isinstance(args[0], torch.Tensor):
                 return
             with torch.no_grad():
-                h = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                h = args[0].detach().reshape(-1, args[0].shape[-1])[::self.token_stride].float()
                 gram = self.grams.get(name)
                 if gram is None:
                     gram = self.grams[name] = torch.zeros(h.shape[1], h.shape[1], device=h.device)

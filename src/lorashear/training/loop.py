@@ -409,7 +409,8 @@ def train_lhspg(
         grams = None
         if lcfg.transfer:
             pruned = [g for g in groups if g.prunable and g.kind in plan.counts and g.id not in excluded]
-            grams = ActivationGram.for_groups(unwrapped, pruned, decay=lcfg.fisher_decay)
+            grams = ActivationGram.for_groups(unwrapped, pruned, decay=lcfg.fisher_decay,
+                                              token_stride=lcfg.transfer_token_stride)
             made.append(grams)
         box["lhspg"] = LHSPG(unwrapped, groups, optimizer, plan=plan, config=lcfg, exclude=excluded,
                              broadcast=broadcast, data_scores=fisher, grams=grams)
