@@ -96,7 +96,8 @@ class RecoverConfig:
     lora: LoraSettings = section(LoraSettings, prefix="lora_", help="LoRA factors of each round (merged after it)")
     train: TrainConfig = section(TrainConfig, help="training loop of each round", steps=50)
     distill: DistillConfig = section(DistillConfig, prefix="distill_",
-                                     help="distillation from the teacher (off by default: not yet measured)")
+                                     help="distillation from the teacher (off by default: 0.5 measured worse than off "
+                                          "on the reference model, benchmarks/results/recover_smollm2.md)")
     resume: bool = field(default=False, metadata={"help": "continue from the last complete round in OUT/checkpoints"})
     keep_run_checkpoints: bool = field(default=False, metadata={"help": "keep OUT/checkpoints after success"})
 
