@@ -4,7 +4,8 @@ Reads rows that the other benchmarks cached and writes one table; it trains noth
 
 - ``lorashear`` prune rows of ``quality.py`` (``--prune-work``, e.g. ``lorashear_r20_s0_100.json``: steps x
   batch x seq-len tokens) and the recovery of that pruned model by ``recover_bench.py`` (``--recover-work``,
-  tag ``r20_100``: the row's ``tokens``);
+  tag ``r20_100``: the row's ``tokens``); the pruned model's perplexity is the recovery benchmark's ``before``
+  row when there is one (the model that was recovered);
 - the peer with LoRA and distillation (``quality.py --rows peer_lora_kd``) at as many steps as the prune and
   recovery tokens together (``--peer-work``), and at the prune budget alone for reference.
 
@@ -59,6 +60,8 @@ def build(args: argparse.Namespace) -> tuple[str, list[dict[str, Any]]]:
         tag = f"{pct}_{args.prune_steps}"
         recs = sorted(Path(args.recover_work).glob(f"{tag}_{args.recover_row}_s{args.seed}_*.json"))
         recovered = _read(recs[0]) if recs else None
+        befores = sorted(Path(args.recover_work).glob(f"{tag}_before_s{args.seed}_*.json"))
+        before = _read(befores[0]) if befores else None
         prune_tokens = prune["tokens"] if prune else args.prune_steps * 2 * 256
         rec_tokens = recovered["tokens"] if recovered else None
         total = prune_tokens + (rec_tokens or 0)
@@ -67,7 +70,7 @@ def build(args: argparse.Namespace) -> tuple[str, list[dict[str, Any]]]:
         peer_same = _read(Path(args.peer_work) / f"peer_lora_kd_{pct}_s{args.seed}_{peer_steps}.json")
         peer_prune_only = _read(Path(args.prune_work) / f"peer_lora_kd_{pct}_s{args.seed}_{args.prune_steps}.json")
         rows = [
-            (f"lorashear prune ({args.prune_steps} steps)", prune_tokens, prune),
+            (f"lorashear prune ({args.prune_steps} steps)", prune_tokens, before or prune),
             (f"lorashear prune + recover ({args.recover_row})", total if recovered else None, recovered),
             (f"peer + LoRA + KD ({args.prune_steps} steps)", prune_tokens, peer_prune_only),
             (f"peer + LoRA + KD ({peer_steps} steps: the same total)" if recovered else
