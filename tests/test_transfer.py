@@ -36,38 +36,43 @@ def test_transfer_matrix_without_data_compensates_nothing():
     assert t.shape == (1, 3) and float(t.abs().max()) == 0.0
 
 
-def test_activation_gram_counts_training_forwards_only_and_decays():
+DOWN_PROJ = "base_model.model.model.layers.0.mlp.down_proj"
+
+
+def _gram_and_inputs(**kw):
+    """A tiny model with an ActivationGram on layer 0's down_proj, and a list that receives that layer's
+    inputs of every forward pass (remove the returned handle when done)."""
     model = tiny_lora_model(seed=3)
-    name = "base_model.model.model.layers.0.mlp.down_proj"
-    gram = ActivationGram(model, [name], decay=0.25)
-    seen = []
-    handle = dict(model.named_modules())[name].register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
+    gram = ActivationGram(model, [DOWN_PROJ], **kw)
+    seen: list[torch.Tensor] = []
+    handle = dict(model.named_modules())[DOWN_PROJ].register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
+    return model, gram, seen, handle
+
+
+def test_activation_gram_counts_training_forwards_only_and_decays():
+    model, gram, seen, handle = _gram_and_inputs(decay=0.25)
     ids = random_batches(n=2, seq=8)
     model(input_ids=ids)
     with torch.no_grad():
         model(input_ids=ids)  # evaluation: not counted
     handle.remove()
     h = seen[0].reshape(-1, seen[0].shape[-1]).double()
-    torch.testing.assert_close(gram.gram(name).double(), h.t() @ h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gram.gram(DOWN_PROJ).double(), h.t() @ h, rtol=1e-5, atol=1e-5)
     gram.roll()
-    torch.testing.assert_close(gram.gram(name).double(), 0.25 * h.t() @ h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gram.gram(DOWN_PROJ).double(), 0.25 * h.t() @ h, rtol=1e-5, atol=1e-5)
     gram.close()
 
 
 def test_activation_gram_token_stride_uses_every_nth_token():
-    model = tiny_lora_model(seed=3)
-    name = "base_model.model.model.layers.0.mlp.down_proj"
-    gram = ActivationGram(model, [name], token_stride=3)
-    seen = []
-    handle = dict(model.named_modules())[name].register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
+    model, gram, seen, handle = _gram_and_inputs(token_stride=3)
     model(input_ids=random_batches(n=2, seq=8))
     handle.remove()
     h = seen[0].reshape(-1, seen[0].shape[-1]).double()[::3]
     assert h.shape[0] == 6
-    torch.testing.assert_close(gram.gram(name).double(), h.t() @ h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gram.gram(DOWN_PROJ).double(), h.t() @ h, rtol=1e-5, atol=1e-5)
     gram.close()
     with pytest.raises(ValueError):
-        ActivationGram(model, [name], token_stride=0)
+        ActivationGram(model, [DOWN_PROJ], token_stride=0)
 
 
 def _mlp_output_error(transfer: bool) -> float:
