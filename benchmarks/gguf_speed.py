@@ -49,7 +49,7 @@ def measure(path: Path, prompt_len: int, new_tokens: int, repeats: int, threads:
                           n_threads=threads, n_threads_batch=threads, verbose=False, seed=0)
     n_vocab = llm.n_vocab()
     rng = np.random.default_rng(0)
-    prompt = [int(t) for t in rng.integers(100, llm.n_vocab() - 100, size=prompt_len)]
+    prompt = [int(t) for t in rng.integers(100, n_vocab - 100, size=prompt_len)]
     prefill, decode = [], []
     for i in range(repeats + 1):
         llm.reset()

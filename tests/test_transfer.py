@@ -163,3 +163,5 @@ def test_transfer_needs_statistics_and_a_positive_damping():
         LHSPG(model, graph.groups, opt, plan=plan, config=LHSPGConfig(warmup_steps=1, period_steps=2, transfer=True))
     with pytest.raises(ConfigError, match="transfer_damp"):
         LHSPGConfig(transfer=True, transfer_damp=0.0)
+    with pytest.raises(ConfigError, match="transfer_token_stride"):
+        LHSPGConfig(transfer=True, transfer_token_stride=0)

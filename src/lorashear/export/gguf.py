@@ -426,7 +426,6 @@ def export_gguf(
         raise ConfigError("its layers differ in width, which llama.cpp's llama architecture cannot build; "
                           "leave arch unset (deci is chosen)")
     arch = arch or ("llama" if uniform else "deci")
-    uniform = arch == "llama"
     embed = model.get_input_embeddings().weight
     vocab_size, hidden = int(embed.shape[0]), int(embed.shape[1])
     theta, rope_type, rope_factor = _rope(config)
@@ -457,7 +456,7 @@ def export_gguf(
         writer.add_context_length(int(getattr(config, "max_position_embeddings", 2048)))
         writer.add_embedding_length(hidden)
         writer.add_block_count(len(plans))
-        if uniform:
+        if arch == "llama":  # one value for every layer; deci takes one per layer
             writer.add_feed_forward_length(plans[0].n_ff)
             writer.add_head_count(plans[0].n_head)
             writer.add_head_count_kv(plans[0].n_head_kv)

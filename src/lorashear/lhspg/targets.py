@@ -218,8 +218,10 @@ def plan_targets(
     if config.uniform_per_layer:
         per_layer = {}
         step_size: dict[str, float] = {}
+        have: dict[str, dict[int, int]] = {}  # candidates per layer of each kind
         for k in kinds:
             layers: dict[int, int] = defaultdict(int)
+            have[k] = layers
             for g in by_kind[k]:
                 if g.layer is None:
                     raise ConfigError(f"uniform_per_layer cannot spread {k} groups: they span layers")
@@ -246,15 +248,12 @@ def plan_targets(
                                           kind_multiple(fine, config.round_to))
         if layer_weights:
             for k in kinds:
-                layers = sorted(per_layer[k])
                 widths = _layer_widths(all_groups, k)
-                have = {layer: sum(1 for g in by_kind[k] if g.layer == layer) for layer in layers}
-                caps = {layer: min(have[layer], max(0, widths[layer] - min_kept(k, config.round_to)))
-                        for layer in layers}
+                caps = {layer: min(n, max(0, widths[layer] - min_kept(k, config.round_to)))
+                        for layer, n in have[k].items()}
                 per_layer[k] = graded_counts(counts[k], caps, {layer: layer_weights.get((k, layer), 1.0)
-                                                               for layer in layers},
-                                             {layer: widths[layer] for layer in layers},
-                                             kind_multiple(k, config.round_to))
+                                                               for layer in caps},
+                                             widths, kind_multiple(k, config.round_to))
                 counts[k] = sum(per_layer[k].values())
             notes.append("per-layer counts graded by the knowledge analysis")
     else:

@@ -276,12 +276,12 @@ def _run(config: PruneConfig, out: Path, *, model: Any, tokenizer: Any, data: to
     excluded, blocks = unprunable_ids(graph, config.knowledge, config.unprunable)
     candidates = [g for g in graph.groups if g.prunable and g.id not in excluded]
     check_reachable(candidates, graph.groups, config.target, params_before)
-    try:
-        weights = None
-        if config.target.knowledge_grading:
-            from ..knowledge.result import load_knowledge
+    weights = None
+    if config.target.knowledge_grading:
+        from ..knowledge.result import load_knowledge
 
-            weights = load_knowledge(config.knowledge).layer_weights(config.target.knowledge_grading)
+        weights = load_knowledge(config.knowledge).layer_weights(config.target.knowledge_grading)
+    try:
         plan = plan_targets(candidates, total_params=params_before, embedding_params=emb, config=config.target,
                             all_groups=graph.groups, layer_weights=weights)
     except ConfigError as exc:
