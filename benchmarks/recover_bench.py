@@ -11,6 +11,9 @@ row records its tokens). Rows:
 - ``uniform``: beta 1.0 (every source the same share every round);
 - ``adaptive_kd`` / ``uniform_kd``: the same with ``--distill-weight`` of KL to the dense model.
 
+``--set OPTION=VALUE --variant NAME`` trains rows with a recover option changed (``lr``, ``lora_r``,
+``lr_scheduler``, ...); they are cached and reported as ``ROW_NAME``.
+
 Measured per row: the validation loss of each source before and after (held-out sequences of each
 source, never trained on, as perplexity), and held-out perplexity on ``builtin:heldout`` and
 ``builtin:heldout-docs`` (the quality benchmark's protocol). ``before`` is the pruned model itself.
@@ -58,8 +61,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ppl-windows", type=int, default=16)
     p.add_argument("--work", default=str(HERE / "results" / "recover" / "rows"))
     p.add_argument("--out", default=str(HERE / "results" / "recover_smollm2"), help="report path without suffix")
+    p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                   help="extra recover option for every trained row (YAML value), e.g. --set lr=1e-3")
+    p.add_argument("--variant", default="", help="suffix of the row names (with --set)")
     p.add_argument("--report-only", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.set and not args.variant:
+        p.error("--set needs --variant NAME, so the rows it changes are cached and reported under their own name")
+    return args
+
+
+def extra_options(args: argparse.Namespace) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: write OPTION=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def heldout(model, args: argparse.Namespace) -> dict[str, float]:
@@ -81,11 +102,12 @@ def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
         model = lorashear.load_pretrained(args.pruned)
         return {"ppl": heldout(model, args), "wall_s": time.perf_counter() - t0}
     spec = ROWS[row]
-    out = cache_root() / "recover_bench" / f"{args.tag}_{row}_s{args.seed}"
+    out = cache_root() / "recover_bench" / f"{args.tag}_{row}{args.variant and '_' + args.variant}_s{args.seed}"
     values = {"model": args.pruned, "teacher": "smollm2-135m-instruct", "out": str(out), "instruct_data": ["none"],
               "max_rounds": args.rounds, "tolerance": 0.0, "beta": spec["beta"], "steps": args.steps,
               "batch_size": args.batch_size, "seq_len": args.seq_len, "seed": args.seed, "progress": False,
-              "log_every": 5, "distill_weight": args.distill_weight if spec["distill"] else 0.0}
+              "log_every": 5, "distill_weight": args.distill_weight if spec["distill"] else 0.0,
+              **extra_options(args)}
     result = recover.run(config_from_dict(recover.RecoverConfig, values))
     rep = result.report
     stage = rep["stages"][0]
@@ -119,7 +141,7 @@ def write_report(args: argparse.Namespace) -> None:
             lines.append("| dense | | | | " + " | ".join(f"{dense[s]:.2f}" for s in sources) + " |"
                          + " |" * len(heldouts))
         order = ["before", *ROWS]
-        for r in sorted(items, key=lambda r: (order.index(r["row"]), r["seed"])):
+        for r in sorted(items, key=lambda r: (order.index(r.get("base_row", r["row"])), r["row"], r["seed"])):
             src = r.get("source_ppl_after", before if r["row"] == "before" else {})
             lines.append(f"| {r['row']} | {r['seed']} | {r.get('tokens', 0):,} | {r.get('rounds', 0)} | "
                          + " | ".join(f"{src[s]:.2f}" if s in src else "—" for s in sources) + " | "
@@ -151,11 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         for row in args.rows.split(","):
-            path = work / f"{args.tag}_{row}_s{args.seed}_{args.rounds}x{args.steps}.json"
+            name = row if row == "before" or not args.variant else f"{row}_{args.variant}"
+            path = work / f"{args.tag}_{name}_s{args.seed}_{args.rounds}x{args.steps}.json"
             if path.is_file():
                 continue
             rec = run_row(row, args)
-            rec.update(row=row, tag=args.tag, seed=args.seed, pruned=args.pruned, rounds_max=args.rounds,
+            rec.update(row=name, base_row=row, extra=extra_options(args) if row != "before" else {}, tag=args.tag, seed=args.seed, pruned=args.pruned, rounds_max=args.rounds,
                        steps_per_round=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                        threads=args.threads, command=shlex.join([Path(sys.executable).name, *sys.argv]))
             path.write_text(json.dumps(rec, indent=1) + "\n")

@@ -223,3 +223,19 @@ def test_a_crafted_pickle_in_a_checkpoint_is_never_loaded(tmp_path):
     assert not marker.exists()
     sources = list(Path(__file__).parent.parent.joinpath("src", "lorashear").rglob("*.py"))
     assert sources and all("torch.load(" not in p.read_text() and "import pickle" not in p.read_text() for p in sources)
+
+
+def test_the_kl_share_switches_when_pruning_ends(tmp_path):
+    data = random_batches(n=16, seq=16)
+    cfg = _stage_cfg(tmp_path / "p", distill_weight=0.5, distill_after_pruning=0.0, checkpoint_every=0)
+    result = prune_stage.run(cfg, model=_plain_tiny(), data=data)
+    end = result.report["schedule"]["prune_end"]
+    shares = {r["step"]: r["kl_share"] for r in result.report["log"]}
+    assert 0 < end < 10 and sorted(shares) == list(range(1, 11))
+    assert all(v == (0.5 if step <= end else 0.0) for step, v in shares.items())  # log step k = step index k - 1
+    from lorashear.config import config_from_dict
+    from lorashear.errors import ConfigError
+    from lorashear.stages.recover import RecoverConfig
+
+    with pytest.raises(ConfigError, match="prune stage only"):
+        config_from_dict(RecoverConfig, {"model": "m", "teacher": "t", "out": "o", "distill_after_pruning": 0.0})

@@ -151,6 +151,46 @@ def test_kl_is_zero_against_itself_and_distillation_mixes():
         DistillConfig(weight=1.5)
 
 
+class _CountingTeacher(torch.nn.Module):
+    """A teacher that counts its forward passes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, **kw):
+        self.calls += 1
+        return self.model(**kw)
+
+
+def test_kl_share_is_read_at_every_call_and_a_zero_share_skips_the_teacher():
+    from lorashear.training.hooks import KLShareSwitch
+    from lorashear.training.losses import KLShare
+
+    model = tiny_lora_model(seed=1, random_b=True)
+    batch = random_batches(n=2, seq=10)
+    teacher = _CountingTeacher(make_teacher(tiny_lora_model(seed=1).base_model.model))
+    share = KLShare(0.5)
+    loss = distillation_loss(teacher, DistillConfig(weight=0.5), share)
+    switch = KLShareSwitch(share, at=3, before=0.5, after=0.0)
+    with torch.no_grad():
+        ce = float(lm_loss(model, batch))
+        kl = float(distillation_loss(make_teacher(tiny_lora_model(seed=1).base_model.model),
+                                     DistillConfig(weight=1.0))(model, batch))
+        assert kl > 1e-4  # random B: the student differs from the teacher
+        seen = []
+        for step in range(5):
+            switch.before_micro_batch(step, 0)
+            seen.append((share.value, float(loss(model, batch)), teacher.calls))
+    assert [s for s, _, _ in seen] == [0.5, 0.5, 0.5, 0.0, 0.0]
+    assert seen[0][1] == pytest.approx(0.5 * ce + 0.5 * kl, rel=1e-5)
+    assert seen[4][1] == pytest.approx(ce, rel=1e-6)
+    assert [c for _, _, c in seen] == [1, 2, 3, 3, 3]  # no teacher pass once the share is 0
+    assert DistillConfig(weight=0.0, after_pruning=0.5).enabled and not DistillConfig(after_pruning=0.0).enabled
+    with pytest.raises(ConfigError, match="after_pruning"):
+        DistillConfig(after_pruning=2.0)
+
+
 def _new_recipe_run(tmp_path, stop_after=None, resume=False):
     model = tiny_lora_model(seed=11, dropout=0.1)
     graph = discover(model)

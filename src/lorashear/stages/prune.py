@@ -41,8 +41,9 @@ from ..models.adapters import BLOCK_OF_KIND
 from ..models.lora import LoraSettings, attach_lora
 from ..models.params import count_params, embedding_params
 from ..recipes import DEFAULT_RECIPE, RECIPES
-from ..training.loop import TrainConfig, checkpoint_root, make_accelerator, train_lhspg
-from ..training.losses import DistillConfig, distillation_loss, lm_loss, make_teacher
+from ..training.hooks import KLShareSwitch
+from ..training.loop import StepHook, TrainConfig, checkpoint_root, make_accelerator, train_lhspg
+from ..training.losses import DistillConfig, KLShare, distillation_loss, lm_loss, make_teacher
 from ..training.report import kept_per_layer, plot_prune
 
 logger = logging.getLogger(__name__)
@@ -297,19 +298,25 @@ def _run(config: PruneConfig, out: Path, *, model: Any, tokenizer: Any, data: to
         logger.info("--force: removing the checkpoints of an earlier run in %s", ckpt_dir)
         shutil.rmtree(ckpt_dir)
     loss_fn = lm_loss
+    share = KLShare(config.distill.weight)
+    hooks: list[StepHook] = []
+    if config.distill.after_pruning is not None:  # one share while pruning, another once it has ended
+        hooks.append(KLShareSwitch(share, at=lcfg.schedule.prune_end, before=config.distill.weight,
+                                   after=config.distill.after_pruning))
     if teacher is not None and config.distill.topk:  # the teacher's top-k logits once; then free it
         from ..training.teacher_cache import build_topk_cache, rows_used, topk_distillation_loss
 
         rows = rows_used(data.shape[0], steps=train.steps, batch_size=train.batch_size, grad_accum=train.grad_accum,
                          seed=train.seed, rank=accelerator.process_index, world=accelerator.num_processes)
         cache = build_topk_cache(teacher, data, rows, k=config.distill.topk, batch_size=train.batch_size)
-        loss_fn = topk_distillation_loss(cache, config.distill.weight, config.distill.temperature)
+        loss_fn = topk_distillation_loss(cache, share, config.distill.temperature)
         teacher = None
     elif teacher is not None:
-        loss_fn = distillation_loss(teacher, config.distill)
+        loss_fn = distillation_loss(teacher, config.distill, share)
     result = train_lhspg(peft_model, graph.groups, plan, data, train_config=train, lhspg_config=lcfg,
                          exclude=excluded, checkpoint_dir=ckpt_dir, resume=config.resume, accelerator=accelerator,
-                         stop_after=stop_after, run_settings=run_settings(config, data), loss_fn=loss_fn)
+                         stop_after=stop_after, run_settings=run_settings(config, data), loss_fn=loss_fn,
+                         hooks=hooks)
     del teacher, loss_fn
     if result.stopped_early:
         return None

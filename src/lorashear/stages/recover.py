@@ -121,6 +121,9 @@ class RecoverConfig:
         if self.distill.topk:
             raise ConfigError("distill topk applies to the prune stage only: recovery picks each round's data from the "
                               "round before, so its teacher stays online (set it to 0)")
+        if self.distill.after_pruning is not None:
+            raise ConfigError("distill after_pruning applies to the prune stage only (recovery has no pruning steps); "
+                              "drop it and set --distill-weight")
 
     @property
     def steps_per_round(self) -> int:

@@ -140,6 +140,7 @@ def _settings(cfg: dict[str, Any], timings: dict[str, float], prune: dict[str, A
             ("batch size", "batch_size"), ("learning rate", "lr"), ("LoRA rank / alpha", None),
             ("saliency", "saliency"), ("allocation", "allocation"), ("quota", "quota"),
             ("pruning ends at (fraction of steps)", "prune_end"), ("distillation weight", "distill_weight"),
+            ("distillation weight after pruning", "distill_after_pruning"),
             ("knowledge proxy / gamma", None), ("dtype", "dtype")]
     rows = []
     for label, key in keys:
@@ -150,6 +151,8 @@ def _settings(cfg: dict[str, Any], timings: dict[str, float], prune: dict[str, A
                 value = f"{cfg.get('analyze_proxy', '?')} / {cfg.get('analyze_gamma', '?')}"
         else:
             value = cfg.get(key, "-")
+        if key == "distill_after_pruning" and value is None:
+            value = "same as during pruning"
         if isinstance(value, (list, tuple)):
             value = ", ".join(map(str, value))
         rows.append([label, f"`{value}`"])

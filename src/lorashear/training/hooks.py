@@ -29,6 +29,7 @@ from ..graph.groups import Group
 from ..lhspg.optimizer import LHSPG
 from ..lhspg.transfer import consumer_module
 from ..models.params import is_lora_name
+from .losses import KLShare
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,22 @@ class LHSPGHook(StepHook):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lhspg.load_state_dict(state)
+
+
+class KLShareSwitch(StepHook):
+    """Sets a distillation loss's KL share by the step: ``before`` until step ``at``, ``after`` from it on.
+
+    Stateless: the share is a function of the step, so a resumed run sets the same one.
+    """
+
+    def __init__(self, share: KLShare, *, at: int, before: float, after: float) -> None:
+        self.share, self.at, self.before, self.after = share, int(at), float(before), float(after)
+
+    def before_micro_batch(self, step: int, micro: int) -> None:
+        self.share.value = self.before if step < self.at else self.after
+
+    def log_fields(self) -> dict[str, Any]:
+        return {"kl_share": self.share.value}
 
 
 def consumer_columns(group: Group) -> list[tuple[str, tuple[int, ...]]]:

@@ -7,7 +7,9 @@ loss is one function here. ``batch`` is a ``LongTensor[B, seq_len]`` of token id
 - :func:`distillation_loss`: KL divergence from a frozen teacher's next-token distribution,
   mixed with the cross-entropy: ``(1 - w) CE + w T^2 KL(teacher_T || student_T)`` per token.
   The teacher runs online (one forward pass per micro-batch, no gradient); for the
-  reference model that costs about a third of a training step.
+  reference model that costs about a third of a training step. The KL's share ``w`` may
+  change during training (:class:`KLShare`, set by a step hook); while it is 0 the teacher
+  is not run at all.
 - :func:`masked_lm_loss` / :func:`masked_distillation_loss`: the same for batches whose
   prompt tokens carry no loss (instruction data): such a token is stored as ``~id``
   (a negative number, :func:`mask_prompt`); it is fed to the model as ``id`` and never
@@ -40,6 +42,9 @@ class DistillConfig:
     weight: float = field(default=0.0, metadata={
         "help": "share of the KL-to-teacher term in the loss, (1-w) CE + w KL; 0 = off (cross-entropy only)"})
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of teacher and student"})
+    after_pruning: float | None = field(default=None, metadata={
+        "help": "prune stage only: the KL share once pruning has ended (the steps that only fine-tune); "
+                "default: the same share throughout"})
     topk: int = field(default=0, metadata={
         "help": "0 = online teacher (a second copy of the dense model during training); K > 0 = the teacher's "
                 "top-K logits of every training sequence, computed once before training (6 x K bytes per token, "
@@ -48,6 +53,8 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.weight <= 1.0:
             raise ConfigError(f"distill weight must be in [0, 1], got {self.weight}")
+        if self.after_pruning is not None and not 0.0 <= self.after_pruning <= 1.0:
+            raise ConfigError(f"distill after_pruning must be in [0, 1], got {self.after_pruning}")
         if self.topk < 0:
             raise ConfigError(f"distill topk must be >= 0, got {self.topk}")
         if not self.temperature > 0:
@@ -55,7 +62,15 @@ class DistillConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.weight > 0
+        """Whether a teacher is needed at any step."""
+        return self.weight > 0 or bool(self.after_pruning)
+
+
+@dataclass
+class KLShare:
+    """The KL term's share ``w`` in a distillation loss, read at every call; a step hook may change it."""
+
+    value: float
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
@@ -75,13 +90,20 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     return (kl * mask).sum() / mask.sum().clamp(min=1) * temperature**2
 
 
-def distillation_loss(teacher: torch.nn.Module, config: DistillConfig) -> LossFn:
-    """A loss mixing cross-entropy with the KL to ``teacher`` (frozen, evaluated without gradient)."""
+def distillation_loss(teacher: torch.nn.Module, config: DistillConfig, share: KLShare | None = None) -> LossFn:
+    """A loss mixing cross-entropy with the KL to ``teacher`` (frozen, evaluated without gradient).
+
+    ``share``: the KL's share, read at every call (default: fixed at ``config.weight``).
+    """
     freeze(teacher)
-    w, temp = config.weight, config.temperature
+    temp = config.temperature
+    mix = share or KLShare(config.weight)
 
     def loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        w = mix.value
         out = model(input_ids=batch, labels=batch, use_cache=False)
+        if w == 0.0:
+            return out.loss
         with torch.no_grad():
             t_logits = teacher(input_ids=batch, use_cache=False).logits
         kl = kl_to_teacher(out.logits, t_logits, temp)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .losses import IGNORE_INDEX, LossFn, freeze, next_token_losses, split_prompt_mask
+from .losses import IGNORE_INDEX, KLShare, LossFn, freeze, masked_lm_loss, next_token_losses, split_prompt_mask
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +112,15 @@ def kl_topk(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.T
     return (kl * mask).sum() / mask.sum().clamp(min=1) * temperature**2
 
 
-def topk_distillation_loss(cache: TopKCache, weight: float, temperature: float = 1.0) -> LossFn:
-    """``(1 - weight) CE + weight T^2 KL`` with the teacher read from ``cache``."""
+def topk_distillation_loss(cache: TopKCache, weight: float | KLShare, temperature: float = 1.0) -> LossFn:
+    """``(1 - weight) CE + weight T^2 KL`` with the teacher read from ``cache``; ``weight`` may be a
+    :class:`KLShare` that a step hook changes (read at every call)."""
+    mix = weight if isinstance(weight, KLShare) else KLShare(weight)
 
     def loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        weight = mix.value
+        if weight == 0.0:
+            return masked_lm_loss(model, batch)
         values, indices = cache.lookup(batch)
         if not bool((batch < 0).any()):  # plain text: every next token counts
             out = model(input_ids=batch, labels=batch, use_cache=False)
