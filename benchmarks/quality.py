@@ -13,9 +13,10 @@ alpha 16 / dropout 0.05 on the family's projections, AdamW lr 2e-4. Rows:
 - ``paper``: ``lorashear prune --recipe paper`` (+ knowledge analysis ``--knowledge``);
 - ``lorashear``: ``lorashear prune --recipe lorashear``;
 - ``lorashear-X``: the new recipe with component X reverted to the paper's (ablations, see ``ABLATIONS``);
-- ``paper_mask_lora``: the ``paper`` row's mask applied one-shot to the dense model, then LoRA
-  fine-tuning for the whole budget (diagnostic: is it the mask or the schedule?);
-- ``paper_mask``: that mask with no training.
+- ``paper_mask_lora`` / ``lorashear_mask_lora``: that row's final mask applied one-shot to the dense
+  model, then LoRA fine-tuning for the whole budget (diagnostic: is it the mask or the schedule?);
+  ``..._mask_lora_kd`` the same with the peer's distillation; ``..._mask``: the mask with no training
+  (needs the row it takes the mask from, at the same ``--steps`` and ``--tag``).
 
 Each finished row is saved as JSON under ``--work`` (``ROW_r20_s0_400.json``) and reused; the
 report (``--out``.md/.json) is rebuilt from whatever rows exist, so a matrix can be finished over
@@ -66,6 +67,12 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 }
 for _name, _opts in ABLATIONS.items():
     LORASHEAR_ROWS[f"lorashear-{_name}"] = {**LORASHEAR_ROWS["lorashear"], **_opts}
+#: diagnostics: a row's final mask applied one-shot to the dense model -> (that row, training after it)
+MASK_ROWS: dict[str, tuple[str, str | None]] = {
+    f"{base}_mask{suffix}": (base, training)
+    for base in ("paper", "lorashear")
+    for suffix, training in (("", None), ("_lora", "lora"), ("_lora_kd", "lora_kd"))
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -219,10 +226,11 @@ class Bench:
                 res = self.finetune(model, seed, distill)
                 rec.update(train_s=res.wall_time_s, tokens=res.tokens_seen, distill_weight=distill,
                            loss_last=statistics.mean(res.losses[-3:]), ppl=self.evaluate(res.model))
-        elif row in ("paper_mask", "paper_mask_lora"):
-            src = self.row_file(self.key("paper", ratio, seed))
+        elif row in MASK_ROWS:
+            base, training = MASK_ROWS[row]
+            src = self.row_file(self.key(base, ratio, seed))
             if not src.is_file():
-                raise SystemExit(f"{row} needs the paper row first ({src})")
+                raise SystemExit(f"{row} needs the {base} row first ({src})")
             ids = set(json.loads(src.read_text())["selected_ids"])
             from lorashear.compaction import compact
             from lorashear.graph.discover import discover
@@ -231,12 +239,13 @@ class Bench:
             graph = discover(model)
             drop = [g for g in graph.groups if g.id in ids]
             model = compact(model, drop)
-            rec = {"params": count_params(model), "mask_groups": len(drop)}
-            if row == "paper_mask":
+            rec = {"params": count_params(model), "mask_groups": len(drop), "mask_of": src.name}
+            if training is None:
                 rec["ppl"] = self.evaluate(model)
             else:
-                res = self.finetune(model, seed, 0.0)
-                rec.update(train_s=res.wall_time_s, tokens=res.tokens_seen,
+                distill = a.distill_weight if training == "lora_kd" else 0.0
+                res = self.finetune(model, seed, distill)
+                rec.update(train_s=res.wall_time_s, tokens=res.tokens_seen, distill_weight=distill,
                            loss_last=statistics.mean(res.losses[-3:]), ppl=self.evaluate(res.model))
         elif row in LORASHEAR_ROWS:
             rec = self.lorashear_row(row, ratio, seed)
