@@ -123,6 +123,20 @@ def random_batches(n=8, seq=16, vocab=96, seed=0):
     return torch.randint(0, vocab, (n, seq), generator=g)
 
 
+def lhspg_run(ratio, train_config, lhspg_config, *, seed=11, dropout=0.1, data=None, **kw):
+    """A tiny LoRA model pruned to ``ratio`` by ``train_lhspg``: ``(model, graph, plan, result)``;
+    ``kw`` goes to ``train_lhspg`` (loss_fn, checkpoint_dir, resume, stop_after, ...)."""
+    from lorashear.graph.discover import discover
+    from lorashear.training import train_lhspg
+
+    model = tiny_lora_model(seed=seed, dropout=dropout)
+    graph = discover(model)
+    plan = make_plan(model, graph, ratio)
+    res = train_lhspg(model, graph.groups, plan, random_batches(n=6, seq=16) if data is None else data,
+                      train_config=train_config, lhspg_config=lhspg_config, **kw)
+    return model, graph, plan, res
+
+
 # ----------------------------------------------------------------------------- schedule
 
 

@@ -11,15 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_lhspg import base_param_count, embedding_count, random_batches, tiny_lora_model
+from test_lhspg import base_param_count, lhspg_run, random_batches, tiny_lora_model
 
-from lorashear.lhspg import LHSPGConfig, TargetConfig, plan_targets
-from lorashear.data.config import DataConfig
-from lorashear.graph.discover import discover
+from lorashear.lhspg import LHSPGConfig, TargetConfig
 from lorashear.models.lora import LoraSettings
 from lorashear.stages import prune as prune_stage
 from lorashear.stages.prune import PruneConfig
-from lorashear.training import TrainConfig, train_lhspg
+from lorashear.training import TrainConfig
 
 
 def _plain_tiny(seed=0, vocab=96):
@@ -64,14 +62,9 @@ def test_run_prune_zeroes_selected_groups_hits_ratio_and_compacts_exactly(tmp_pa
 def test_masked_equals_compacted_logits_after_training():
     from lorashear.compaction import compact
 
-    model = tiny_lora_model(seed=7, dropout=0.05)
-    graph = discover(model)
-    plan = plan_targets(graph.prunable(), total_params=base_param_count(model),
-                        embedding_params=embedding_count(model), config=TargetConfig(ratio=0.15),
-                        all_groups=graph.groups)
-    res = train_lhspg(model, graph.groups, plan, random_batches(n=8, seq=16),
-                      train_config=TrainConfig(steps=8, batch_size=2, progress=False, lr=1e-2),
-                      lhspg_config=LHSPGConfig(warmup_steps=1, num_periods=2, period_steps=3))
+    model, graph, _, res = lhspg_run(0.15, TrainConfig(steps=8, batch_size=2, progress=False, lr=1e-2),
+                                     LHSPGConfig(warmup_steps=1, num_periods=2, period_steps=3), seed=7,
+                                     dropout=0.05, data=random_batches(n=8, seq=16))
     selected = res.lhspg.committed_groups
     named = dict(model.named_parameters())
     for g in graph.groups:  # exactly the selected groups are zero
@@ -88,16 +81,11 @@ def test_masked_equals_compacted_logits_after_training():
 
 
 def _run(tmp_path, stop_after=None, resume=False):
-    model = tiny_lora_model(seed=11, dropout=0.1)
-    graph = discover(model)
-    plan = plan_targets(graph.prunable(), total_params=base_param_count(model),
-                        embedding_params=embedding_count(model), config=TargetConfig(ratio=0.12),
-                        all_groups=graph.groups)
-    res = train_lhspg(model, graph.groups, plan, random_batches(n=6, seq=16),
-                      train_config=TrainConfig(steps=12, batch_size=2, grad_accum=2, progress=False, lr=5e-3,
-                                               checkpoint_every=3, lr_scheduler="cosine", lr_warmup_steps=2),
-                      lhspg_config=LHSPGConfig(warmup_steps=2, num_periods=2, period_steps=4),
-                      checkpoint_dir=tmp_path / "ckpt", resume=resume, stop_after=stop_after)
+    model, _, _, res = lhspg_run(
+        0.12, TrainConfig(steps=12, batch_size=2, grad_accum=2, progress=False, lr=5e-3, checkpoint_every=3,
+                          lr_scheduler="cosine", lr_warmup_steps=2),
+        LHSPGConfig(warmup_steps=2, num_periods=2, period_steps=4),
+        checkpoint_dir=tmp_path / "ckpt", resume=resume, stop_after=stop_after)
     return model, res
 
 

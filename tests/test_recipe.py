@@ -8,14 +8,14 @@ import torch
 from lorashear.config import config_from_dict
 from lorashear.errors import ConfigError
 from lorashear.graph.discover import discover
-from lorashear.lhspg import LHSPGConfig, TargetConfig, plan_targets
+from lorashear.lhspg import LHSPGConfig
 from lorashear.lhspg.optimizer import parse_saliency
 from lorashear.lhspg.schedule import period_quotas, split_quota
 from lorashear.stages.prune import PruneConfig
-from lorashear.training import TrainConfig, train_lhspg
+from lorashear.training import TrainConfig
 from lorashear.training.hooks import ActivationFisher
 from lorashear.training.losses import DistillConfig, distillation_loss, kl_to_teacher, lm_loss, make_teacher
-from test_lhspg import base_param_count, embedding_count, random_batches, tiny_lora_model
+from test_lhspg import lhspg_run, random_batches, tiny_lora_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -192,19 +192,12 @@ def test_kl_share_is_read_at_every_call_and_a_zero_share_skips_the_teacher():
 
 
 def _new_recipe_run(tmp_path, stop_after=None, resume=False):
-    model = tiny_lora_model(seed=11, dropout=0.1)
-    graph = discover(model)
-    plan = plan_targets(graph.prunable(), total_params=base_param_count(model),
-                        embedding_params=embedding_count(model), config=TargetConfig(ratio=0.15),
-                        all_groups=graph.groups)
     teacher = make_teacher(tiny_lora_model(seed=11).base_model.model)
-    res = train_lhspg(model, graph.groups, plan, random_batches(n=6, seq=16),
-                      train_config=TrainConfig(steps=12, batch_size=2, progress=False, lr=5e-3, checkpoint_every=3),
-                      lhspg_config=LHSPGConfig(num_periods=3, saliency=("fisher",), allocation="layer", quota="front",
-                                               prune_end=0.5, merge_at_period_end=False, min_keep=0.25),
-                      loss_fn=distillation_loss(teacher, DistillConfig(weight=0.5)),
-                      checkpoint_dir=tmp_path / "ckpt", resume=resume, stop_after=stop_after)
-    return model, graph, plan, res
+    return lhspg_run(0.15, TrainConfig(steps=12, batch_size=2, progress=False, lr=5e-3, checkpoint_every=3),
+                     LHSPGConfig(num_periods=3, saliency=("fisher",), allocation="layer", quota="front",
+                                 prune_end=0.5, merge_at_period_end=False, min_keep=0.25),
+                     loss_fn=distillation_loss(teacher, DistillConfig(weight=0.5)),
+                     checkpoint_dir=tmp_path / "ckpt", resume=resume, stop_after=stop_after)
 
 
 def test_new_recipe_run_prunes_exactly_keeps_min_width_and_resumes_bit_identically(tmp_path):

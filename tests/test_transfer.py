@@ -12,8 +12,7 @@ from lorashear.lhspg import LHSPG, LHSPGConfig, TargetConfig, make_optimizer, pl
 from lorashear.lhspg.transfer import kept_columns, transfer_matrix
 from lorashear.training import TrainConfig
 from lorashear.training.hooks import ActivationGram
-from lorashear.training.loop import train_lhspg
-from test_lhspg import base_param_count, embedding_count, random_batches, tiny_lora_model
+from test_lhspg import base_param_count, embedding_count, lhspg_run, random_batches, tiny_lora_model
 
 
 def test_transfer_matrix_is_exact_when_the_fading_columns_are_linear_in_the_kept_ones():
@@ -122,16 +121,11 @@ def test_transfer_moves_the_fading_channels_into_the_kept_ones():
 
 
 def _transfer_run(tmp_path, stop_after=None, resume=False):
-    model = tiny_lora_model(seed=11, dropout=0.1)
-    graph = discover(model)
-    plan = plan_targets(graph.prunable(), total_params=base_param_count(model),
-                        embedding_params=embedding_count(model), config=TargetConfig(ratio=0.15),
-                        all_groups=graph.groups)
-    res = train_lhspg(model, graph.groups, plan, random_batches(n=6, seq=16),
-                      train_config=TrainConfig(steps=12, batch_size=2, progress=False, lr=5e-3, checkpoint_every=3),
-                      lhspg_config=LHSPGConfig(num_periods=3, saliency=("fisher",), quota="front", prune_end=0.5,
-                                               merge_at_period_end=False, transfer=True),
-                      checkpoint_dir=tmp_path / "ckpt", resume=resume, stop_after=stop_after)
+    model, graph, _, res = lhspg_run(
+        0.15, TrainConfig(steps=12, batch_size=2, progress=False, lr=5e-3, checkpoint_every=3),
+        LHSPGConfig(num_periods=3, saliency=("fisher",), quota="front", prune_end=0.5, merge_at_period_end=False,
+                    transfer=True),
+        checkpoint_dir=tmp_path / "ckpt", resume=resume, stop_after=stop_after)
     return model, graph, res
 
 
