@@ -258,13 +258,15 @@ def test_stop_rule_fires(world, tmp_path) -> None:
     assert result.stages[0]["rounds"] == 1 and result.stages[0]["stop_reason"] == "max_rounds"
 
 
-def test_resume_is_bit_identical(world, tmp_path) -> None:
-    straight = _run(world, tmp_path / "straight", max_rounds=2, tolerance=0.0)
+@pytest.mark.parametrize("across", [False, True], ids=["lora_per_round", "lora_across_rounds"])
+def test_resume_is_bit_identical(world, tmp_path, across) -> None:
+    straight = _run(world, tmp_path / "straight", max_rounds=2, tolerance=0.0, lora_across_rounds=across)
     assert straight.rounds >= 3
     out = tmp_path / "resumed"
-    assert _run(world, out, max_rounds=2, tolerance=0.0, stop_after_rounds=1) is None
+    # stopped after stage 1's first round: with lora_across_rounds its factors and optimizer are still open
+    assert _run(world, out, max_rounds=2, tolerance=0.0, stop_after_rounds=1, lora_across_rounds=across) is None
     assert (out / "checkpoints").is_dir() and not (out / "recover_report.json").exists()
-    resumed = _run(world, out, max_rounds=2, tolerance=0.0, resume=True)
+    resumed = _run(world, out, max_rounds=2, tolerance=0.0, resume=True, lora_across_rounds=across)
     assert resumed.report["resumed_from_round"] == 1
 
     def strip(rounds):
@@ -274,12 +276,39 @@ def test_resume_is_bit_identical(world, tmp_path) -> None:
     a = load_pretrained(tmp_path / "straight").state_dict()
     b = load_pretrained(out).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any("lora_" in k for k in b)  # merged at the stage's end
     # a checkpoint of other settings is refused
-    assert _run(world, out, max_rounds=2, tolerance=0.0, stop_after_rounds=1) is None
+    assert _run(world, out, max_rounds=2, tolerance=0.0, stop_after_rounds=1, lora_across_rounds=across) is None
     from lorashear.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="other settings"):
-        _run(world, out, max_rounds=3, tolerance=0.0, resume=True)
+        _run(world, out, max_rounds=3, tolerance=0.0, resume=True, lora_across_rounds=across)
+
+
+def test_a_lora_run_carries_its_factors_and_optimizer_across_calls(world) -> None:
+    from lorashear.models.lora import LoraSettings
+    from lorashear.recovery.finetune import LoraRun
+    from lorashear.training.loop import TrainConfig
+
+    ids = torch.randint(0, len(world["tok"]), (6, 16), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(steps=3, batch_size=2, lr=1e-2, progress=False)
+    model = copy.deepcopy(world["student"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run = LoraRun(model, LoraSettings(r=4, alpha=8, dropout=0.0), cfg, seed=0)
+    run.train(ids, cfg)
+    b_after_one = {n: p.detach().clone() for n, p in run.model.named_parameters() if "lora_B" in n}
+    assert all(float(v.abs().max()) > 0 for v in b_after_one.values())  # trained, not re-initialised below
+    run.train(ids, cfg)
+    steps = {int(st["step"]) for st in run.optimizer.state.values()}
+    assert steps == {6}  # one optimizer through both calls
+    merged = run.merge()
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    assert any(not torch.equal(before[k], v) for k, v in merged.state_dict().items())
+    with pytest.raises(Exception, match="exactly the model's trainable parameters"):
+        from lorashear.training.loop import train
+
+        other = LoraRun(copy.deepcopy(world["student"]), LoraSettings(r=4, alpha=8), cfg, seed=0)
+        train(other.model, ids, config=cfg, optimizer=run.optimizer)
 
 
 def test_cli_end_to_end_and_cached_dense_losses(world, tmp_path, capsys, monkeypatch) -> None:

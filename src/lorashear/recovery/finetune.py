@@ -111,6 +111,68 @@ def _sequences(data: Sequence[str] | torch.Tensor, tokenizer: PreTrainedTokenize
     return pack_texts(list(data), tokenizer, cfg.seq_len, num_sequences=cfg.num_sequences, seed=cfg.train.seed)
 
 
+class LoraRun:
+    """One set of LoRA factors on ``model`` and the optimizer over them, trained over one or more calls.
+
+    :func:`finetune` is one call then :meth:`merge`; the recover stage may keep one run through
+    all rounds of a stage, so the factors and the optimizer's moments carry from round to round.
+    The factors are drawn from ``seed`` inside ``torch.random.fork_rng`` (the caller's RNG states are
+    left as they were, also by :meth:`train`).
+    """
+
+    def __init__(self, model: PreTrainedModel, lora: LoraSettings, train_config: TrainConfig, *, seed: int) -> None:
+        from ..lhspg.optimizer import lora_parameters, make_optimizer
+
+        self._was_training = model.training
+        self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+        device = next(model.parameters()).device
+        self._rng_devices = [device] if device.type == "cuda" else []
+        with _caller_rng_kept(self._rng_devices):
+            torch.manual_seed(seed)
+            self.model = attach_lora(model, lora)
+        self.lora = lora
+        params = lora_parameters(self.model)
+        self.trainable_params = sum(p.numel() for p in params)
+        self.optimizer = make_optimizer(params, train_config.optimizer, train_config.lr, train_config.weight_decay)
+
+    def train(self, ids: torch.Tensor, config: TrainConfig, *, loss_fn: LossFn = lm_loss,
+              hooks: Sequence[StepHook] = ()) -> FinetuneResult:
+        """``config.steps`` more steps on the packed ``ids`` (``config.seed``: dropout and data order)."""
+        t0 = time.perf_counter()
+        with _caller_rng_kept(self._rng_devices):
+            torch.manual_seed(config.seed)
+            result = train(self.model, ids, config=config, loss_fn=loss_fn, hooks=hooks, desc="lora finetune",
+                           optimizer=self.optimizer)
+        return FinetuneResult(model=self.model, losses=result.losses, steps=result.steps_done,
+                              tokens_seen=result.tokens_seen, trainable_params=self.trainable_params,
+                              wall_time_s=time.perf_counter() - t0, sequences=int(ids.shape[0]))
+
+    def merge(self) -> PreTrainedModel:
+        """The plain model with the factors merged into its weights (no peft module left), in the
+        train/eval mode and with the ``requires_grad`` flags it had before."""
+        merged = self.model.merge_and_unload()
+        merged.train(self._was_training)
+        for p in merged.parameters():  # the base weights are the caller's tensors: give back their flags
+            p.requires_grad_(self._requires_grad.get(id(p), p.requires_grad))
+        return merged
+
+
+class _caller_rng_kept:
+    """``torch.random.fork_rng`` that also restores Python's and NumPy's RNG states."""
+
+    def __init__(self, devices: list[torch.device]) -> None:
+        self._fork = torch.random.fork_rng(devices=devices)
+
+    def __enter__(self) -> None:
+        self._py, self._np = random.getstate(), np.random.get_state()
+        self._fork.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._fork.__exit__(*exc)
+        random.setstate(self._py)
+        np.random.set_state(self._np)
+
+
 def finetune(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase | None,
@@ -128,31 +190,15 @@ def finetune(
     """
     cfg = config or FinetuneConfig()
     ids = _sequences(data, tokenizer, cfg)
-    was_training = model.training
-    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
-    device = next(model.parameters()).device
-    rng_devices = [device] if device.type == "cuda" else []
-    py_state, np_state = random.getstate(), np.random.get_state()
     t0 = time.perf_counter()
-    try:
-        with torch.random.fork_rng(devices=rng_devices):
-            torch.manual_seed(cfg.train.seed)
-            peft_model = attach_lora(model, cfg.lora)
-            trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-            logger.info("LoRA fine-tuning: %d steps x %d x %d tokens (%d tokens), r=%d alpha=%d, "
-                        "%d trainable parameters, %d sequences", cfg.train.steps, cfg.train.batch_size, cfg.seq_len,
-                        cfg.budget_tokens, cfg.lora.r, cfg.lora.alpha, trainable, ids.shape[0])
-            result = train(peft_model, ids, config=cfg.train, loss_fn=loss_fn, hooks=hooks, desc="lora finetune")
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-    merged = peft_model.merge_and_unload()
-    merged.train(was_training)
-    for p in merged.parameters():  # the base weights are the caller's tensors: give back their flags
-        p.requires_grad_(requires_grad.get(id(p), p.requires_grad))
-    return FinetuneResult(model=merged, losses=result.losses, steps=result.steps_done,
-                          tokens_seen=result.tokens_seen, trainable_params=trainable,
-                          wall_time_s=time.perf_counter() - t0, sequences=int(ids.shape[0]))
+    run = LoraRun(model, cfg.lora, cfg.train, seed=cfg.train.seed)
+    logger.info("LoRA fine-tuning: %d steps x %d x %d tokens (%d tokens), r=%d alpha=%d, "
+                "%d trainable parameters, %d sequences", cfg.train.steps, cfg.train.batch_size, cfg.seq_len,
+                cfg.budget_tokens, cfg.lora.r, cfg.lora.alpha, run.trainable_params, ids.shape[0])
+    result = run.train(ids, cfg.train, loss_fn=loss_fn, hooks=hooks)
+    result.model = run.merge()
+    result.wall_time_s = time.perf_counter() - t0
+    return result
 
 
 def lora_finetune(
@@ -179,4 +225,4 @@ def lora_finetune(
     return finetune(model, tokenizer, texts_or_ids, cfg).model
 
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "lora_finetune"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "LoraRun", "finetune", "lora_finetune"]

@@ -39,6 +39,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ from ..atomic import atomic_directory, atomic_write_json, output_lock, validate_
 from ..config import section, to_flat_dict, to_json_dict
 from ..errors import CheckpointError, ConfigError, CorruptCheckpointError
 from ..models.lora import LoraSettings
+from ..recovery.finetune import LoraRun
 from ..recovery.sources import Source, SourceConfig
 from ..training.loop import TrainConfig
 from ..training.losses import DistillConfig
@@ -94,6 +96,9 @@ class RecoverConfig:
     dtype: str = field(default="float32", metadata={"help": "parameter dtype of the model and the teacher"})
     source: SourceConfig = section(SourceConfig, help="cleaning, split and packing of every source")
     lora: LoraSettings = section(LoraSettings, prefix="lora_", help="LoRA factors of each round (merged after it)")
+    lora_across_rounds: bool = field(default=False, metadata={
+        "help": "keep one set of LoRA factors and its optimizer state through all rounds of a stage, merged at "
+                "the stage's end (default: new factors each round, merged after it, as in the paper)"})
     train: TrainConfig = section(TrainConfig, help="training loop of each round", steps=50)
     distill: DistillConfig = section(DistillConfig, prefix="distill_",
                                      help="distillation from the teacher (off by default: 0.5 measured worse than off "
@@ -217,18 +222,23 @@ def _settings(config: RecoverConfig) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if k not in _RUN_ONLY}
 
 
-def _save_round(root: Path, model: torch.nn.Module, state: dict[str, Any], settings: dict[str, Any]) -> None:
+def _save_round(root: Path, model: torch.nn.Module, state: dict[str, Any], settings: dict[str, Any],
+                lora_run: LoraRun | None) -> None:
+    """The state after a round; with a LoRA run still open, its factors (with the model) and optimizer."""
     from ..training.checkpoint import save_checkpoint
 
-    names = [n for n, _ in model.named_parameters()]
-    save_checkpoint(root, step=state["round"], model=model, param_names=names, stateful={},
-                    state={"recover": state, "settings": settings}, keep=1)
+    target = model if lora_run is None else lora_run.model
+    names = [n for n, _ in target.named_parameters()]
+    stateful = {} if lora_run is None else {"lora_optimizer": lora_run.optimizer}
+    save_checkpoint(root, step=state["round"], model=target, param_names=names, stateful=stateful,
+                    state={"recover": {**state, "lora_open": lora_run is not None}, "settings": settings}, keep=1)
 
 
-def _load_round(root: Path, model: torch.nn.Module, settings: dict[str, Any]) -> dict[str, Any] | None:
-    from ..training.checkpoint import latest_checkpoint, load_checkpoint
-
-    from ..training.checkpoint import read_checkpoint_file
+def _load_round(root: Path, model: torch.nn.Module, settings: dict[str, Any],
+                open_lora: Callable[[torch.nn.Module, int], LoraRun]) -> tuple[dict[str, Any], LoraRun | None] | None:
+    """The state of the last complete round loaded into ``model`` (and a LoRA run opened with ``open_lora``
+    when that round left one open); ``None`` when there is no checkpoint."""
+    from ..training.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_file
 
     path = latest_checkpoint(root)
     if path is None:
@@ -243,12 +253,18 @@ def _load_round(root: Path, model: torch.nn.Module, settings: dict[str, Any]) ->
         diff = sorted(k for k in set(saved or {}) | set(settings) if (saved or {}).get(k) != settings.get(k))
         raise CheckpointError(f"checkpoint {path} was written with other settings ({', '.join(diff[:3])}); "
                               f"run without --resume to start over")
+    recover_state = stored.get("recover", {}) if isinstance(stored, dict) else {}
+    lora_run = open_lora(model, int(recover_state["stage_index"])) if recover_state.get("lora_open") else None
+    target = model if lora_run is None else lora_run.model
+    stateful = {} if lora_run is None else {"lora_optimizer": lora_run.optimizer}
     try:
-        state = load_checkpoint(path, model=model, stateful={})
+        state = load_checkpoint(path, model=target, stateful=stateful)
     except CorruptCheckpointError as exc:
         raise CorruptCheckpointError(f"{exc}; run without --resume to start over") from exc
     logger.info("resumed from %s (round %d)", path, state["recover"]["round"])
-    return state["recover"]
+    recovered = state["recover"]
+    recovered.pop("lora_open", None)
+    return recovered, lora_run
 
 
 # -- the stage ------------------------------------------------------------------------------------
@@ -335,9 +351,15 @@ def _run(config: RecoverConfig, out: Path, *, model: Any, tokenizer: Any, teache
         box["teacher"] = None  # not needed any more: free its memory
 
     settings = _settings(config)
+    def open_lora(base: torch.nn.Module, stage_index: int = 0) -> LoraRun:
+        return LoraRun(base, config.lora, config.train, seed=seed + 7919 * (stage_index + 1))
+
     state: dict[str, Any] | None = None
+    lora_run: LoraRun | None = None  # open only with lora_across_rounds, between a stage's rounds
     if config.resume:
-        state = _load_round(ckpt_root, model, settings)
+        loaded = _load_round(ckpt_root, model, settings, open_lora)
+        if loaded is not None:
+            state, lora_run = loaded
     else:
         shutil.rmtree(ckpt_root, ignore_errors=True)
     resumed_from = state["round"] if state is not None else None
@@ -366,6 +388,8 @@ def _run(config: RecoverConfig, out: Path, *, model: Any, tokenizer: Any, teache
         elif state["stage_round"] >= config.max_rounds:
             reason = "max_rounds"
         if reason is not None:
+            if lora_run is not None:  # the stage's factors go into the weights
+                model, lora_run = lora_run.merge(), None
             record.update(stop_reason=reason, final_loss=state["losses"], final_delta=deltas)
             logger.info("stage %d (%s) stops after %d rounds: %s", num, label, state["stage_round"], reason)
             state.update(stage_index=state["stage_index"] + 1, stage_round=0, losses=None, prev_max=None)
@@ -376,11 +400,16 @@ def _run(config: RecoverConfig, out: Path, *, model: Any, tokenizer: Any, teache
                                                 offsets=state["offsets"])
         logger.info("round %d (stage %d, %s): weights %s", state["round"] + 1, num, label,
                     ", ".join(f"{k}={v:.3f}" for k, v in weights.items()))
-        ft_config = FinetuneConfig(seq_len=seq_len, lora=config.lora,
-                                   train=dataclasses.replace(config.train, steps=steps, seed=seed + state["round"]))
-        ft = finetune(model, None, subset, ft_config, loss_fn=loss_fn)
-        model = ft.model
-        after = source_losses(model, srcs, batch_size=batch)
+        round_train = dataclasses.replace(config.train, steps=steps, seed=seed + state["round"])
+        if config.lora_across_rounds:
+            if lora_run is None:
+                lora_run = open_lora(model, state["stage_index"])
+            ft = lora_run.train(subset, round_train, loss_fn=loss_fn)
+        else:
+            ft = finetune(model, None, subset, FinetuneConfig(seq_len=seq_len, lora=config.lora, train=round_train),
+                          loss_fn=loss_fn)
+            model = ft.model
+        after = source_losses(ft.model, srcs, batch_size=batch)
         after_delta = degradation(after, dense)
         state["history"].append({
             "round": state["round"] + 1, "stage": num, "stage_round": state["stage_round"] + 1,
@@ -399,7 +428,7 @@ def _run(config: RecoverConfig, out: Path, *, model: Any, tokenizer: Any, teache
         state.update(round=state["round"] + 1, stage_round=state["stage_round"] + 1, prev_max=worst, losses=after,
                      offsets=offsets, tokens_seen=state["tokens_seen"] + ft.tokens_seen,
                      elapsed_s=elapsed_before + time.perf_counter() - t_start)
-        _save_round(ckpt_root, model, state, settings)
+        _save_round(ckpt_root, model, state, settings, lora_run)
         if stop_after_rounds is not None and state["round"] >= stop_after_rounds:
             return None
 

@@ -171,6 +171,7 @@ def train(
     stop_after: int | None = None,
     desc: str = "train",
     run_settings: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> TrainResult:
     """Train the LoRA factors of ``model`` (its only trainable parameters) on ``data``.
 
@@ -186,6 +187,8 @@ def train(
         stop_after: stop after this many steps in total (a deliberate interruption; tests use it).
         run_settings: what defines the run (model, data, budget, method settings); stored in every
             checkpoint, and a resume from a checkpoint with other settings is refused.
+        optimizer: an optimizer over exactly the trainable parameters to continue with (its moments
+            carry over from an earlier call); default: a new one from ``config``.
     """
     from accelerate.utils import set_seed
 
@@ -201,7 +204,11 @@ def train(
     params = lora_parameters(model)
     if not params:
         raise ConfigError("the model has no trainable (LoRA) parameters")
-    inner = make_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    if optimizer is not None:
+        given = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if given != {id(p) for p in params}:
+            raise ConfigError("the optimizer given to train() must hold exactly the model's trainable parameters")
+    inner = optimizer if optimizer is not None else make_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(inner, functools.partial(
         lr_lambda, warmup=cfg.lr_warmup_steps, total=cfg.steps, kind=cfg.lr_scheduler))
     model_p, opt_p = accelerator.prepare(model, inner)
