@@ -7,7 +7,8 @@ Reads rows that the other benchmarks cached and writes one table; it trains noth
   tag ``r20_100``: the row's ``tokens``); the pruned model's perplexity is the recovery benchmark's ``before``
   row when there is one (the model that was recovered);
 - the peer with LoRA and distillation (``quality.py --rows peer_lora_kd``) at as many steps as the prune and
-  recovery tokens together (``--peer-work``), and at the prune budget alone for reference.
+  recovery tokens together (``--peer-work``), and at the prune budget alone for reference;
+- ``lorashear`` pruned with that whole budget and no recovery (``--peer-work``): where the tokens do most.
 
 Every number is held-out perplexity under ``quality.py``'s protocol.
 
@@ -32,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ratios", default="0.2,0.5")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prune-steps", type=int, default=100)
-    p.add_argument("--recover-row", default="adaptive")
+    p.add_argument("--recover-row", default="adaptive", help="recovery rows (comma-separated) of the same tokens")
     p.add_argument("--prune-work", default=str(RESULTS / "quality" / "dev100"))
     p.add_argument("--recover-work", default=str(RESULTS / "recover" / "rows"))
     p.add_argument("--peer-work", default=str(RESULTS / "quality" / "whole"))
@@ -58,23 +59,32 @@ def build(args: argparse.Namespace) -> tuple[str, list[dict[str, Any]]]:
         pct = f"r{round(ratio * 100)}"
         prune = _read(Path(args.prune_work) / f"lorashear_{pct}_s{args.seed}_{args.prune_steps}.json")
         tag = f"{pct}_{args.prune_steps}"
-        recs = sorted(Path(args.recover_work).glob(f"{tag}_{args.recover_row}_s{args.seed}_*.json"))
-        recovered = _read(recs[0]) if recs else None
         befores = sorted(Path(args.recover_work).glob(f"{tag}_before_s{args.seed}_*.json"))
         before = _read(befores[0]) if befores else None
         prune_tokens = prune["tokens"] if prune else args.prune_steps * 2 * 256
-        rec_tokens = recovered["tokens"] if recovered else None
-        total = prune_tokens + (rec_tokens or 0)
         per_step = (prune["batch_size"] * prune["seq_len"]) if prune else 512
+        recovered_rows = []
+        for name in args.recover_row.split(","):
+            recs = sorted(Path(args.recover_work).glob(f"{tag}_{name}_s{args.seed}_*.json"))
+            recovered_rows.append((name, _read(recs[0]) if recs else None))
+        rec_tokens = next((r["tokens"] for _, r in recovered_rows if r), None)
+        total = prune_tokens + (rec_tokens or 0)
         peer_steps = total // per_step
         peer_same = _read(Path(args.peer_work) / f"peer_lora_kd_{pct}_s{args.seed}_{peer_steps}.json")
+        lorashear_same = _read(Path(args.peer_work) / f"lorashear_{pct}_s{args.seed}_{peer_steps}.json")
         peer_prune_only = _read(Path(args.prune_work) / f"peer_lora_kd_{pct}_s{args.seed}_{args.prune_steps}.json")
-        rows = [
-            (f"lorashear prune ({args.prune_steps} steps)", prune_tokens, before or prune),
-            (f"lorashear prune + recover ({args.recover_row})", total if recovered else None, recovered),
+        rows = [(f"lorashear prune ({args.prune_steps} steps)", prune_tokens, before or prune)]
+        for name, rec in recovered_rows:
+            rows.append((f"lorashear prune + recover ({name}, {rec['rounds']} x "
+                         f"{rec['steps_per_round']} steps x {rec['batch_size']})" if rec else
+                         f"lorashear prune + recover ({name})", prune_tokens + rec["tokens"] if rec else None, rec))
+        rows += [
+            (f"lorashear prune ({peer_steps} steps: the same total, no recovery)" if rec_tokens else
+             "lorashear prune (the prune + recover total)", peer_steps * per_step if rec_tokens else None,
+             lorashear_same),
             (f"peer + LoRA + KD ({args.prune_steps} steps)", prune_tokens, peer_prune_only),
-            (f"peer + LoRA + KD ({peer_steps} steps: the same total)" if recovered else
-             "peer + LoRA + KD (the prune + recover total)", peer_steps * per_step if recovered else None, peer_same),
+            (f"peer + LoRA + KD ({peer_steps} steps: the same total)" if rec_tokens else
+             "peer + LoRA + KD (the prune + recover total)", peer_steps * per_step if rec_tokens else None, peer_same),
         ]
         for name, tokens, row in rows:
             lines.append(f"| {ratio:.0%} | {name} | {tokens:,} | " if tokens is not None else
