@@ -11,6 +11,8 @@ Recipe (each step a component)::
         w = sampling_weights(Delta, beta)                        # (1-beta) Delta_s/sum(Delta) + beta/|S|
         subset = sample_subset(w, sequences per round, pools)    # by the weights, new sequences each round
         model = finetune(model, subset, lora, train)             # LoRA on the shared loop, merged
+                                                                 # (lora_across_rounds: one LoRA and optimizer
+                                                                 #  through the stage, merged at its end)
     the same for stage 2 on config.instruct_data                 # instruction data, loss on responses only
 
 The training loss is next-token cross-entropy on the trained-on tokens, or with ``distill_weight > 0``
