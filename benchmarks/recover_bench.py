@@ -11,6 +11,8 @@ row records its tokens). Rows:
 - ``uniform``: beta 1.0 (every source the same share every round);
 - ``adaptive_kd`` / ``uniform_kd``: the same with ``--distill-weight`` of KL to the dense model.
 
+Rows use new LoRA factors each round (``lora_across_rounds: false``, as first measured; the stage's default
+is now one LoRA through the rounds: ``--set lora_across_rounds=true``).
 ``--set OPTION=VALUE --variant NAME`` trains rows with a recover option changed (``lr``, ``lora_r``,
 ``lr_scheduler``, ...); they are cached and reported as ``ROW_NAME``.
 
@@ -107,6 +109,7 @@ def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
               "max_rounds": args.rounds, "tolerance": 0.0, "beta": spec["beta"], "steps": args.steps,
               "batch_size": args.batch_size, "seq_len": args.seq_len, "seed": args.seed, "progress": False,
               "log_every": 5, "distill_weight": args.distill_weight if spec["distill"] else 0.0,
+              "lora_across_rounds": False,  # the rows as first measured; --set lora_across_rounds=true for the default
               **extra_options(args)}
     result = recover.run(config_from_dict(recover.RecoverConfig, values))
     rep = result.report

@@ -354,11 +354,11 @@ def test_a_corrupt_recover_checkpoint_is_one_line(damage, tmp_path):
 
     model = tiny_model("llama", size="small")
     root = tmp_path / "checkpoints"
-    _save_round(root, model, {"round": 1}, {"lr": 0.1})
+    _save_round(root, model, {"round": 1}, {"lr": 0.1}, None)
     name, spoil, fragment = DAMAGE[damage]
     spoil(root / "step-00000001" / name)
     with pytest.raises(CheckpointError, match=fragment) as exc:
-        _load_round(root, model, {"lr": 0.1})
+        _load_round(root, model, {"lr": 0.1}, lambda base, stage: pytest.fail("no LoRA was open"))
     assert "\n" not in str(exc.value) and str(exc.value).endswith("run without --resume to start over")
 
 

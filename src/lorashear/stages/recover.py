@@ -98,9 +98,10 @@ class RecoverConfig:
     dtype: str = field(default="float32", metadata={"help": "parameter dtype of the model and the teacher"})
     source: SourceConfig = section(SourceConfig, help="cleaning, split and packing of every source")
     lora: LoraSettings = section(LoraSettings, prefix="lora_", help="LoRA factors of each round (merged after it)")
-    lora_across_rounds: bool = field(default=False, metadata={
+    lora_across_rounds: bool = field(default=True, metadata={
         "help": "keep one set of LoRA factors and its optimizer state through all rounds of a stage, merged at "
-                "the stage's end (default: new factors each round, merged after it, as in the paper)"})
+                "the stage's end (measured better in two seeds, benchmarks/results/recover_smollm2.md); "
+                "--no-lora-across-rounds: new factors each round, merged after it, as in the paper"})
     train: TrainConfig = section(TrainConfig, help="training loop of each round", steps=50)
     distill: DistillConfig = section(DistillConfig, prefix="distill_",
                                      help="distillation from the teacher (off by default: 0.5 measured worse than off "
