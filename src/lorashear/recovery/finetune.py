@@ -130,7 +130,6 @@ class LoraRun:
         with _caller_rng_kept(self._rng_devices):
             torch.manual_seed(seed)
             self.model = attach_lora(model, lora)
-        self.lora = lora
         params = lora_parameters(self.model)
         self.trainable_params = sum(p.numel() for p in params)
         self.optimizer = make_optimizer(params, train_config.optimizer, train_config.lr, train_config.weight_decay)
@@ -139,8 +138,7 @@ class LoraRun:
               hooks: Sequence[StepHook] = ()) -> FinetuneResult:
         """``config.steps`` more steps on the packed ``ids`` (``config.seed``: dropout and data order)."""
         t0 = time.perf_counter()
-        with _caller_rng_kept(self._rng_devices):
-            torch.manual_seed(config.seed)
+        with _caller_rng_kept(self._rng_devices):  # train() seeds itself from config.seed
             result = train(self.model, ids, config=config, loss_fn=loss_fn, hooks=hooks, desc="lora finetune",
                            optimizer=self.optimizer)
         return FinetuneResult(model=self.model, losses=result.losses, steps=result.steps_done,

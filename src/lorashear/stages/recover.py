@@ -39,9 +39,9 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -225,14 +225,21 @@ def _settings(config: RecoverConfig) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if k not in _RUN_ONLY}
 
 
+def _checkpointed(model: torch.nn.Module, lora_run: LoraRun | None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """What a round checkpoint holds: the model's parameters, or with a LoRA run open, the peft model's
+    (base and factors) and the run's optimizer."""
+    if lora_run is None:
+        return model, {}
+    return lora_run.model, {"lora_optimizer": lora_run.optimizer}
+
+
 def _save_round(root: Path, model: torch.nn.Module, state: dict[str, Any], settings: dict[str, Any],
                 lora_run: LoraRun | None) -> None:
     """The state after a round; with a LoRA run still open, its factors (with the model) and optimizer."""
     from ..training.checkpoint import save_checkpoint
 
-    target = model if lora_run is None else lora_run.model
+    target, stateful = _checkpointed(model, lora_run)
     names = [n for n, _ in target.named_parameters()]
-    stateful = {} if lora_run is None else {"lora_optimizer": lora_run.optimizer}
     save_checkpoint(root, step=state["round"], model=target, param_names=names, stateful=stateful,
                     state={"recover": {**state, "lora_open": lora_run is not None}, "settings": settings}, keep=1)
 
@@ -258,8 +265,7 @@ def _load_round(root: Path, model: torch.nn.Module, settings: dict[str, Any],
                               f"run without --resume to start over")
     recover_state = stored.get("recover", {}) if isinstance(stored, dict) else {}
     lora_run = open_lora(model, int(recover_state["stage_index"])) if recover_state.get("lora_open") else None
-    target = model if lora_run is None else lora_run.model
-    stateful = {} if lora_run is None else {"lora_optimizer": lora_run.optimizer}
+    target, stateful = _checkpointed(model, lora_run)
     try:
         state = load_checkpoint(path, model=target, stateful=stateful)
     except CorruptCheckpointError as exc:
@@ -354,7 +360,8 @@ def _run(config: RecoverConfig, out: Path, *, model: Any, tokenizer: Any, teache
         box["teacher"] = None  # not needed any more: free its memory
 
     settings = _settings(config)
-    def open_lora(base: torch.nn.Module, stage_index: int = 0) -> LoraRun:
+
+    def open_lora(base: torch.nn.Module, stage_index: int) -> LoraRun:
         return LoraRun(base, config.lora, config.train, seed=seed + 7919 * (stage_index + 1))
 
     state: dict[str, Any] | None = None
