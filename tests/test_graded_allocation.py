@@ -16,6 +16,7 @@ from lorashear.stages import prune as prune_stage
 from lorashear.stages.prune import PruneConfig
 from lorashear.training import TrainConfig
 from test_lhspg import random_batches
+from tiny_models import tiny_model
 
 
 def test_equal_weights_give_equal_counts_and_the_total_is_kept():
@@ -75,22 +76,14 @@ def test_layer_weights_formula():
     assert k.layer_weights(0.0)[("mlp_channel", 1)] == 1.0
 
 
-def _tiny(seed=0, vocab=96, layers=4):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                                        max_position_embeddings=64, head_dim=8, tie_word_embeddings=True))
-
-
 def _prune(tmp_path, name: str, grading: float, knowledge) -> dict:
     cfg = PruneConfig(model="", out=str(tmp_path / name), knowledge=str(knowledge),
                       lhspg=LHSPGConfig(num_periods=2, warmup_steps=1, period_steps=2),
                       lora=LoraSettings(r=4, alpha=8, dropout=0.0),
                       target=TargetConfig(ratio=0.2, uniform_per_layer=True, knowledge_grading=grading),
                       train=TrainConfig(steps=6, batch_size=2, progress=False, lr=1e-2))
-    return prune_stage.run(cfg, model=_tiny(), data=random_batches(n=8, seq=16)).report
+    return prune_stage.run(cfg, model=tiny_model("llama", size="small", layers=4, vector_std=None, dtype=None, train=True,
+                                                      tie_word_embeddings=True), data=random_batches(n=8, seq=16)).report
 
 
 def test_prune_stage_grades_the_per_layer_counts(tmp_path):

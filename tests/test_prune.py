@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from test_lhspg import base_param_count, lhspg_run, random_batches, tiny_lora_model
+from tiny_models import tiny_model
 
 from lorashear.lhspg import LHSPGConfig, TargetConfig
 from lorashear.models.lora import LoraSettings
@@ -21,12 +22,9 @@ from lorashear.training import TrainConfig
 
 
 def _plain_tiny(seed=0, vocab=96):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                                        max_position_embeddings=64, head_dim=8, tie_word_embeddings=True))
+    """A small tied-embedding Llama with Hugging Face's own initialisation, no LoRA."""
+    return tiny_model("llama", seed, size="small", vocab=vocab, vector_std=None, dtype=None, train=True,
+                      tie_word_embeddings=True)
 
 
 def test_run_prune_zeroes_selected_groups_hits_ratio_and_compacts_exactly(tmp_path):
