@@ -134,6 +134,22 @@ def test_recipes_fill_only_what_is_not_given():
         config_from_dict(PruneConfig, {"recipe": "magic"})
 
 
+def test_the_recipe_chooses_the_knowledge_proxy_unless_it_is_given():
+    from lorashear.recipes import ANALYZE_RECIPES
+    from lorashear.stages import pipeline
+    from lorashear.stages.analyze import AnalyzeConfig
+
+    assert ANALYZE_RECIPES["paper"]["proxy"] == "magnitude"  # the paper's analysis
+    for name, preset in ANALYZE_RECIPES.items():
+        alone = config_from_dict(AnalyzeConfig, {"model": "m", "out": "o", "recipe": name})
+        assert alone.knowledge.proxy == preset["proxy"]
+        in_run = pipeline.stage_configs(config_from_dict(pipeline.PipelineConfig, {"recipe": name}))[0]
+        assert in_run.knowledge.proxy == preset["proxy"] and in_run.recipe == name
+    assert config_from_dict(AnalyzeConfig, {"model": "m", "out": "o", "proxy": "random"}).knowledge.proxy == "random"
+    given = config_from_dict(pipeline.PipelineConfig, {"recipe": "paper", "analyze_proxy": "fisher"})
+    assert pipeline.stage_configs(given)[0].knowledge.proxy == "fisher"
+
+
 def test_kl_is_zero_against_itself_and_distillation_mixes():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 11)

@@ -31,4 +31,15 @@ RECIPES: dict[str, dict[str, Any]] = {
         "distill_weight": 0.5,
     },
 }
+#: the knowledge analysis's options in each recipe (flat names of ``lorashear analyze``): the paper ranks the
+#: structures inside a node group by weight magnitude; ours by the activation Fisher that its pruning uses
+ANALYZE_RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {"proxy": "magnitude"},
+    "lorashear": {"proxy": "magnitude"},
+}
+#: ``lorashear run``: the prune options plus the analysis options under their ``analyze_`` names
+PIPELINE_RECIPES: dict[str, dict[str, Any]] = {
+    name: {**RECIPES[name], **{f"analyze_{key}": value for key, value in ANALYZE_RECIPES[name].items()}}
+    for name in RECIPES
+}
 DEFAULT_RECIPE = "lorashear"

@@ -19,12 +19,13 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..atomic import atomic_directory, atomic_write_json, output_lock, validate_out
 from ..config import section, to_json_dict
 from ..errors import ConfigError, DataError
 from ..knowledge.config import KnowledgeConfig
+from ..recipes import ANALYZE_RECIPES, DEFAULT_RECIPE
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +39,15 @@ OWNER_FILES = ("knowledge.json", RESULT_FILE)
 class AnalyzeConfig:
     """Everything ``lorashear analyze`` needs: the model, where to write, and the analysis settings."""
 
+    RECIPES: ClassVar[dict[str, dict[str, Any]]] = ANALYZE_RECIPES
+
     model: str = field(default="", metadata={"help": "model name, hub id or directory", "cli": False})
     out: str = field(default="", metadata={"help": "output directory (knowledge.json, knowledge.png)",
                                            "cli": False})
     dtype: str = field(default="float32", metadata={"help": "parameter dtype of the model"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: cpu)"})
+    recipe: str = field(default=DEFAULT_RECIPE, metadata={
+        "help": f"preset of defaults for every option not given: {', '.join(ANALYZE_RECIPES)} (see lorashear.recipes)"})
     knowledge: KnowledgeConfig = section(KnowledgeConfig, help="knowledge distribution analysis")
 
 

@@ -46,7 +46,7 @@ from ..lhspg.targets import TargetConfig
 from ..models.lora import LoraSettings
 from ..models.reference import REFERENCE_MODEL_NAME
 from ..export.gguf import OUTTYPES
-from ..recipes import DEFAULT_RECIPE, RECIPES
+from ..recipes import DEFAULT_RECIPE, PIPELINE_RECIPES, RECIPES
 from ..training.loop import TrainConfig
 from ..training.losses import DistillConfig
 from . import analyze, evaluate, export, prune, recover
@@ -75,7 +75,7 @@ QUICK: dict[str, Any] = {
 class PipelineConfig:
     """The pipeline: shared inputs plus the settings of every component the stages use."""
 
-    RECIPES: ClassVar[dict[str, dict[str, Any]]] = RECIPES
+    RECIPES: ClassVar[dict[str, dict[str, Any]]] = PIPELINE_RECIPES
     PRESET_FLAGS: ClassVar[dict[str, dict[str, Any]]] = {"quick": QUICK}
 
     model: str = field(default=REFERENCE_MODEL_NAME, metadata={
@@ -175,7 +175,7 @@ def stage_configs(config: PipelineConfig) -> tuple[analyze.AnalyzeConfig, prune.
     out = Path(config.out)
     knowledge_json = out / "knowledge" / "knowledge.json"
     a = analyze.AnalyzeConfig(model=config.model, out=str(out / "knowledge"), dtype=config.dtype,
-                              knowledge=config.knowledge)
+                              recipe=config.recipe, knowledge=config.knowledge)
     p = prune.PruneConfig(model=config.model, out=str(out / "pruned"), data=config.data, dtype=config.dtype,
                           knowledge=str(knowledge_json) if ("analyze" in config.stages or knowledge_json.is_file())
                           else None,
