@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from lorashear.errors import ConfigError
 from lorashear.knowledge.result import KnowledgeResult, NodeGroupResult

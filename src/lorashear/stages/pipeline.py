@@ -46,7 +46,7 @@ from ..lhspg.targets import TargetConfig
 from ..models.lora import LoraSettings
 from ..models.reference import REFERENCE_MODEL_NAME
 from ..export.gguf import OUTTYPES
-from ..recipes import DEFAULT_RECIPE, PIPELINE_RECIPES, RECIPES
+from ..recipes import DEFAULT_RECIPE, PIPELINE_RECIPES
 from ..training.loop import TrainConfig
 from ..training.losses import DistillConfig
 from . import analyze, evaluate, export, prune, recover
