@@ -10,8 +10,9 @@ alpha 16 / dropout 0.05 on the family's projections, AdamW lr 2e-4. Rows:
   uniform in layers 4..27 (``benchmarks/peers/torch_pruning_llm.py``), no training;
 - ``peer_lora``: ``peer`` then LoRA fine-tuning for the whole budget (cross-entropy);
 - ``peer_lora_kd``: the same with the distillation we use (``--distill-weight`` of KL to the dense model);
-- ``paper``: ``lorashear prune --recipe paper`` (+ knowledge analysis ``--knowledge``);
-- ``lorashear``: ``lorashear prune --recipe lorashear``;
+- ``paper``: ``lorashear prune --recipe paper`` (+ the magnitude-proxy knowledge analysis ``--knowledge``);
+- ``lorashear``: ``lorashear prune --recipe lorashear`` (+ the fisher-proxy knowledge analysis);
+- ``lorashear_v2``: the ``lorashear`` recipe before 2026-12-02 (magnitude-proxy analysis, KL share 0.5 throughout);
 - ``lorashear-X``: the new recipe with component X reverted to the paper's (ablations, see ``ABLATIONS``);
 - ``paper_mask_lora`` / ``lorashear_mask_lora``: that row's final mask applied one-shot to the dense
   model, then LoRA fine-tuning for the whole budget (diagnostic: is it the mask or the schedule?);
@@ -48,13 +49,17 @@ logger = logging.getLogger("benchmarks.quality")
 
 MODEL = "smollm2-135m-instruct"
 EVAL_SOURCES = ("builtin:heldout", "builtin:heldout-docs")
+#: the knowledge analyses of the reference model: the paper's magnitude proxy, and the fisher proxy of our recipe
 KNOWLEDGE = HERE / "results" / "knowledge_smollm2.json"
+KNOWLEDGE_FISHER = HERE / "results" / "knowledge_smollm2_fisher.json"
 
 #: lorashear rows: PruneConfig options (flat names) on top of a recipe
 LORASHEAR_ROWS: dict[str, dict[str, Any]] = {
     "paper": {"recipe": "paper", "knowledge": str(KNOWLEDGE)},
     "paper_noknowledge": {"recipe": "paper"},
-    "lorashear": {"recipe": "lorashear", "knowledge": str(KNOWLEDGE)},
+    "lorashear": {"recipe": "lorashear", "knowledge": str(KNOWLEDGE_FISHER)},
+    # the recipe before 2026-12-02: the magnitude-proxy knowledge analysis, the same KL share throughout
+    "lorashear_v2": {"recipe": "lorashear", "knowledge": str(KNOWLEDGE), "distill_after_pruning": 0.5},
 }
 #: one ablation per component of the new recipe: the component reverted to the paper's setting
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -64,6 +69,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "schedule": {"quota": "even", "prune_end": 0.7, "merge_at_period_end": True},
     "distill": {"distill_weight": 0.0},
     "knowledge": {"knowledge": None},
+    "knowledge_proxy": {"knowledge": str(KNOWLEDGE)},
 }
 for _name, _opts in ABLATIONS.items():
     LORASHEAR_ROWS[f"lorashear-{_name}"] = {**LORASHEAR_ROWS["lorashear"], **_opts}

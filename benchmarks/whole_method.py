@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prune-steps", type=int, default=100)
     p.add_argument("--recover-row", default="adaptive", help="recovery rows (comma-separated) of the same tokens")
+    p.add_argument("--prune-row", default="lorashear", help="the quality.py row that made the pruned model")
     p.add_argument("--prune-work", default=str(RESULTS / "quality" / "dev100"))
     p.add_argument("--recover-work", default=str(RESULTS / "recover" / "rows"))
     p.add_argument("--peer-work", default=str(RESULTS / "quality" / "whole"))
@@ -57,7 +58,7 @@ def build(args: argparse.Namespace) -> tuple[str, list[dict[str, Any]]]:
     records: list[dict[str, Any]] = []
     for ratio in (float(r) for r in args.ratios.split(",")):
         pct = f"r{round(ratio * 100)}"
-        prune = _read(Path(args.prune_work) / f"lorashear_{pct}_s{args.seed}_{args.prune_steps}.json")
+        prune = _read(Path(args.prune_work) / f"{args.prune_row}_{pct}_s{args.seed}_{args.prune_steps}.json")
         tag = f"{pct}_{args.prune_steps}"
         befores = sorted(Path(args.recover_work).glob(f"{tag}_before_s{args.seed}_*.json"))
         before = _read(befores[0]) if befores else None

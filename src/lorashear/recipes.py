@@ -1,18 +1,19 @@
 """Named presets of defaults ("recipes") for the prune stage and the pipeline.
 
 A recipe fills every option the user did not set (flags, YAML, Python keywords win).
-Keys are the flat option names shared by ``lorashear prune`` and ``lorashear run``.
+Keys are the flat option names shared by ``lorashear prune`` and ``lorashear run``; the knowledge
+analysis's (``ANALYZE_RECIPES``) are ``lorashear analyze``'s, ``analyze_``-prefixed under ``run``.
 
 - ``paper``: LoRAShear as published (arXiv 2310.18356, Alg. 4): the five weight/LoRA-update
   saliency criteria with equal weights, global ranking per kind, even quotas over 10 periods,
   pruning until 70% of the steps, LoRA merged and restarted at every period end, LM loss only.
 - ``lorashear``: our recipe, each change chosen by the side-by-side benchmark
   (``benchmarks/quality.py``): activation-Fisher saliency, the same share of every unprotected
-  layer, front-loaded quotas with pruning over 10%..30% of the steps, no merges, and
-  0.5 CE + 0.5 KL to the dense model. Chosen on 100-step runs at 20%
-  (``benchmarks/results/quality_dev100.md``). At 400 steps, two seeds, against Torch-Pruning + LoRA + the
-  same distillation: level in domain at 20%, 13% lower perplexity at 50%, and lower out of domain at both
-  (``benchmarks/results/quality_smollm2.md``).
+  layer, front-loaded quotas with pruning over 10%..30% of the steps, no merges,
+  0.5 CE + 0.5 KL to the dense model while pruning and plain CE once it has ended, and a knowledge
+  analysis that ranks the structures inside a node group by the same activation Fisher.
+  Results in ``benchmarks/results/quality_smollm2.md`` (400 steps, two seeds) and
+  ``benchmarks/results/quality_dev100.md`` (the 100-step runs that chose each setting).
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ RECIPES: dict[str, dict[str, Any]] = {
         "prune_end": 0.3,
         "merge_at_period_end": False,
         "distill_weight": 0.5,
+        "distill_after_pruning": 0.0,
     },
 }
 #: the knowledge analysis's options in each recipe (flat names of ``lorashear analyze``): the paper ranks the
 #: structures inside a node group by weight magnitude; ours by the activation Fisher that its pruning uses
 ANALYZE_RECIPES: dict[str, dict[str, Any]] = {
     "paper": {"proxy": "magnitude"},
-    "lorashear": {"proxy": "magnitude"},
+    "lorashear": {"proxy": "fisher"},
 }
 #: ``lorashear run``: the prune options plus the analysis options under their ``analyze_`` names
 PIPELINE_RECIPES: dict[str, dict[str, Any]] = {
