@@ -15,7 +15,7 @@ from lorashear.stages import prune as prune_stage
 from lorashear.stages.prune import PruneConfig
 from lorashear.training import TrainConfig
 from test_lhspg import random_batches
-from tiny_models import tiny_model
+from tiny_models import plain_tiny_llama
 
 
 def test_equal_weights_give_equal_counts_and_the_total_is_kept():
@@ -81,8 +81,7 @@ def _prune(tmp_path, name: str, grading: float, knowledge) -> dict:
                       lora=LoraSettings(r=4, alpha=8, dropout=0.0),
                       target=TargetConfig(ratio=0.2, uniform_per_layer=True, knowledge_grading=grading),
                       train=TrainConfig(steps=6, batch_size=2, progress=False, lr=1e-2))
-    return prune_stage.run(cfg, model=tiny_model("llama", size="small", layers=4, vector_std=None, dtype=None, train=True,
-                                                      tie_word_embeddings=True), data=random_batches(n=8, seq=16)).report
+    return prune_stage.run(cfg, model=plain_tiny_llama(layers=4), data=random_batches(n=8, seq=16)).report
 
 
 def test_prune_stage_grades_the_per_layer_counts(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from test_lhspg import base_param_count, lhspg_run, random_batches, tiny_lora_model
-from tiny_models import tiny_model
+from tiny_models import plain_tiny_llama
 
 from lorashear.lhspg import LHSPGConfig, TargetConfig
 from lorashear.models.lora import LoraSettings
@@ -21,14 +21,8 @@ from lorashear.stages.prune import PruneConfig
 from lorashear.training import TrainConfig
 
 
-def _plain_tiny(seed=0, vocab=96):
-    """A small tied-embedding Llama with Hugging Face's own initialisation, no LoRA."""
-    return tiny_model("llama", seed, size="small", vocab=vocab, vector_std=None, dtype=None, train=True,
-                      tie_word_embeddings=True)
-
-
 def test_run_prune_zeroes_selected_groups_hits_ratio_and_compacts_exactly(tmp_path):
-    model = _plain_tiny()
+    model = plain_tiny_llama()
     data = random_batches(n=16, seq=16)
     out = tmp_path / "p"
     cfg = PruneConfig(model="", out=str(out), lhspg=LHSPGConfig(num_periods=2, warmup_steps=2, period_steps=3),
@@ -110,7 +104,7 @@ def _tiny_dir(tmp_path: Path) -> Path:
         tok = load_tokenizer("smollm2-135m-instruct")
     except Exception as exc:  # pragma: no cover - the reference model is set up by scripts/setup.sh
         pytest.skip(f"reference tokenizer unavailable: {exc}")
-    model = _plain_tiny(vocab=len(tok))
+    model = plain_tiny_llama(vocab=len(tok))
     path = tmp_path / "tiny"
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -214,7 +208,7 @@ def test_a_crafted_pickle_in_a_checkpoint_is_never_loaded(tmp_path):
 def test_the_kl_share_switches_when_pruning_ends(tmp_path):
     data = random_batches(n=16, seq=16)
     cfg = _stage_cfg(tmp_path / "p", distill_weight=0.5, distill_after_pruning=0.0, checkpoint_every=0)
-    result = prune_stage.run(cfg, model=_plain_tiny(), data=data)
+    result = prune_stage.run(cfg, model=plain_tiny_llama(), data=data)
     end = result.report["schedule"]["prune_end"]
     shares = {r["step"]: r["kl_share"] for r in result.report["log"]}
     assert 0 < end < 10 and sorted(shares) == list(range(1, 11))

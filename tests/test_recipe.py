@@ -141,6 +141,7 @@ def test_the_recipe_chooses_the_knowledge_proxy_unless_it_is_given():
     from lorashear.stages.analyze import AnalyzeConfig
 
     assert ANALYZE_RECIPES["paper"]["proxy"] == "magnitude"  # the paper's analysis
+    assert ANALYZE_RECIPES["lorashear"]["proxy"] == "fisher"  # ours: the saliency its pruning uses
     for name, preset in ANALYZE_RECIPES.items():
         alone = config_from_dict(AnalyzeConfig, {"model": "m", "out": "o", "recipe": name})
         assert alone.knowledge.proxy == preset["proxy"]
