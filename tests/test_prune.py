@@ -160,11 +160,10 @@ def _stage_cfg(out, ratio=0.1, **kw):
 
 def test_a_mismatched_resume_is_refused_and_force_starts_over(tmp_path):
     from lorashear.errors import CheckpointError
-    from tiny_models import tiny_model
 
     data = random_batches(n=16, seq=16)
     out = tmp_path / "p"
-    model = lambda: tiny_model("llama", 0, size="small", tie_word_embeddings=True, vector_std=None, dtype=None)  # noqa: E731
+    model = lambda: plain_tiny_llama(train=False)  # noqa: E731
     assert prune_stage.run(_stage_cfg(out), model=model(), data=data, stop_after=5) is None
     with pytest.raises(CheckpointError, match="ratio"):  # another target ratio
         prune_stage.run(_stage_cfg(out, ratio=0.2, resume=True), model=model(), data=data)
@@ -183,8 +182,6 @@ def test_a_mismatched_resume_is_refused_and_force_starts_over(tmp_path):
 def test_a_crafted_pickle_in_a_checkpoint_is_never_loaded(tmp_path):
     import pickle
 
-    from tiny_models import tiny_model
-
     marker = tmp_path / "pwned"
 
     class Exploit:
@@ -193,7 +190,7 @@ def test_a_crafted_pickle_in_a_checkpoint_is_never_loaded(tmp_path):
 
     data = random_batches(n=16, seq=16)
     out = tmp_path / "p"
-    model = lambda: tiny_model("llama", 0, size="small", tie_word_embeddings=True, vector_std=None, dtype=None)  # noqa: E731
+    model = lambda: plain_tiny_llama(train=False)  # noqa: E731
     prune_stage.run(_stage_cfg(out), model=model(), data=data, stop_after=5)
     ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
     for name in ("lhspg.pt", "scheduler.pt", "rng_0.pt", "optimizer.pt"):

@@ -15,11 +15,11 @@ from lorashear.training.loop import train
 from lorashear.training.losses import DistillConfig, distillation_loss, kl_to_teacher, make_teacher, mask_prompt
 from lorashear.training.teacher_cache import build_topk_cache, kl_topk, rows_used, topk_distillation_loss
 from test_lhspg import random_batches
-from tiny_models import tiny_model
+from tiny_models import plain_tiny_llama
 
 
 def _model(seed: int):
-    return tiny_model("llama", seed, size="small", tie_word_embeddings=True, vector_std=None, dtype=None)
+    return plain_tiny_llama(seed, train=False)
 
 
 def test_topk_kl_over_the_whole_vocabulary_is_the_full_kl():

@@ -89,11 +89,11 @@ def tiny_model(family: str = "llama", seed: int = 0, *, layers: int | None = Non
     return model.train(train)
 
 
-def plain_tiny_llama(seed: int = 0, *, vocab: int = 96, layers: int = 2) -> torch.nn.Module:
+def plain_tiny_llama(seed: int = 0, *, vocab: int = 96, layers: int = 2, train: bool = True) -> torch.nn.Module:
     """The prune-stage tests' model: a ``size="small"`` Llama with tied embeddings and Hugging Face's own
-    initialisation, in training mode, without LoRA (the stage attaches its own)."""
+    initialisation, in training mode (eval mode with ``train=False``), without LoRA (the stage attaches its own)."""
     return tiny_model("llama", seed, size="small", layers=layers, vocab=vocab, vector_std=None, dtype=None,
-                      train=True, tie_word_embeddings=True)
+                      train=train, tie_word_embeddings=True)
 
 
 def with_lora(model: torch.nn.Module, rank: int = 4, seed: int = 1) -> torch.nn.Module:
