@@ -12,8 +12,11 @@ alpha 16 / dropout 0.05 on the family's projections, AdamW lr 2e-4. Rows:
 - ``peer_lora_kd``: the same with the distillation we use (``--distill-weight`` of KL to the dense model);
 - ``paper``: ``lorashear prune --recipe paper`` (+ the magnitude-proxy knowledge analysis ``--knowledge``);
 - ``lorashear``: ``lorashear prune --recipe lorashear`` (+ the fisher-proxy knowledge analysis);
-- ``lorashear_v2``: the ``lorashear`` recipe before 2026-12-02 (magnitude-proxy analysis, KL share 0.5 throughout);
-- ``lorashear-X``: the new recipe with component X reverted to the paper's (ablations, see ``ABLATIONS``);
+- ``lorashear_v3``: the ``lorashear`` recipe before 2026-12-02 evening (the same share of every unprotected
+  layer: ``allocation=layer``, ``uniform_per_layer``);
+- ``lorashear_v2``: the recipe before that (also magnitude-proxy analysis, KL share 0.5 throughout);
+- ``lorashear-X`` / ``lorashear_v3-X``: that recipe with component X reverted to the paper's (ablations, see
+  ``ABLATIONS``; the allocation ablation only exists for ``lorashear_v3``: the recipe's allocation is the paper's);
 - ``paper_mask_lora`` / ``lorashear_mask_lora``: that row's final mask applied one-shot to the dense
   model, then LoRA fine-tuning for the whole budget (diagnostic: is it the mask or the schedule?);
   ``..._mask_lora_kd`` the same with the peer's distillation; ``..._mask``: the mask with no training
@@ -58,9 +61,13 @@ LORASHEAR_ROWS: dict[str, dict[str, Any]] = {
     "paper": {"recipe": "paper", "knowledge": str(KNOWLEDGE)},
     "paper_noknowledge": {"recipe": "paper"},
     "lorashear": {"recipe": "lorashear", "knowledge": str(KNOWLEDGE_FISHER)},
-    # the recipe before 2026-12-02: the magnitude-proxy knowledge analysis, the same KL share throughout
-    "lorashear_v2": {"recipe": "lorashear", "knowledge": str(KNOWLEDGE), "distill_after_pruning": 0.5},
 }
+#: the allocation of the recipe until 2026-12-02 evening: the same share of every unprotected layer
+_UNIFORM_ALLOCATION = {"allocation": "layer", "uniform_per_layer": True}
+LORASHEAR_ROWS["lorashear_v3"] = {**LORASHEAR_ROWS["lorashear"], **_UNIFORM_ALLOCATION}
+# the recipe before that: also the magnitude-proxy knowledge analysis and the same KL share throughout
+LORASHEAR_ROWS["lorashear_v2"] = {**LORASHEAR_ROWS["lorashear_v3"], "knowledge": str(KNOWLEDGE),
+                                  "distill_after_pruning": 0.5}
 #: one ablation per component of the new recipe: the component reverted to the paper's setting
 ABLATIONS: dict[str, dict[str, Any]] = {
     "saliency": {"saliency": ["magnitude", "avg_magnitude", "cosine", "taylor_first", "taylor_second"]},
@@ -71,8 +78,11 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "knowledge": {"knowledge": None},
     "knowledge_proxy": {"knowledge": str(KNOWLEDGE)},
 }
-for _name, _opts in ABLATIONS.items():
-    LORASHEAR_ROWS[f"lorashear-{_name}"] = {**LORASHEAR_ROWS["lorashear"], **_opts}
+for _base in ("lorashear", "lorashear_v3"):
+    for _name, _opts in ABLATIONS.items():
+        if _base == "lorashear" and _name == "allocation":
+            continue  # the recipe's allocation is the paper's: nothing to revert
+        LORASHEAR_ROWS[f"{_base}-{_name}"] = {**LORASHEAR_ROWS[_base], **_opts}
 #: diagnostics: a row's final mask applied one-shot to the dense model -> (that row, training after it)
 MASK_ROWS: dict[str, tuple[str, str | None]] = {
     f"{base}_mask{suffix}": (base, training)

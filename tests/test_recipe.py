@@ -122,14 +122,16 @@ def test_recipes_fill_only_what_is_not_given():
 
     default = config_from_dict(PruneConfig, {"model": "m", "out": "o", "ratio": 0.2})
     assert default.recipe == DEFAULT_RECIPE == "lorashear" and default.lhspg.saliency == ("fisher",)
-    assert default.target.uniform_per_layer and default.lhspg.prune_end == 0.3 and default.distill.weight == 0.5
+    assert default.lhspg.prune_end == 0.3 and default.distill.weight == 0.5
+    # ranked across all layers (the paper's allocation): layers keep different widths
+    assert default.lhspg.allocation == "global" and not default.target.uniform_per_layer
     assert default.distill.after_pruning == 0.0  # KL only while pruning
     paper = config_from_dict(PruneConfig, {"model": "m", "out": "o", "ratio": 0.2, "recipe": "paper"})
     assert paper.recipe == "paper" and paper.lhspg.saliency == LHSPGConfig().saliency
     assert paper.distill.weight == 0.0 and paper.distill.after_pruning is None and paper.lhspg.merge_at_period_end
     ours = config_from_dict(PruneConfig, {"model": "m", "out": "o", "ratio": 0.2, "recipe": "lorashear",
                                           "distill_weight": 0.25})
-    assert ours.lhspg.saliency == ("fisher",) and ours.lhspg.allocation == "layer"
+    assert ours.lhspg.saliency == ("fisher",) and ours.lhspg.quota == "front"
     assert ours.distill.weight == 0.25  # given explicitly: the recipe does not override it
     with pytest.raises(ConfigError, match="recipe"):
         config_from_dict(PruneConfig, {"recipe": "magic"})

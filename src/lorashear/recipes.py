@@ -8,8 +8,8 @@ analysis's (``ANALYZE_RECIPES``) are ``lorashear analyze``'s, ``analyze_``-prefi
   saliency criteria with equal weights, global ranking per kind, even quotas over 10 periods,
   pruning until 70% of the steps, LoRA merged and restarted at every period end, LM loss only.
 - ``lorashear``: our recipe, each change chosen by the side-by-side benchmark
-  (``benchmarks/quality.py``): activation-Fisher saliency, the same share of every unprotected
-  layer, front-loaded quotas with pruning over 10%..30% of the steps, no merges,
+  (``benchmarks/quality.py``): activation-Fisher saliency ranked across all layers (the paper's global
+  allocation: layers keep different widths), front-loaded quotas with pruning over 10%..30% of the steps, no merges,
   0.5 CE + 0.5 KL to the dense model while pruning and plain CE once it has ended, and a knowledge
   analysis that ranks the structures inside a node group by the same activation Fisher.
   Results in ``benchmarks/results/quality_smollm2.md`` (400 steps, two seeds) and
@@ -24,8 +24,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "paper": {},
     "lorashear": {
         "saliency": ["fisher"],
-        "allocation": "layer",
-        "uniform_per_layer": True,
+        "allocation": "global",
+        "uniform_per_layer": False,
         "quota": "front",
         "prune_end": 0.3,
         "merge_at_period_end": False,
