@@ -297,19 +297,57 @@ def write_report(work: Path, out: Path) -> None:
         entry = {"row": row, "ratio": ratio, "steps": steps, "extra": json.loads(extra),
                  "seeds": sorted(i["seed"] for i in items), "params": items[0]["params"], "ppl": {}}
         for s in EVAL_SOURCES:
-            vals = [i["ppl"][s] for i in items if s in i.get("ppl", {})]
+            by_seed = {i["seed"]: i["ppl"][s] for i in items if s in i.get("ppl", {})}
+            vals = list(by_seed.values())
             mean = statistics.mean(vals) if vals else None
             spread = (max(vals) - min(vals)) / 2 if len(vals) > 1 else None
-            entry["ppl"][s] = {"mean": mean, "values": vals, "half_range": spread}
+            entry["ppl"][s] = {"mean": mean, "values": vals, "half_range": spread, "by_seed": by_seed}
             cells.append(fmt(mean) + (f" ± {spread:.2f}" if spread is not None else ""))
         summary.append(entry)
         ratio_s = "—" if ratio is None or row == "dense" else f"{ratio:.0%}"
         lines.append(f"| {row} | {ratio_s} | {steps or '—'} | {extra if extra != '{}' else ''} | "
                      f"{','.join(map(str, entry['seeds']))} | {entry['params']:,} | " + " | ".join(cells) + " |")
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-    table = "\n".join(lines) + "\n"
+    table = "\n".join(lines) + "\n" + margin_table(summary)
     replace_table(out.with_suffix(".md"), table, "# Quality benchmark")
     print(table)
+
+
+def margin_table(summary: list[dict], ours: str = "lorashear",
+                 peers: tuple[str, ...] = ("peer_lora", "peer_lora_kd")) -> str:
+    """How far ``ours`` is below each peer at every ratio and step count both ran (rows without extras).
+
+    The margin is the difference of the means; it is set against the two rows' half-ranges added (the seed
+    spread), and the paired differences (peer - ours) are listed for the seeds both rows ran.
+    """
+    plain = {(e["row"], e["ratio"], e["steps"]): e for e in summary if not e["extra"]}
+    lines = []
+    for (row, ratio, steps), mine in sorted(plain.items(), key=lambda kv: (kv[0][1] or 0, kv[0][2] or 0)):
+        if row != ours:
+            continue
+        for peer in peers:
+            other = plain.get((peer, ratio, steps))
+            if other is None:
+                continue
+            for s in EVAL_SOURCES:
+                a, b = mine["ppl"][s], other["ppl"][s]
+                if a["mean"] is None or b["mean"] is None:
+                    continue
+                margin = b["mean"] - a["mean"]
+                spread = (a["half_range"] or 0.0) + (b["half_range"] or 0.0)
+                times = f"{margin / spread:.1f}x" if spread > 0 else "—"
+                paired = [f"{seed}: {b['by_seed'][seed] - v:+.2f}" for seed, v in sorted(a["by_seed"].items())
+                          if seed in b["by_seed"]]
+                lines.append(f"| {ratio:.0%} | {steps} | {peer} | {s} | {','.join(map(str, sorted(a['by_seed'])))} "
+                             f"/ {','.join(map(str, sorted(b['by_seed'])))} | {margin:+.2f} | {spread:.2f} | {times} "
+                             f"| {'; '.join(paired)} |")
+    if not lines:
+        return ""
+    head = [f"\nMargins of `{ours}` (peer mean - ours; positive: ours is lower; spread: the two half-ranges added; "
+            "paired: peer - ours in each seed both ran):\n",
+            "| ratio | steps | peer | source | seeds (ours / peer) | margin | spread | margin / spread | paired |",
+            "|---|---|---|---|---|---:|---:|---:|---|"]
+    return "\n".join(head + lines) + "\n"
 
 
 def replace_table(md: Path, table: str, title: str) -> None:
