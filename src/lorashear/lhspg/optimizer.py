@@ -131,7 +131,8 @@ class LHSPGConfig:
     transfer: bool = field(default=False, metadata={
         "help": "explicit transfer: while a structure fades, move what its consumer (down_proj / o_proj) "
                 "columns lose into the kept columns by least squares on the consumer's input statistics, "
-                "gathered during the training steps"})
+                "gathered during the training steps (off in both recipes: at 400 steps on the reference model "
+                "it raised held-out perplexity by 3.19, benchmarks/results/quality_smollm2.md)"})
     transfer_damp: float = field(default=0.01, metadata={
         "help": "explicit transfer: ridge damping, as a fraction of the mean diagonal of the kept columns' Gram"})
     transfer_token_stride: int = field(default=8, metadata={
