@@ -69,6 +69,10 @@ try:
 except ImportError:
     pass
 else:
-    prepare_eval_data()
+    from lorashear.errors import DataError
+    try:
+        prepare_eval_data()
+    except DataError as exc:  # evaluation-only data: set-up and training go on without it
+        print(f"[setup] warning: zero-shot task data not prepared: {exc}", flush=True)
 PYEOF
 log "ready: $VENV/bin/lorashear"
