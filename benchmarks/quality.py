@@ -1,39 +1,42 @@
-"""The quality benchmark: lorashear against the peer at equal training tokens, row by row, cached.
+"""The quality benchmark (v2): lorashear against the strongest peers at equal training tokens, row by row, cached.
 
-Every row is a pruned model of the reference model made with the same training data in the same
-order (``builtin:calibration`` packed ``--seq-len`` tokens, seed = the row's seed), ``--steps``
-optimizer steps of ``--batch-size`` sequences (equal tokens for every trained row), LoRA r=8 /
-alpha 16 / dropout 0.05 on the family's projections, AdamW lr 2e-4. Rows:
+Every trained row is a pruned model of the reference model trained on the same data in the same order
+(``builtin:calibration`` packed ``--seq-len`` tokens, seed = the row's seed) for ``--steps`` optimizer steps of
+``--batch-size`` sequences (equal tokens), LoRA r=8 / alpha 16 / dropout 0.05, AdamW lr 2e-4, unless the
+peer's own method retrains otherwise.
+
+Evaluation (v2, METHOD.md section 8): perplexity on the two halves of the held-out documents of two
+sources, ``--ppl-windows`` windows of ``--ppl-seq-len`` tokens spread evenly over every document of the
+split, with a 95 % bootstrap interval over windows:
+
+- ``builtin:heldout-validation`` / ``builtin:heldout-test``: Austen + Wikipedia documents held out of every
+  training corpus (same sources as the training data);
+- ``builtin:heldout-docs-validation`` / ``builtin:heldout-docs-test``: the Python 3.11 documentation, a domain
+  no training corpus contains.
+
+Every choice (peer settings, recipe options, ablations) reads ``validation``; the headline reads ``test``.
+
+Rows (``ROW`` or ``PEER+RETRAIN``):
 
 - ``dense``: the unpruned model;
-- ``peer``: Torch-Pruning 1.6.1, LLM-Pruner-style Taylor importance from 8 calibration sequences,
-  uniform in layers 4..27 (``benchmarks/peers/torch_pruning_llm.py``), no training;
-- ``peer_lora``: ``peer`` then LoRA fine-tuning for the whole budget (cross-entropy);
-- ``peer_lora_kd``: the same with the distillation we use (``--distill-weight`` of KL to the dense model);
-- ``paper``: ``lorashear prune --recipe paper`` (+ the magnitude-proxy knowledge analysis ``--knowledge``);
-- ``lorashear``: ``lorashear prune --recipe lorashear`` (+ the fisher-proxy knowledge analysis);
-- ``lorashear_v3``: the ``lorashear`` recipe before 2026-12-02 evening (the same share of every unprotected
-  layer: ``allocation=layer``, ``uniform_per_layer``);
-- ``lorashear_v2``: the recipe before that (also magnitude-proxy analysis, KL share 0.5 throughout);
-- ``lorashear-X`` / ``lorashear_v3-X``: that recipe with component X reverted to the paper's (ablations, see
-  ``ABLATIONS``; the allocation ablation only exists for ``lorashear_v3``: the recipe's allocation is the paper's);
-- ``paper_mask_lora`` / ``lorashear_mask_lora``: that row's final mask applied one-shot to the dense
-  model, then LoRA fine-tuning for the whole budget (diagnostic: is it the mask or the schedule?);
-  ``..._mask_lora_kd`` the same with the peer's distillation; ``..._mask``: the mask with no training
-  (needs the row it takes the mask from, at the same ``--steps`` and ``--tag``).
+- ``lorashear``, ``paper``, ``lorashear_v3``, ``lorashear-X`` (ablations): ``lorashear prune`` with that recipe
+  (``LORASHEAR_ROWS``), and its knowledge analysis;
+- a peer alone (one-shot, no training), or a peer with a retraining (``PEERS``, ``RETRAININGS``):
+  ``llmpruner_block+lora`` is LLM-Pruner's block-wise default with LoRA (cross-entropy), ``+lora_kd`` with
+  0.5 CE + 0.5 KL to the dense model.
 
-Each finished row is saved as JSON under ``--work`` (``ROW_r20_s0_400.json``) and reused; the
-report (``--out``.md/.json) is rebuilt from whatever rows exist, so a matrix can be finished over
-several sessions. Held-out perplexity: sliding windows of ``--ppl-seq-len`` tokens, ``--ppl-windows``
-windows, on ``builtin:heldout`` (Austen + Wikipedia held-out documents) and ``builtin:heldout-docs``
-(Python documentation: no training corpus contains it).
+Each finished row is saved as JSON under ``--work`` (``ROW_r20_s0_400.json``) and reused; its model is kept
+under ``--models`` so ``--rescore`` can re-evaluate it (forward passes only). The report (``--out``.md/.json)
+is rebuilt from whatever rows exist, so a matrix can be finished over several sessions. Every row carries a
+compute column (``compute.py``: token-passes and FLOPs).
 
-    python benchmarks/quality.py --rows peer_lora,lorashear --ratios 0.2 --seeds 0 --steps 400
+    python benchmarks/quality.py --rows dense,lorashear,llmpruner_block+lora --ratios 0.2 --seeds 0 --steps 400
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -42,16 +45,26 @@ import shlex
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "peers"))
+sys.path.insert(0, str(HERE))
+
+from compute import Compute, forward_flops_per_token  # noqa: E402
 
 logger = logging.getLogger("benchmarks.quality")
 
 MODEL = "smollm2-135m-instruct"
-EVAL_SOURCES = ("builtin:heldout", "builtin:heldout-docs")
+#: source -> (validation split, test split)
+EVAL_SOURCES: dict[str, tuple[str, str]] = {
+    "heldout": ("builtin:heldout-validation", "builtin:heldout-test"),
+    "docs": ("builtin:heldout-docs-validation", "builtin:heldout-docs-test"),
+}
+EVAL_SPECS = tuple(spec for pair in EVAL_SOURCES.values() for spec in pair)
+PROTOCOL_VERSION = 2
 #: the knowledge analyses of the reference model: the paper's magnitude proxy, and the fisher proxy of our recipe
 KNOWLEDGE = HERE / "results" / "knowledge_smollm2.json"
 KNOWLEDGE_FISHER = HERE / "results" / "knowledge_smollm2_fisher.json"
@@ -59,62 +72,94 @@ KNOWLEDGE_FISHER = HERE / "results" / "knowledge_smollm2_fisher.json"
 #: lorashear rows: PruneConfig options (flat names) on top of a recipe
 LORASHEAR_ROWS: dict[str, dict[str, Any]] = {
     "paper": {"recipe": "paper", "knowledge": str(KNOWLEDGE)},
-    "paper_noknowledge": {"recipe": "paper"},
     "lorashear": {"recipe": "lorashear", "knowledge": str(KNOWLEDGE_FISHER)},
 }
 #: the allocation of the recipe until 2026-12-02 evening: the same share of every unprotected layer
-_UNIFORM_ALLOCATION = {"allocation": "layer", "uniform_per_layer": True}
-LORASHEAR_ROWS["lorashear_v3"] = {**LORASHEAR_ROWS["lorashear"], **_UNIFORM_ALLOCATION}
-# the recipe before that: also the magnitude-proxy knowledge analysis and the same KL share throughout
-LORASHEAR_ROWS["lorashear_v2"] = {**LORASHEAR_ROWS["lorashear_v3"], "knowledge": str(KNOWLEDGE),
-                                  "distill_after_pruning": 0.5}
-#: one ablation per component of the new recipe: the component reverted to the paper's setting
+LORASHEAR_ROWS["lorashear_v3"] = {**LORASHEAR_ROWS["lorashear"], "allocation": "layer", "uniform_per_layer": True}
+#: one ablation per component of the recipe: the component reverted to the paper's setting
 ABLATIONS: dict[str, dict[str, Any]] = {
     "saliency": {"saliency": ["magnitude", "avg_magnitude", "cosine", "taylor_first", "taylor_second"]},
-    # uniform_per_layer fixes every layer's count, so the allocation rule only matters without it
-    "allocation": {"allocation": "global", "uniform_per_layer": False},
     "schedule": {"quota": "even", "prune_end": 0.7, "merge_at_period_end": True},
     "distill": {"distill_weight": 0.0},
     "knowledge": {"knowledge": None},
     "knowledge_proxy": {"knowledge": str(KNOWLEDGE)},
 }
-for _base in ("lorashear", "lorashear_v3"):
-    for _name, _opts in ABLATIONS.items():
-        if _base == "lorashear" and _name == "allocation":
-            continue  # the recipe's allocation is the paper's: nothing to revert
-        LORASHEAR_ROWS[f"{_base}-{_name}"] = {**LORASHEAR_ROWS[_base], **_opts}
-#: diagnostics: a row's final mask applied one-shot to the dense model -> (that row, training after it)
-MASK_ROWS: dict[str, tuple[str, str | None]] = {
-    f"{base}_mask{suffix}": (base, training)
-    for base in ("paper", "lorashear")
-    for suffix, training in (("", None), ("_lora", "lora"), ("_lora_kd", "lora_kd"))
+for _name, _opts in ABLATIONS.items():
+    LORASHEAR_ROWS[f"lorashear-{_name}"] = {**LORASHEAR_ROWS["lorashear"], **_opts}
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A one-shot pruner: ``module.function(model, calib_ids, config) -> (model, report)``."""
+
+    module: str
+    function: str
+    config: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    #: calibration ids: ``module.calibration_ids(tokenizer, config)`` when the module has it
+    doc: str = ""
+
+
+PEERS: dict[str, Peer] = {
+    "llmpruner_block": Peer("torch_pruning_llm", "prune_with_torch_pruning", "TorchPruningConfig", {"verify": False},
+                            "LLM-Pruner's block-wise default: Taylor from 8 sequences, uniform in layers 4..27"),
+}
+
+
+@dataclass(frozen=True)
+class Retraining:
+    """How a peer's pruned model is retrained for the row's budget."""
+
+    kl_weight: float  #: share of the KL to the dense teacher (0: cross-entropy only)
+    full: bool = False  #: full-parameter training instead of LoRA
+    doc: str = ""
+
+
+RETRAININGS: dict[str, Retraining] = {
+    "lora": Retraining(0.0, doc="LoRA, cross-entropy"),
+    "lora_kd": Retraining(0.5, doc="LoRA, 0.5 CE + 0.5 KL to the dense model"),
+    "lora_kl": Retraining(1.0, doc="LoRA, KL to the dense model only (logit distillation)"),
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", default="dense,peer,peer_lora,peer_lora_kd,paper,lorashear")
+    p.add_argument("--rows", default="dense,llmpruner_block+lora,paper,lorashear")
     p.add_argument("--ratios", default="0.2,0.5")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--distill-weight", type=float, default=0.5, help="KD weight of the peer_lora_kd row")
     p.add_argument("--ppl-seq-len", type=int, default=256)
-    p.add_argument("--ppl-windows", type=int, default=16)
+    p.add_argument("--ppl-windows", type=int, default=128, help="windows per split and source, spread evenly")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
-                   help="extra prune option for every lorashear row (YAML value), e.g. --set num_periods=5")
+                   help="extra option for every lorashear row (PruneConfig) or peer (its config), YAML value")
     p.add_argument("--tag", default="", help="suffix of the cached row names (with --set)")
-    p.add_argument("--work", default=str(HERE / "results" / "quality" / "rows"), help="cached rows (JSON)")
+    p.add_argument("--work", default=str(HERE / "results" / "quality" / "v2"), help="cached rows (JSON)")
     p.add_argument("--models", default=None, help="where pruned models go (default: $LORASHEAR_CACHE/quality)")
     p.add_argument("--out", default=str(HERE / "results" / "quality_smollm2"), help="report path without suffix")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--rescore", action="store_true",
+                   help="re-evaluate cached rows of --rows whose model is kept (forward passes only)")
     return p.parse_args(argv)
+
+
+def trained(row: str) -> bool:
+    """Whether a row trains (so its step count matters): lorashear rows and peers with a retraining."""
+    return row in LORASHEAR_ROWS or split_row(row)[1] is not None
+
+
+def split_row(row: str) -> tuple[str, str | None]:
+    """``"flap+lora"`` -> ``("flap", "lora")``; ``"lorashear"`` -> ``("lorashear", None)``."""
+    base, _, retrain = row.partition("+")
+    return base, retrain or None
 
 
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
+        import yaml
+
         from lorashear.paths import cache_root
 
         self.args = args
@@ -125,8 +170,6 @@ class Bench:
         self._tok = None
         self._streams: dict[str, Any] = {}
         self.extra = {}
-        import yaml
-
         for item in args.set:
             key, _, value = item.partition("=")
             self.extra[key.strip()] = yaml.safe_load(value)
@@ -142,72 +185,103 @@ class Bench:
     def key(self, row: str, ratio: float | None, seed: int) -> str:
         if row == "dense":
             return "dense"
-        steps = "" if row == "peer" else f"_{self.args.steps}"
-        tag = f"_{self.args.tag}" if self.args.tag and row not in ("dense", "peer", "peer_lora", "peer_lora_kd") \
-            else ""
+        steps = f"_{self.args.steps}" if trained(row) else ""
+        tag = f"_{self.args.tag}" if self.args.tag else ""
         return f"{row}_r{round(100 * ratio)}_s{seed}{steps}{tag}"
 
     def row_file(self, key: str) -> Path:
         return self.work / f"{key}.json"
 
     # -- evaluation ------------------------------------------------------------------------------
-    def stream(self, source: str):
-        if source not in self._streams:
+    def stream(self, spec: str):
+        if spec not in self._streams:
             from lorashear.evaluation.perplexity import load_eval_texts, token_stream
 
-            a = self.args
-            self._streams[source] = token_stream(load_eval_texts(source), self.tokenizer,
-                                                 max_tokens=a.ppl_seq_len * a.ppl_windows)
-        return self._streams[source]
+            self._streams[spec] = token_stream(load_eval_texts(spec), self.tokenizer)
+        return self._streams[spec]
 
-    def evaluate(self, model) -> dict[str, float]:
+    def evaluate(self, model) -> dict[str, dict[str, Any]]:
+        """Perplexity of every split of every source, with its interval and per-window NLL."""
         from lorashear.evaluation.perplexity import perplexity
 
         a = self.args
         out = {}
-        for source in EVAL_SOURCES:
-            out[source] = perplexity(model, self.stream(source), seq_len=a.ppl_seq_len, max_windows=a.ppl_windows,
-                                     source=source).perplexity
+        for spec in EVAL_SPECS:
+            r = perplexity(model, self.stream(spec), seq_len=a.ppl_seq_len, max_windows=a.ppl_windows, source=spec,
+                           batch_size=8)
+            out[spec] = {"ppl": r.perplexity, "ci": [r.ci_low, r.ci_high], "nll": r.nll, "tokens": r.num_tokens,
+                         "windows": r.num_windows, "stream_tokens": r.stream_tokens,
+                         "window_nll": [round(x, 4) for x in r.window_nll]}
         return out
 
-    # -- rows --------------------------------------------------------------------------------------
+    def protocol(self) -> dict[str, Any]:
+        a = self.args
+        return {"version": PROTOCOL_VERSION, "seq_len": a.ppl_seq_len, "windows": a.ppl_windows, "spread": True}
+
+    # -- training --------------------------------------------------------------------------------
     def train_ids(self, seed: int):
         from lorashear.data import load_texts, pack_texts
 
         return pack_texts(load_texts("builtin:calibration"), self.tokenizer, self.args.seq_len, seed=seed)
 
-    def finetune(self, model, seed: int, distill: float):
+    def retrain(self, model, seed: int, how: Retraining, compute: Compute):
+        import lorashear
         from lorashear.config import config_from_dict
         from lorashear.recovery import FinetuneConfig, finetune
         from lorashear.training.losses import DistillConfig, distillation_loss, lm_loss, make_teacher
 
         a = self.args
+        if how.full:
+            raise SystemExit("full-parameter retraining is not wired yet")
         cfg = config_from_dict(FinetuneConfig, {"steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
                                                 "seed": seed, "progress": False, "log_every": 10})
+        tokens = a.steps * a.batch_size * a.seq_len
+        compute.train(tokens, forward_flops_per_token(model, a.seq_len), full=how.full)
         loss = lm_loss
-        if distill > 0:
-            import lorashear
-
-            loss = distillation_loss(make_teacher(lorashear.load_model(MODEL)), DistillConfig(weight=distill))
+        if how.kl_weight > 0:
+            dense = lorashear.load_model(MODEL)
+            compute.teacher(tokens, forward_flops_per_token(dense, a.seq_len))
+            loss = distillation_loss(make_teacher(dense), DistillConfig(weight=how.kl_weight))
         return finetune(model, self.tokenizer, self.train_ids(seed), cfg, loss_fn=loss)
 
-    def peer(self, ratio: float, seed: int):
+    # -- rows --------------------------------------------------------------------------------------
+    def peer_row(self, base: str, retrain: str | None, ratio: float, seed: int, key: str) -> tuple[Any, dict]:
         import lorashear
-        from torch_pruning_llm import TorchPruningConfig, calibration_ids, prune_with_torch_pruning
+        from lorashear.config import config_from_dict
+        from lorashear.models.params import count_params
 
-        cfg = TorchPruningConfig(ratio=ratio, seed=seed, verify=False)
+        peer = PEERS[base]
+        module = importlib.import_module(peer.module)
+        values = {**peer.settings, "ratio": ratio, "seed": seed, **self.extra}
+        cfg = config_from_dict(getattr(module, peer.config), values)
         model = lorashear.load_model(MODEL)
-        model, report = prune_with_torch_pruning(model, calibration_ids(self.tokenizer, cfg), cfg)
-        return model, report
+        dense_flops = forward_flops_per_token(model, self.args.seq_len)
+        calib = module.calibration_ids(self.tokenizer, cfg)
+        model, report = getattr(module, peer.function)(model, calib, cfg)
+        compute = Compute()
+        passes = report.get("compute") or {"fwd_tokens": int(calib.numel()), "bwd_tokens": int(calib.numel()),
+                                           "full_grad": True}  # a Taylor pruner: one gradient pass
+        compute.prep(passes["fwd_tokens"], dense_flops, passes.get("bwd_tokens", 0),
+                     full_grad=passes.get("full_grad", False))
+        rec: dict[str, Any] = {"peer": base, "peer_settings": values, "peer_report": _slim(report),
+                               "peer_prune_s": report.get("wall_time_s")}
+        if retrain is not None:
+            how = RETRAININGS[retrain]
+            res = self.retrain(model, seed, how, compute)
+            model = res.model
+            rec.update(retraining=retrain, train_s=res.wall_time_s, tokens=res.tokens_seen,
+                       loss_last=statistics.mean(res.losses[-3:]))
+        rec.update(params=count_params(model), compute=compute.to_dict())
+        return model, rec
 
-    def lorashear_row(self, row: str, ratio: float, seed: int) -> dict[str, Any]:
+    def lorashear_row(self, row: str, ratio: float, seed: int, key: str) -> tuple[Any, dict]:
         import lorashear
         from lorashear.config import config_from_dict
         from lorashear.stages import prune
         from lorashear.stages.prune import PruneConfig
 
         a = self.args
-        out = self.models / self.key(row, ratio, seed)
+        out = self.models / key
         values = {"model": MODEL, "out": str(out), "ratio": ratio, "steps": a.steps, "batch_size": a.batch_size,
                   "seq_len": a.seq_len, "seed": seed, "progress": False, "log_every": 10,
                   **LORASHEAR_ROWS[row], **self.extra}
@@ -218,118 +292,182 @@ class Bench:
         wall = time.perf_counter() - t0
         model = lorashear.load_pretrained(out)
         rep = result.report
-        return {"params": result.params_after, "ratio_removed": result.ratio_removed, "train_s": wall,
-                "tokens": result.tokens_seen, "options": values, "selected_ids": rep["groups"]["selected_ids"],
-                "loss_last": statistics.mean(r["loss"] for r in rep["log"][-3:]),
-                "kept_per_layer": rep["kept_per_layer"], "ppl": self.evaluate(model)}
+        rec = {"params": result.params_after, "ratio_removed": result.ratio_removed, "train_s": wall,
+               "tokens": result.tokens_seen, "options": values, "selected_ids": rep["groups"]["selected_ids"],
+               "loss_last": statistics.mean(r["loss"] for r in rep["log"][-3:]),
+               "kept_per_layer": rep["kept_per_layer"], "compute": self.lorashear_compute(rep, values).to_dict()}
+        return model, rec
+
+    def lorashear_compute(self, rep: dict[str, Any], values: dict[str, Any]) -> Compute:
+        """The prune stage's passes: the masked model trains at full width for every step; the teacher runs
+        while the KL share is above zero; the knowledge analysis ran once before (read from its JSON)."""
+        import lorashear
+
+        a = self.args
+        dense = lorashear.load_model(MODEL)
+        f_dense = forward_flops_per_token(dense, a.seq_len)
+        per_step = a.batch_size * a.seq_len
+        compute = Compute()
+        compute.train(rep["steps"] * per_step, f_dense)
+        s = rep["settings"]
+        distill = s["distill"]
+        if distill["weight"] > 0:
+            after = distill.get("after_pruning")
+            teacher_steps = rep["steps"] if after is None or after > 0 else rep["schedule"]["prune_end"]
+            compute.teacher(teacher_steps * per_step, f_dense)
+        if values.get("knowledge"):
+            k = json.loads(Path(values["knowledge"]).read_text())
+            kc = k["config"]
+            f_k = forward_flops_per_token(dense, kc["seq_len"])
+            tokens = kc["num_sequences"] * kc["seq_len"]
+            bwd = tokens if kc.get("proxy") == "fisher" else 0  # the fisher proxy's one gradient pass
+            compute.prep(k["forward_passes"] * tokens + bwd, f_k, bwd)
+        return compute
 
     def run_row(self, row: str, ratio: float, seed: int) -> dict[str, Any]:
         import lorashear
         from lorashear.models.params import count_params
 
         a = self.args
+        key = self.key(row, ratio, seed)
         t0 = time.perf_counter()
+        base, retrain = split_row(row)
         if row == "dense":
             model = lorashear.load_model(MODEL)
-            rec = {"params": count_params(model), "ppl": self.evaluate(model)}
-        elif row in ("peer", "peer_lora", "peer_lora_kd"):
-            model, report = self.peer(ratio, seed)
-            rec = {"params": count_params(model), "peer_prune_s": report.get("wall_time_s")}
-            if row == "peer":
-                rec["ppl"] = self.evaluate(model)
-            else:
-                distill = a.distill_weight if row == "peer_lora_kd" else 0.0
-                res = self.finetune(model, seed, distill)
-                rec.update(train_s=res.wall_time_s, tokens=res.tokens_seen, distill_weight=distill,
-                           loss_last=statistics.mean(res.losses[-3:]), ppl=self.evaluate(res.model))
-        elif row in MASK_ROWS:
-            base, training = MASK_ROWS[row]
-            src = self.row_file(self.key(base, ratio, seed))
-            if not src.is_file():
-                raise SystemExit(f"{row} needs the {base} row first ({src})")
-            ids = set(json.loads(src.read_text())["selected_ids"])
-            from lorashear.compaction import compact
-            from lorashear.graph.discover import discover
-
-            model = lorashear.load_model(MODEL)
-            graph = discover(model)
-            drop = [g for g in graph.groups if g.id in ids]
-            model = compact(model, drop)
-            rec = {"params": count_params(model), "mask_groups": len(drop), "mask_of": src.name}
-            if training is None:
-                rec["ppl"] = self.evaluate(model)
-            else:
-                distill = a.distill_weight if training == "lora_kd" else 0.0
-                res = self.finetune(model, seed, distill)
-                rec.update(train_s=res.wall_time_s, tokens=res.tokens_seen, distill_weight=distill,
-                           loss_last=statistics.mean(res.losses[-3:]), ppl=self.evaluate(res.model))
+            rec: dict[str, Any] = {"params": count_params(model), "compute": Compute().to_dict()}
+        elif base in PEERS and (retrain is None or retrain in RETRAININGS):
+            model, rec = self.peer_row(base, retrain, ratio, seed, key)
+            lorashear.save_pretrained(model, self.models / key, self.tokenizer)
         elif row in LORASHEAR_ROWS:
-            rec = self.lorashear_row(row, ratio, seed)
+            model, rec = self.lorashear_row(row, ratio, seed, key)
         else:
-            raise SystemExit(f"unknown row {row!r}")
+            raise SystemExit(f"unknown row {row!r}; rows: dense, {', '.join(LORASHEAR_ROWS)}, a peer "
+                             f"({', '.join(PEERS)}) alone or +{'/+'.join(RETRAININGS)}")
+        rec["ppl"] = self.evaluate(model)
         rec.update(row=row, ratio=ratio, seed=seed, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
-                   wall_s=time.perf_counter() - t0, extra=self.extra, machine=machine(),
-                   threads=a.threads, command=shlex.join([Path(sys.executable).name, *sys.argv]))
+                   wall_s=time.perf_counter() - t0, extra=self.extra, tag=a.tag, protocol=self.protocol(),
+                   machine=machine(), threads=a.threads, command=shlex.join([Path(sys.executable).name, *sys.argv]))
         return rec
+
+    def rescore(self, key: str) -> bool:
+        import lorashear
+
+        path = self.row_file(key)
+        rec = json.loads(path.read_text())
+        model_dir = self.models / key
+        if key != "dense" and not (model_dir / "config.json").is_file():
+            logger.warning("%s: no kept model in %s; cannot rescore", key, model_dir)
+            return False
+        model = lorashear.load_model(MODEL) if key == "dense" else lorashear.load_pretrained(model_dir)
+        rec["ppl"] = self.evaluate(model)
+        rec["protocol"] = self.protocol()
+        path.write_text(json.dumps(rec, indent=1) + "\n")
+        return True
+
+
+def _slim(report: dict[str, Any]) -> dict[str, Any]:
+    """A peer's report without bulky fields."""
+    return {k: v for k, v in report.items() if k not in ("widths", "history", "scores")}
 
 
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
 
 
+# -- report ----------------------------------------------------------------------------------------
 def fmt(v: float | None) -> str:
     return "—" if v is None else f"{v:.2f}"
 
 
-def write_report(work: Path, out: Path) -> None:
+def _summarise(items: list[dict]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"seeds": sorted(i["seed"] for i in items), "params": items[0]["params"], "ppl": {}}
+    for spec in EVAL_SPECS:
+        by_seed = {i["seed"]: i["ppl"][spec]["ppl"] for i in items if spec in i.get("ppl", {})}
+        vals = list(by_seed.values())
+        entry["ppl"][spec] = {
+            "mean": statistics.mean(vals) if vals else None, "values": vals, "by_seed": by_seed,
+            "half_range": (max(vals) - min(vals)) / 2 if len(vals) > 1 else None,
+            "ci_by_seed": {i["seed"]: i["ppl"][spec]["ci"] for i in items if spec in i.get("ppl", {})}}
+    flops = [i["compute"]["flops"] for i in items if i.get("compute")]
+    entry["pflops"] = statistics.mean(flops) / 1e15 if flops else None
+    walls = [i["wall_s"] for i in items if i.get("wall_s")]
+    entry["wall_min"] = statistics.mean(walls) / 60 if walls else None
+    entry["compute"] = items[0].get("compute")
+    return entry
+
+
+def _cell(e: dict[str, Any], spec: str) -> str:
+    p = e["ppl"][spec]
+    if p["mean"] is None:
+        return "—"
+    return fmt(p["mean"]) + (f" ± {p['half_range']:.2f}" if p["half_range"] is not None else "")
+
+
+def summarise(work: Path) -> list[dict[str, Any]]:
     rows = [json.loads(p.read_text()) for p in sorted(work.glob("*.json"))]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        key = (r["row"], r.get("ratio"), r.get("steps") if r["row"] not in ("dense", "peer") else None,
+        key = (r["row"], r.get("ratio") if r["row"] != "dense" else None,
+               r.get("steps") if trained(r["row"]) else None, r.get("tag") or "",
                json.dumps(r.get("extra", {}), sort_keys=True))
         groups.setdefault(key, []).append(r)
-    lines = ["| row | ratio | steps | extra | seeds | params | " + " | ".join(f"ppl {s}" for s in EVAL_SOURCES) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(EVAL_SOURCES)]
-    summary = []
-    for (row, ratio, steps, extra), items in sorted(groups.items(), key=lambda kv: (kv[0][1] or 0, kv[0][2] or 0,
-                                                                                     kv[0][0], kv[0][3])):
-        cells = []
-        entry = {"row": row, "ratio": ratio, "steps": steps, "extra": json.loads(extra),
-                 "seeds": sorted(i["seed"] for i in items), "params": items[0]["params"], "ppl": {}}
-        for s in EVAL_SOURCES:
-            by_seed = {i["seed"]: i["ppl"][s] for i in items if s in i.get("ppl", {})}
-            vals = list(by_seed.values())
-            mean = statistics.mean(vals) if vals else None
-            spread = (max(vals) - min(vals)) / 2 if len(vals) > 1 else None
-            entry["ppl"][s] = {"mean": mean, "values": vals, "half_range": spread, "by_seed": by_seed}
-            cells.append(fmt(mean) + (f" ± {spread:.2f}" if spread is not None else ""))
-        summary.append(entry)
-        ratio_s = "—" if ratio is None or row == "dense" else f"{ratio:.0%}"
-        lines.append(f"| {row} | {ratio_s} | {steps or '—'} | {extra if extra != '{}' else ''} | "
-                     f"{','.join(map(str, entry['seeds']))} | {entry['params']:,} | " + " | ".join(cells) + " |")
+    out = []
+    for (row, ratio, steps, tag, extra), items in groups.items():
+        out.append({"row": row, "ratio": ratio, "steps": steps, "tag": tag, "extra": json.loads(extra),
+                    **_summarise(items)})
+    out.sort(key=lambda e: (e["ratio"] or 0, e["steps"] or 0, e["row"], e["tag"]))
+    return out
+
+
+def write_report(work: Path, out: Path) -> None:
+    summary = summarise(work)
+    val = [EVAL_SOURCES[s][0] for s in EVAL_SOURCES]
+    test = [EVAL_SOURCES[s][1] for s in EVAL_SOURCES]
+    lines = ["| row | ratio | steps | tag | seeds | params | " + " | ".join(f"**test** `{s}`" for s in test) + " | "
+             + " | ".join(f"validation `{s}`" for s in val) + " | PFLOPs | wall (min) |",
+             "|---|---|---|---|---|---:|" + "---:|" * (len(test) + len(val)) + "---:|---:|"]
+    for e in summary:
+        ratio_s = "—" if e["ratio"] is None else f"{e['ratio']:.0%}"
+        lines.append(f"| {e['row']} | {ratio_s} | {e['steps'] or '—'} | {e['tag']} | "
+                     f"{','.join(map(str, e['seeds']))} | {e['params']:,} | "
+                     + " | ".join(_cell(e, s) for s in test + val)
+                     + f" | {fmt(e['pflops']) if e['pflops'] is not None else '—'} | {fmt(e['wall_min'])} |")
+    seed_lines = ["\nEvery seed with its 95 % bootstrap interval over windows (test split):\n",
+                  "| row | ratio | steps | tag | seed | " + " | ".join(f"`{s}`" for s in test) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(test)]
+    for e in summary:
+        for seed in e["seeds"]:
+            cells = []
+            for s in test:
+                v = e["ppl"][s]["by_seed"].get(seed)
+                ci = e["ppl"][s]["ci_by_seed"].get(seed) or [None, None]
+                cells.append("—" if v is None else f"{v:.2f} [{fmt(ci[0])}, {fmt(ci[1])}]")
+            ratio_s = "—" if e["ratio"] is None else f"{e['ratio']:.0%}"
+            seed_lines.append(f"| {e['row']} | {ratio_s} | {e['steps'] or '—'} | {e['tag']} | {seed} | "
+                              + " | ".join(cells) + " |")
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-    table = "\n".join(lines) + "\n" + margin_table(summary)
-    replace_table(out.with_suffix(".md"), table, "# Quality benchmark")
+    table = "\n".join(lines) + "\n" + "\n".join(seed_lines) + "\n" + margin_table(summary)
+    replace_table(out.with_suffix(".md"), table, "# Quality benchmark (v2)")
     print(table)
 
 
-def margin_table(summary: list[dict], ours: str = "lorashear",
-                 peers: tuple[str, ...] = ("peer_lora", "peer_lora_kd")) -> str:
-    """How far ``ours`` is below each peer at every ratio and step count both ran (rows without extras).
+def margin_table(summary: list[dict], ours: str = "lorashear", split: int = 1) -> str:
+    """How far ``ours`` is below every trained peer row at every ratio and step count both ran (no tag, no
+    extras), on the test split (``split=1``) of each source.
 
     The margin is the difference of the means; it is set against the two rows' half-ranges added (the seed
     spread), and the paired differences (peer - ours) are listed for the seeds both rows ran.
     """
-    plain = {(e["row"], e["ratio"], e["steps"]): e for e in summary if not e["extra"]}
+    plain = {(e["row"], e["ratio"], e["steps"]): e for e in summary if not e["extra"] and not e["tag"]}
     lines = []
     for (row, ratio, steps), mine in sorted(plain.items(), key=lambda kv: (kv[0][1] or 0, kv[0][2] or 0)):
         if row != ours:
             continue
-        for peer in peers:
-            other = plain.get((peer, ratio, steps))
-            if other is None:
+        for (peer, p_ratio, p_steps), other in sorted(plain.items(), key=lambda kv: kv[0][0]):
+            if "+" not in peer or p_ratio != ratio or p_steps != steps:
                 continue
-            for s in EVAL_SOURCES:
+            for source, specs in EVAL_SOURCES.items():
+                s = specs[split]
                 a, b = mine["ppl"][s], other["ppl"][s]
                 if a["mean"] is None or b["mean"] is None:
                     continue
@@ -343,8 +481,8 @@ def margin_table(summary: list[dict], ours: str = "lorashear",
                              f"| {'; '.join(paired)} |")
     if not lines:
         return ""
-    head = [f"\nMargins of `{ours}` (peer mean - ours; positive: ours is lower; spread: the two half-ranges added; "
-            "paired: peer - ours in each seed both ran):\n",
+    head = [f"\nMargins of `{ours}` on the test split (peer mean - ours; positive: ours is lower; spread: the two "
+            "half-ranges added; paired: peer - ours in each seed both ran):\n",
             "| ratio | steps | peer | source | seeds (ours / peer) | margin | spread | margin / spread | paired |",
             "|---|---|---|---|---|---:|---:|---:|---|"]
     return "\n".join(head + lines) + "\n"
@@ -354,6 +492,18 @@ def replace_table(md: Path, table: str, title: str) -> None:
     """Write ``table`` below the ``<!-- table -->`` marker of ``md``, keeping the hand-written text above it."""
     head = md.read_text().split("<!-- table -->")[0] if md.is_file() else title + "\n\n"
     md.write_text(head.rstrip() + "\n\n<!-- table -->\n" + table)
+
+
+def expand(args: argparse.Namespace) -> list[tuple[str, float, int]]:
+    jobs = []
+    for row in [r.strip() for r in args.rows.split(",") if r.strip()]:
+        if row == "dense":
+            jobs.append((row, 0.0, 0))
+            continue
+        for ratio in [float(x) for x in args.ratios.split(",")]:
+            for seed in [int(x) for x in args.seeds.split(",")]:
+                jobs.append((row, ratio, seed))
+    return jobs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,21 +516,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     bench = Bench(args)
     if not args.report_only:
-        for row in [r.strip() for r in args.rows.split(",") if r.strip()]:
-            for ratio in [float(x) for x in args.ratios.split(",")]:
-                for seed in [int(x) for x in args.seeds.split(",")]:
-                    key = bench.key(row, ratio, seed)
-                    if bench.row_file(key).is_file():
-                        logger.info("%s: cached", key)
-                        continue
-                    logger.info("%s: running", key)
-                    rec = bench.run_row(row, ratio, seed)
-                    bench.row_file(key).write_text(json.dumps(rec, indent=1) + "\n")
-                    logger.info("%s: %s", key, rec["ppl"])
-                    if row == "dense":
-                        break
-                if row == "dense":
-                    break
+        for row, ratio, seed in expand(args):
+            key = bench.key(row, ratio, seed)
+            if bench.row_file(key).is_file():
+                if args.rescore:
+                    logger.info("%s: rescoring", key)
+                    bench.rescore(key)
+                else:
+                    logger.info("%s: cached", key)
+                continue
+            if args.rescore:
+                continue
+            logger.info("%s: running", key)
+            rec = bench.run_row(row, ratio, seed)
+            bench.row_file(key).write_text(json.dumps(rec, indent=1) + "\n")
+            logger.info("%s: %s", key, {s: round(v["ppl"], 3) for s, v in rec["ppl"].items()})
     write_report(Path(args.work), Path(args.out))
     return 0
 

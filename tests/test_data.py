@@ -25,7 +25,7 @@ from lorashear.data import (
 )
 from lorashear.data.builtin import BUILTIN_ALIASES, builtin_document_ids
 from lorashear.data.rlazyload import unserialize
-from lorashear.data.splits import split_documents
+from lorashear.data.splits import document_key, split_documents, split_heldout
 from lorashear.errors import ConfigError, DataError, LorashearError
 
 PARAGRAPH = ("The quick brown fox jumps over the lazy dog while the farmer watches from the porch and "
@@ -135,16 +135,33 @@ def test_local_split_is_disjoint_and_deterministic(tmp_path):
     path.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(50)), encoding="utf-8")
     train = load_texts(str(path), split="train")
     validation = load_texts(f"{path}:split=validation")
-    assert len(train) + len(validation) == 50 and len(validation) == 5
-    assert not set(train) & set(validation)
+    test = load_texts(f"{path}:split=test")
+    heldout = load_texts(f"{path}:split=heldout")
+    # 10 % held out (5 documents), then halved: 2 test, 3 validation
+    assert len(train) + len(heldout) == 50 and len(heldout) == 5
+    assert (len(validation), len(test)) == (3, 2)
+    assert set(validation) | set(test) == set(heldout) and not set(validation) & set(test)
+    assert not set(train) & set(heldout)
     assert load_texts(str(path), split="validation") == validation
 
 
 def test_split_documents_is_order_independent():
     ids = [f"doc-{i}" for i in range(30)]
-    train, validation = split_documents(ids)
-    assert (train, validation) == split_documents(list(reversed(ids)))
-    assert train.isdisjoint(validation) and train | validation == set(ids)
+    train, heldout = split_documents(ids)
+    assert (train, heldout) == split_documents(list(reversed(ids)))
+    assert train.isdisjoint(heldout) and train | heldout == set(ids)
+    validation, test = split_heldout(sorted(heldout))
+    assert (validation, test) == split_heldout(sorted(heldout, reverse=True))
+    assert validation.isdisjoint(test) and validation | test == heldout and len(test) == len(heldout) // 2
+
+
+def test_heldout_halves_rank_by_a_second_hash():
+    """The test half is the first ``floor(n / 2)`` ids in the order of SHA-256("test/" + id)."""
+    ids = [f"doc-{i}" for i in range(41)]
+    order = sorted(ids, key=lambda i: document_key(i, "test/"))
+    validation, test = split_heldout(ids)
+    assert test == set(order[:20]) and validation == set(order[20:])
+    assert split_heldout(["only"]) == ({"only"}, set())
 
 
 def test_missing_file_error(tmp_path):
@@ -295,9 +312,11 @@ def test_builtin_sources_have_origin(builtins_ready):
         manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
         assert manifest["origin"]["package"] and manifest["origin"]["licence"]
         if BUILTIN_SOURCES[name].evaluation_only:
-            assert manifest["splits"]["train"]["documents"] == 0 < manifest["splits"]["validation"]["documents"]
+            assert manifest["splits"]["train"]["documents"] == 0 < manifest["splits"]["heldout"]["documents"]
         else:
-            assert manifest["splits"]["train"]["documents"] > manifest["splits"]["validation"]["documents"] > 0
+            assert manifest["splits"]["train"]["documents"] > manifest["splits"]["heldout"]["documents"] > 0
+        halves = manifest["splits"]["validation"]["documents"] + manifest["splits"]["test"]["documents"]
+        assert halves == manifest["splits"]["heldout"]["documents"] and manifest["splits"]["test"]["documents"] > 0
 
 
 @pytest.mark.integration
@@ -308,6 +327,11 @@ def test_calibration_and_heldout_are_disjoint(builtins_ready):
     calibration_texts = set(load_texts("builtin:calibration"))
     heldout_texts = load_texts("builtin:heldout")
     assert not calibration_texts & set(heldout_texts)
+    # the two halves: disjoint, together the whole held-out set, the same documents in the same order
+    validation, test = load_texts("builtin:heldout-validation"), load_texts("builtin:heldout-test")
+    assert validation and test and not set(validation) & set(test)
+    assert sorted(validation + test) == sorted(heldout_texts)
+    assert set(builtin_document_ids("heldout-validation")) | set(builtin_document_ids("heldout-test")) == heldout
     # no held-out paragraph of substance appears verbatim in the calibration text
     calibration_paragraphs = {p for t in calibration_texts for p in t.split("\n\n")}
     long_heldout = [p for t in heldout_texts for p in t.split("\n\n") if len(p.split()) > 30]
@@ -328,8 +352,11 @@ def test_builtin_aliases_fix_their_split(builtins_ready):
         load_texts("builtin:calibration:split=validation")
     with pytest.raises(DataError, match="unknown built-in"):
         load_texts("builtin:nope")
+    with pytest.raises(DataError, match="use builtin:heldout-test"):
+        load_texts("builtin:heldout:split=test")
     info = describe("builtin:heldout", max_texts=3)
-    assert info["num_texts"] == 3 and info["split"] == "validation"
+    assert info["num_texts"] == 3 and info["split"] == "heldout"
+    assert describe("builtin:heldout-test", max_texts=1)["split"] == "test"
     assert {o["package"] for o in info["origin"]} == {"r-cran-janeaustenr", "gensim"}
 
 
@@ -374,8 +401,12 @@ def test_evaluation_only_sources_stay_out_of_training_aliases():
     for alias, (sources, split) in BUILTIN_ALIASES.items():
         if split == "train":
             assert not evaluation_only & set(sources), alias
-    assert BUILTIN_ALIASES["heldout-docs"] == (("python-docs",), "validation")
-    assert BUILTIN_ALIASES["heldout"] == (("austen", "wikipedia"), "validation")  # unchanged
+    assert BUILTIN_ALIASES["heldout-docs"] == (("python-docs",), "heldout")
+    assert BUILTIN_ALIASES["heldout"] == (("austen", "wikipedia"), "heldout")  # the same documents as before
+    for name in ("heldout", "heldout-docs"):
+        sources, _ = BUILTIN_ALIASES[name]
+        assert BUILTIN_ALIASES[f"{name}-validation"] == (sources, "validation")
+        assert BUILTIN_ALIASES[f"{name}-test"] == (sources, "test")
 
 
 @pytest.mark.integration
@@ -386,13 +417,16 @@ def test_heldout_docs_is_prose(heldout_docs):
         assert not _SPHINX_MARKUP.search(text), text[:200]
         for line in text.splitlines():
             assert not line.lstrip().startswith((">>>", "... ", "$ ")), line[:200]
-    assert load_texts("builtin:python-docs") == heldout_docs  # the source is all validation
+    assert load_texts("builtin:python-docs") == heldout_docs  # the source is all held out
+    halves = load_texts("builtin:heldout-docs-validation"), load_texts("builtin:heldout-docs-test")
+    assert all(halves) and sorted(halves[0] + halves[1]) == sorted(heldout_docs)
+    assert load_texts("builtin:python-docs:split=test") == halves[1]
     with pytest.raises(DataError, match="evaluation-only"):
         load_texts("builtin:python-docs:split=train")
-    with pytest.raises(DataError, match="always the validation split"):
+    with pytest.raises(DataError, match="always the heldout split"):
         load_texts("builtin:heldout-docs:split=train")
     info = describe("builtin:heldout-docs", max_texts=2)
-    assert info["split"] == "validation" and info["origin"][0]["package"] == "python3.11-doc"
+    assert info["split"] == "heldout" and info["origin"][0]["package"] == "python3.11-doc"
     assert info["origin"][0]["licence"].startswith("PSF-2.0")
 
 
@@ -428,3 +462,16 @@ def test_missing_evaluation_only_package_does_not_block_setup(monkeypatch, tmp_p
         prepare_builtin_data(["heldout-docs"])  # asked for by name: an error naming the package
     with pytest.raises(DataError, match="python3.11-doc"):
         load_texts("builtin:heldout-docs")
+
+
+@pytest.mark.integration
+def test_documents_the_v1_protocol_scored_are_all_in_validation(builtins_ready):
+    """The figures before 2026-12-04 (and every recipe choice made on them) scored 16 x 256 tokens from the head
+    of ``builtin:heldout`` and ``builtin:heldout-docs``: Emma chapter 2, the start of "Alabama", and the first
+    Python tutorial pages. All of them fall in ``validation``, so ``test`` is untouched by those choices."""
+    from lorashear.data.builtin import load_builtin_documents
+
+    for source, first in (("austen", 1), ("wikipedia", 1), ("python-docs", 3)):
+        heldout = [d["id"] for d in load_builtin_documents(source, "heldout")]
+        validation = {d["id"] for d in load_builtin_documents(source, "validation")}
+        assert set(heldout[:first]) <= validation, source

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,13 +15,21 @@ QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 def quality():
     spec = importlib.util.spec_from_file_location("quality_bench", QUALITY)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
-    return module
+    yield module
+    sys.modules.pop(spec.name, None)
 
 
 def _row(row: str, seed: int, heldout: float, docs: float, ratio: float = 0.2) -> dict:
-    return {"row": row, "ratio": ratio, "seed": seed, "steps": 400, "params": 1000,
-            "ppl": {"builtin:heldout": heldout, "builtin:heldout-docs": docs}}
+    def ppl(v: float) -> dict:
+        return {"ppl": v, "ci": [v - 1, v + 1]}
+
+    # the validation split gets other values: the margins must come from the test split
+    return {"row": row, "ratio": ratio, "seed": seed, "steps": 400, "params": 1000, "wall_s": 60.0,
+            "compute": {"flops": 2e15},
+            "ppl": {"builtin:heldout-test": ppl(heldout), "builtin:heldout-docs-test": ppl(docs),
+                    "builtin:heldout-validation": ppl(heldout + 100), "builtin:heldout-docs-validation": ppl(docs + 100)}}
 
 
 def _margin_lines(md: str) -> list[list[str]]:
@@ -32,7 +41,9 @@ def test_margins_pair_seeds_and_add_the_half_ranges(quality, tmp_path: Path) -> 
     work = tmp_path / "rows"
     work.mkdir()
     rows = [_row("lorashear", 0, 30.0, 31.0), _row("lorashear", 1, 32.0, 33.0),
-            _row("peer_lora", 0, 35.0, 40.0), _row("peer_lora", 1, 36.0, 41.0), _row("peer_lora", 2, 37.0, 42.0),
+            _row("flap+lora", 0, 35.0, 40.0), _row("flap+lora", 1, 36.0, 41.0), _row("flap+lora", 2, 37.0, 42.0),
+            # a one-shot peer (no training) is never compared at equal tokens
+            _row("flap", 0, 90.0, 90.0),
             # a row with extras is never the one compared
             {**_row("lorashear", 0, 99.0, 99.0), "extra": {"x": 1}}]
     for i, r in enumerate(rows):
@@ -41,14 +52,18 @@ def test_margins_pair_seeds_and_add_the_half_ranges(quality, tmp_path: Path) -> 
     quality.write_report(work, out)
     lines = _margin_lines(out.read_text())
     assert len(lines) == 2  # one peer present, two sources
-    heldout = next(line for line in lines if line[3] == "builtin:heldout")
+    heldout = next(line for line in lines if line[3] == "builtin:heldout-test")
     # means 31 and 36; half-ranges 1 and 1; paired on seeds 0 and 1 only
     assert heldout[4] == "0,1 / 0,1,2"
     assert heldout[5] == "+5.00" and heldout[6] == "2.00" and heldout[7] == "2.5x"
     assert heldout[8] == "0: +5.00; 1: +4.00"
     summary = json.loads(out.with_suffix(".json").read_text())
     ours = next(e for e in summary if e["row"] == "lorashear" and not e["extra"])
-    assert ours["ppl"]["builtin:heldout"]["by_seed"] == {"0": 30.0, "1": 32.0}
+    assert ours["ppl"]["builtin:heldout-test"]["by_seed"] == {"0": 30.0, "1": 32.0}
+    assert ours["ppl"]["builtin:heldout-test"]["ci_by_seed"]["0"] == [29.0, 31.0]
+    md = out.read_text()
+    assert "30.00 [29.00, 31.00]" in md  # every seed with its interval
+    assert "| 2.00 | 1.00 |" in md  # PFLOPs and wall minutes
 
 
 def test_no_margin_table_without_a_peer(quality, tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 """Built-in offline corpora (``builtin:NAME``), prepared from installed packages.
 
-Sources (one name each, each with a ``train`` and a ``validation`` split by
-document, see :mod:`.splits`; evaluation-only sources put every document in
-``validation``):
+Sources (one name each, split by document into ``train``, ``validation`` and
+``test``, see :mod:`.splits`; ``heldout`` reads ``validation`` and ``test``
+together; evaluation-only sources hold every document out):
 
 ================  ======================================================  ==============
 name              content                                                 kind
@@ -18,23 +18,25 @@ Aliases other modules rely on:
 
 - ``builtin:calibration``: the ``train`` split of austen, wikipedia and
   debian-handbook, interleaved document by document;
-- ``builtin:heldout``: the ``validation`` split of austen and wikipedia (prose
-  only) - never overlapping ``calibration``, because both take whole documents
-  from the same deterministic split;
+- ``builtin:heldout-validation`` / ``builtin:heldout-test``: the ``validation`` /
+  ``test`` split of austen and wikipedia (prose only) - never overlapping
+  ``calibration``, because all take whole documents from the same deterministic
+  split; ``builtin:heldout`` reads both halves (the protocol of earlier figures);
 - ``builtin:instructions``: the chatterbot ``train`` split rendered with the
   plain instruction template;
-- ``builtin:heldout-docs``: every document of python-docs (prose only), a
-  second held-out perplexity source from another author and domain than every
-  training corpus.
+- ``builtin:heldout-docs-validation`` / ``builtin:heldout-docs-test``: the two
+  halves of python-docs (prose only), a second held-out perplexity source from
+  another author and domain than every training corpus; ``builtin:heldout-docs``
+  reads all of it.
 
 Evaluation-only sources (``evaluation_only=True``: python-docs) have an empty
-``train`` split, refuse ``split=train`` and are never part of a ``train``
+``train`` split (every document is held out), refuse ``split=train`` and are never part of a ``train``
 alias. :func:`prepare_builtin_data` with no names only warns when one of
 them cannot be prepared (nothing trains on it, so set-up goes on); naming it,
 or loading it, raises the usual :class:`~lorashear.errors.DataError`.
 
 :func:`prepare_builtin_data` extracts and cleans every source once into
-``cache_root()/data/builtin-v1/NAME/{train,validation}.jsonl`` with a
+``cache_root()/data/builtin-v2/NAME/{train,heldout}.jsonl`` with a
 ``manifest.json`` (origin, licence, counts); each source directory is written
 atomically. Loading a built-in prepares it lazily when needed.
 """
@@ -56,11 +58,13 @@ from . import extract
 from .extract import PackageRef
 from .instructions import format_conversation
 from .spec import SPLITS
-from .splits import split_documents
+from .splits import HELDOUT, heldout_part, split_documents, split_of
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+#: the files a prepared source holds (``validation`` and ``test`` are read from ``heldout``)
+STORED_SPLITS = ("train", HELDOUT)
 MANIFEST = "manifest.json"
 
 
@@ -114,12 +118,17 @@ BUILTIN_SOURCES: dict[str, BuiltinSource] = {
     )
 }
 
+_PROSE = ("austen", "wikipedia")
 #: Alias -> (sources, fixed split).
 BUILTIN_ALIASES: dict[str, tuple[tuple[str, ...], str]] = {
     "calibration": (("austen", "wikipedia", "debian-handbook"), "train"),
-    "heldout": (("austen", "wikipedia"), "validation"),
+    "heldout-validation": (_PROSE, "validation"),  # every choice is made here
+    "heldout-test": (_PROSE, "test"),  # reported figures only
+    "heldout": (_PROSE, HELDOUT),  # both halves: the protocol of the figures before 2026-12-04
     "instructions": (("chatterbot",), "train"),
-    "heldout-docs": (("python-docs",), "validation"),  # all of python-docs (evaluation-only source)
+    "heldout-docs-validation": (("python-docs",), "validation"),
+    "heldout-docs-test": (("python-docs",), "test"),
+    "heldout-docs": (("python-docs",), HELDOUT),  # all of python-docs (evaluation-only source)
 }
 
 
@@ -151,16 +160,19 @@ def _prepare_source(source: BuiltinSource, force: bool) -> Path:
     if not docs:
         raise DataError(f"{source.package.name} {version} produced no documents for builtin:{source.name}")
     if source.evaluation_only:
-        train_ids, validation_ids = set(), {d["id"] for d in docs}
+        train_ids, heldout_ids = set(), {d["id"] for d in docs}
     else:
-        train_ids, validation_ids = split_documents([d["id"] for d in docs])
+        train_ids, heldout_ids = split_documents([d["id"] for d in docs])
     counts: dict[str, dict[str, int]] = {}
     with atomic_directory(target) as tmp:
-        for split, ids in (("train", train_ids), ("validation", validation_ids)):
+        for split, ids in (("train", train_ids), (HELDOUT, heldout_ids)):
             chosen = [d for d in docs if d["id"] in ids]
             lines = [json.dumps(d, ensure_ascii=False) for d in chosen]
             (tmp / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-            counts[split] = {"documents": len(chosen), "words": sum(_words(d) for d in chosen)}
+            counts[split] = _count(chosen)
+        for half in ("validation", "test"):
+            part = heldout_part(sorted(heldout_ids), half)
+            counts[half] = _count([d for d in docs if d["id"] in part])
         atomic_write_json(tmp / MANIFEST, {
             "cache_version": CACHE_VERSION,
             "name": source.name,
@@ -173,6 +185,10 @@ def _prepare_source(source: BuiltinSource, force: bool) -> Path:
         })
     logger.info("builtin:%s ready: %s", source.name, counts)
     return target
+
+
+def _count(docs: Sequence[dict[str, Any]]) -> dict[str, int]:
+    return {"documents": len(docs), "words": sum(_words(d) for d in docs)}
 
 
 def _words(doc: dict[str, Any]) -> int:
@@ -234,6 +250,9 @@ def resolve_builtin(name: str, split: str | None) -> tuple[tuple[str, ...], str]
     if name in BUILTIN_ALIASES:
         sources, fixed = BUILTIN_ALIASES[name]
         if split is not None and split != fixed:
+            half = f"{name}-{split}"
+            if half in BUILTIN_ALIASES:
+                raise DataError(f"builtin:{name} is always the {fixed} split; use builtin:{half} for its {split} half")
             if any(BUILTIN_SOURCES[s].evaluation_only for s in sources):
                 raise DataError(f"builtin:{name} is always the {fixed} split: it reads evaluation-only data "
                                 f"({', '.join(sources)}) that has no {split!r} split")
@@ -241,14 +260,13 @@ def resolve_builtin(name: str, split: str | None) -> tuple[tuple[str, ...], str]
                             f"e.g. builtin:{sources[0]}:split={split}")
         return sources, fixed
     if BUILTIN_SOURCES[name].evaluation_only:
-        if split not in (None, "validation"):
-            raise DataError(f"builtin:{name} is evaluation-only: all of it is the validation split "
-                            f"(use builtin:{name} or its alias), never {split!r}")
-        return (name,), "validation"
-    split = split or "train"
-    if split not in SPLITS:
+        if split == "train":
+            raise DataError(f"builtin:{name} is evaluation-only: every document is held out "
+                            f"(split=validation, split=test, or all of it with builtin:{name}), never 'train'")
+        return (name,), split_of(split) if split is not None else HELDOUT
+    if split is not None and split not in SPLITS:
         raise DataError(f"unknown split {split!r} for builtin:{name}; use one of {', '.join(SPLITS)}")
-    return (name,), split
+    return (name,), split or "train"
 
 
 def load_builtin_documents(name: str, split: str | None = None) -> list[dict[str, Any]]:
@@ -259,8 +277,13 @@ def load_builtin_documents(name: str, split: str | None = None) -> list[dict[str
         directory = builtin_dir() / source
         if _manifest(source) is None:
             directory = prepare_builtin_data([source])[source]
-        with (directory / f"{split}.jsonl").open(encoding="utf-8") as fh:
-            per_source.append([json.loads(line) for line in fh if line.strip()])
+        stored = "train" if split == "train" else HELDOUT
+        with (directory / f"{stored}.jsonl").open(encoding="utf-8") as fh:
+            docs = [json.loads(line) for line in fh if line.strip()]
+        if split not in STORED_SPLITS:
+            part = heldout_part([d["id"] for d in docs], split)
+            docs = [d for d in docs if d["id"] in part]
+        per_source.append(docs)
     return [d for d in chain.from_iterable(zip_longest(*per_source)) if d is not None]
 
 

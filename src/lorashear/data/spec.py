@@ -37,7 +37,8 @@ from ..errors import DataError
 
 Kind = Literal["builtin", "hf", "local"]
 OPTION_KEYS = ("split", "field", "config")
-SPLITS = ("train", "validation")
+#: ``heldout`` = ``validation`` + ``test`` (see :mod:`.splits`)
+SPLITS = ("train", "validation", "test", "heldout")
 _OPTION = re.compile(r"^(split|field|config)=(.*)$")
 
 

@@ -29,14 +29,17 @@ class EvalConfig:
     batch_size: int = field(default=8, metadata=_h("lm-eval batch size"))
     dtype: str = field(default="float32", metadata=_h("parameter dtype: float32, bfloat16, float16"))
     device: str | None = field(default=None, metadata=_h("device (default: cuda if available, else cpu)"))
-    ppl_source: str = field(default="builtin:heldout", metadata=_h(
-        "text for perplexity: a lorashear.data source, a .txt or .jsonl file, or 'none' to skip"))
+    ppl_source: str = field(default="builtin:heldout-test", metadata=_h(
+        "text for perplexity: a lorashear.data source, a .txt or .jsonl file, or 'none' to skip (the default "
+        "is the test half of the held-out documents: reported figures only, never choices)"))
     ppl_more_sources: list[str] = field(default_factory=list, metadata=_h(
-        "more held-out texts, each with its own perplexity under the same protocol (e.g. builtin:heldout-docs)"))
+        "more held-out texts, each with its own perplexity under the same protocol (e.g. "
+        "builtin:heldout-docs-test)"))
     ppl_seq_len: int = field(default=512, metadata=_h("perplexity window length in tokens"))
     ppl_stride: int | None = field(default=None, metadata=_h(
         "tokens between perplexity window starts (default: seq_len, disjoint windows)"))
-    ppl_max_windows: int | None = field(default=32, metadata=_h("at most this many perplexity windows"))
+    ppl_max_windows: int | None = field(default=64, metadata=_h(
+        "perplexity windows, spread evenly over the whole text (none: every window)"))
     speed: bool = field(default=True, metadata=_h("measure size, latency, throughput and peak memory"))
     speed_prompt_len: int = field(default=128, metadata=_h("prompt length for the speed runs"))
     speed_new_tokens: int = field(default=32, metadata=_h("tokens generated per sequence in the speed runs"))

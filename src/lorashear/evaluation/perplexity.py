@@ -15,13 +15,25 @@ Worked example, a 10-token stream, ``seq_len=4``, ``stride=2``::
     window [2, 6)  scores targets 4, 5         (context 2, 3)
     window [4, 8)  scores targets 6, 7
     window [6, 10) scores targets 8, 9         -> 9 tokens scored, 4 windows
+
+With ``max_windows`` below the number of windows, ``spread=True`` (the default)
+keeps windows evenly spaced over the whole stream, so a split's every document
+contributes, not only the head of the stream (``spread=False``: the first
+``max_windows``, the protocol before 2026-12-04). Window ``i`` of ``k`` kept out of
+``n`` is number ``(2i + 1) n // 2k``: 2 of the 4 windows above are windows 1 and 3.
+
+Beside the perplexity, a 95 % bootstrap interval over windows: windows are drawn
+with replacement ``bootstrap`` times (fixed seed), each draw's perplexity is
+``exp(sum NLL / sum tokens)`` of its windows, and the 2.5th and 97.5th percentiles
+are reported. The per-window NLL sums are kept, so two models scored on the same
+windows can be compared window by window (:func:`paired_interval`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, DataError
@@ -45,13 +57,24 @@ class PerplexityResult:
     seq_len: int
     stride: int
     stream_tokens: int  #: tokens in the stream the windows were taken from
-    source: str = ""  #: where the text came from (e.g. ``builtin:heldout``)
+    source: str = ""  #: where the text came from (e.g. ``builtin:heldout-test``)
+    spread: bool = True  #: windows spread evenly over the stream (False: its head)
+    ci_low: float | None = None  #: 95 % bootstrap interval over windows (None: fewer than 2 windows)
+    ci_high: float | None = None
+    window_nll: list[float] = field(default_factory=list)  #: NLL sum of every window, in stream order
+    window_tokens: list[int] = field(default_factory=list)  #: tokens scored in every window
 
     @property
     def protocol(self) -> str:
-        return (f"sliding window over {self.stream_tokens} tokens of {self.source or 'the given stream'}: "
-                f"seq_len {self.seq_len}, stride {self.stride}, {self.num_windows} windows, "
+        where = "spread over" if self.spread else "from the head of"
+        return (f"{self.num_windows} windows {where} {self.stream_tokens} tokens of "
+                f"{self.source or 'the given stream'}: seq_len {self.seq_len}, stride {self.stride}, "
                 f"{self.num_tokens} tokens scored")
+
+    @property
+    def interval(self) -> str:
+        """``"[lo, hi]"`` or an empty string."""
+        return "" if self.ci_low is None else f"[{self.ci_low:.2f}, {self.ci_high:.2f}]"
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -60,7 +83,7 @@ class PerplexityResult:
 
 
 def window_spans(stream_len: int, seq_len: int, stride: int,
-                 max_windows: int | None = None) -> list[tuple[int, int, int]]:
+                 max_windows: int | None = None, spread: bool = False) -> list[tuple[int, int, int]]:
     """The ``(begin, end, num_scored)`` spans of the protocol (see the module docstring).
 
     The last ``num_scored`` tokens of ``stream[begin:end]`` are the window's targets.
@@ -80,9 +103,46 @@ def window_spans(stream_len: int, seq_len: int, stride: int,
         if num_scored > 0:
             spans.append((begin, end, num_scored))
         prev_end = end
-        if end == stream_len or (max_windows is not None and len(spans) >= max_windows):
+        if end == stream_len or (not spread and max_windows is not None and len(spans) >= max_windows):
             break
+    if spread and max_windows is not None and max_windows < len(spans):
+        n, k = len(spans), max_windows
+        spans = [spans[(2 * i + 1) * n // (2 * k)] for i in range(k)]
     return spans
+
+
+def bootstrap_interval(window_nll: list[float], window_tokens: list[int], *, samples: int = 2000,
+                       level: float = 0.95, seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of ``exp(sum nll / sum tokens)`` over windows (None: < 2 windows)."""
+    import torch
+
+    if len(window_nll) < 2:
+        return None
+    nll = torch.tensor(window_nll, dtype=torch.float64)
+    tok = torch.tensor(window_tokens, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    draw = torch.randint(len(window_nll), (samples, len(window_nll)), generator=gen)  # (S, W)
+    ppl = torch.exp((nll[draw].sum(1) / tok[draw].sum(1)).clamp(max=700))
+    lo, hi = torch.quantile(ppl, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
+def paired_interval(a: PerplexityResult, b: PerplexityResult, *, samples: int = 2000, level: float = 0.95,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """``(difference, lo, hi)`` of perplexity ``b - a`` on the same windows, windows resampled in pairs."""
+    import torch
+
+    if a.window_tokens != b.window_tokens or not a.window_tokens:
+        raise ConfigError("paired_interval needs two results scored on the same windows")
+    nll = torch.tensor([a.window_nll, b.window_nll], dtype=torch.float64)  # (2, W)
+    tok = torch.tensor(a.window_tokens, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    draw = torch.randint(tok.numel(), (samples, tok.numel()), generator=gen)
+    ppl = torch.exp(nll[:, draw].sum(-1) / tok[draw].sum(-1))  # (2, S)
+    diff = ppl[1] - ppl[0]
+    lo, hi = torch.quantile(diff, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    point = torch.exp(nll.sum(-1) / tok.sum())  # (2,)
+    return float(point[1] - point[0]), lo, hi
 
 
 def perplexity(
@@ -94,6 +154,7 @@ def perplexity(
     max_windows: int | None = None,
     batch_size: int = 1,
     source: str = "",
+    spread: bool = True,
 ) -> PerplexityResult:
     """Sliding-window perplexity of ``model`` on a token stream.
 
@@ -101,9 +162,10 @@ def perplexity(
         input_ids: the token stream, ``(T,)``; a ``(N, L)`` tensor is flattened row by row.
         seq_len: window length (tokens the model sees at once).
         stride: distance between window starts (default ``seq_len``: disjoint windows).
-        max_windows: stop after this many windows (``None``: cover the whole stream).
+        max_windows: score this many windows (``None``: cover the whole stream).
         batch_size: windows per forward pass (windows of equal length are batched).
         source: a label for the stream, recorded in the result.
+        spread: with ``max_windows``, spread the windows evenly over the stream (else take its head).
     """
     import torch
     from tqdm.auto import tqdm
@@ -112,10 +174,10 @@ def perplexity(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     stream = input_ids.reshape(-1).long()
-    spans = window_spans(stream.numel(), seq_len, stride, max_windows)
+    spans = window_spans(stream.numel(), seq_len, stride, max_windows, spread)
     device = next(model.parameters()).device
-    total_nll = 0.0
-    total_tokens = 0
+    window_nll: list[float] = []
+    window_tokens: list[int] = []
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(spans), desc="perplexity", unit="window", disable=progress_disabled())
@@ -137,14 +199,16 @@ def perplexity(
                 shifted.reshape(-1, shifted.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
             ).view(ids.shape[0], -1)  # (B, L-1)
             for row, (_, _, num_scored) in enumerate(batch):
-                total_nll += nll[row, -num_scored:].double().sum().item()
-                total_tokens += num_scored
+                window_nll.append(nll[row, -num_scored:].double().sum().item())
+                window_tokens.append(num_scored)
             i += len(batch)
             bar.update(len(batch))
     finally:
         bar.close()
         model.train(was_training)
-    mean_nll = total_nll / total_tokens
+    total_tokens = sum(window_tokens)
+    mean_nll = math.fsum(window_nll) / total_tokens
+    interval = bootstrap_interval(window_nll, window_tokens)
     return PerplexityResult(
         perplexity=math.exp(mean_nll) if mean_nll < 700 else float("inf"),
         nll=mean_nll,
@@ -154,6 +218,11 @@ def perplexity(
         stride=stride,
         stream_tokens=int(stream.numel()),
         source=source,
+        spread=spread,
+        ci_low=interval[0] if interval else None,
+        ci_high=interval[1] if interval else None,
+        window_nll=window_nll,
+        window_tokens=window_tokens,
     )
 
 
@@ -180,4 +249,5 @@ def token_stream(texts: list[str], tokenizer: PreTrainedTokenizerBase, *, separa
     return torch.tensor(ids, dtype=torch.long)
 
 
-__all__ = ["PerplexityResult", "load_eval_texts", "perplexity", "token_stream", "window_spans"]
+__all__ = ["PerplexityResult", "bootstrap_interval", "load_eval_texts", "paired_interval", "perplexity",
+           "token_stream", "window_spans"]

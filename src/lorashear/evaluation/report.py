@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_text
+from .perplexity import PerplexityResult
 from .results import EvalReport, ModelEval, ratios
 from .tasks import TASK_PREFIX
 
@@ -47,6 +48,10 @@ def _fmt_bytes(n: float | None) -> str:
 def _missing(value: float | None) -> bool:
     """A missing, failed or NaN measurement: shown as "-", never as a number."""
     return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _ppl_cells(label: str, p: PerplexityResult) -> list[str]:
+    return [label, _fmt(p.perplexity), p.interval or "-", _fmt(p.nll, ".4f"), str(p.num_tokens), str(p.num_windows)]
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
@@ -294,17 +299,17 @@ def render_markdown(report: EvalReport, plots: dict[str, bool]) -> str:
     if ppl_models:
         p = ppl_models[0].perplexity
         out += ["## Perplexity", "", f"Protocol: {p.protocol}. Perplexity = exp(mean NLL over the scored tokens); "  # type: ignore[union-attr]
-                "each window scores only tokens no earlier window scored.", ""]
-        out += [_table(["model", "perplexity", "mean NLL (nats)", "tokens scored", "windows"],
-                       [[_label(m), _fmt(m.perplexity.perplexity), _fmt(m.perplexity.nll, ".4f"),  # type: ignore[union-attr]
-                         str(m.perplexity.num_tokens), str(m.perplexity.num_windows)] for m in ppl_models]), ""]  # type: ignore[union-attr]
+                "each window scores only tokens no earlier window scored; the interval is a 95 % bootstrap "
+                "over windows. The split of each figure is in its source's name (`-test`: documents no "
+                "choice has seen; `-validation`: the documents choices are made on).", ""]
+        out += [_table(["model", "perplexity", "95 % interval", "mean NLL (nats)", "tokens scored", "windows"],
+                       [_ppl_cells(_label(m), m.perplexity) for m in ppl_models]), ""]  # type: ignore[arg-type]
     more = [(source, m, m.more_perplexity[source]) for source in cfg.ppl_more_sources for m in models
             if source in m.more_perplexity]
     if more:
         out += ["Further held-out sources, the same protocol:", ""]
-        out += [_table(["source", "model", "perplexity", "mean NLL (nats)", "tokens scored", "windows"],
-                       [[f"`{source}`", _label(m), _fmt(p.perplexity), _fmt(p.nll, ".4f"), str(p.num_tokens),
-                         str(p.num_windows)] for source, m, p in more]), ""]
+        out += [_table(["source", "model", "perplexity", "95 % interval", "mean NLL (nats)", "tokens scored",
+                        "windows"], [[f"`{source}`", *_ppl_cells(_label(m), p)] for source, m, p in more]), ""]
 
     speed_models = [m for m in models if m.speed is not None]
     if speed_models:

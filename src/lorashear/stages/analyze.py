@@ -84,7 +84,7 @@ def build_eval_tokens(tokenizer, config: KnowledgeConfig):
     from ..data import load_texts, pack_texts
 
     spec = config.data.strip().lower()
-    if spec.startswith("builtin:heldout") or ":split=validation" in spec:
+    if spec.startswith("builtin:heldout") or any(f":split={s}" in spec for s in ("validation", "test", "heldout")):
         logger.warning("%s looks like held-out evaluation text; the analysis should use training-side "
                        "text (e.g. builtin:calibration) so reported results stay unbiased", config.data)
     texts = [t for t in load_texts(config.data) if t and t.strip()]

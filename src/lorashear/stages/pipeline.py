@@ -106,8 +106,8 @@ class PipelineConfig:
     distill: DistillConfig = section(DistillConfig, prefix="distill_", help="distillation from the dense model")
     recovery: recover.RecoverConfig = section(recover.RecoverConfig, prefix="recover_",
                                               help="dynamic knowledge recovery")
-    evaluation: EvalConfig = section(EvalConfig, prefix="eval_", help="evaluation", limit=50, ppl_max_windows=16,
-                                     ppl_more_sources=["builtin:heldout-docs"])
+    evaluation: EvalConfig = section(EvalConfig, prefix="eval_", help="evaluation", limit=50, ppl_max_windows=64,
+                                     ppl_more_sources=["builtin:heldout-docs-test"])
     exporting: ExportConfig = section(ExportConfig, prefix="export_", help="GGUF export")
 
     def __post_init__(self) -> None:

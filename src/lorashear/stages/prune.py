@@ -80,7 +80,7 @@ class PruneConfig:
         "help": "start over: delete OUT/checkpoints of an earlier run instead of refusing"})
     keep_run_checkpoints: bool = field(default=False, metadata={"help": "keep OUT/checkpoints after success"})
     eval_data: str | None = field(default=None, metadata={
-        "help": "held-out text for perplexity before/after (e.g. builtin:heldout); off when unset"})
+        "help": "held-out text for perplexity before/after (e.g. builtin:heldout-validation); off when unset"})
     eval_windows: int = field(default=32, metadata={"help": "perplexity windows of --seq-len tokens"})
     verify: bool = field(default=True, metadata={
         "help": "check the selected groups are exactly zero and compacted logits equal the masked model's"})
