@@ -41,6 +41,11 @@ Known issues worked around (Torch-Pruning 1.6.1, transformers 5.23):
 ``verify`` checks the pruned model's logits against the original with the removed
 rows/columns zeroed (they must agree to float rounding).
 
+This is the untuned recipe; its defaults stay as they are so that cached benchmark rows keep their
+meaning. LLM-Pruner at its best settings (global ranking, 64+ calibration sequences, the
+second-order ``param_mix`` importance, normalisation options) is ``llm_pruner.py``, whose
+``ranking="block", head_reduce="mean"`` reproduces this module's pruned model (tested).
+
     python benchmarks/peers/torch_pruning_llm.py smollm2-135m-instruct --ratio 0.2 --out runs/tp20
 """
 
