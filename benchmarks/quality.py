@@ -53,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "peers"))
 sys.path.insert(0, str(HERE))
 
-from compute import Compute, forward_flops_per_token  # noqa: E402
+from lorashear.compute import Compute, forward_flops_per_token  # noqa: E402
 
 logger = logging.getLogger("benchmarks.quality")
 

@@ -41,8 +41,13 @@ def _base_config(model: torch.nn.Module) -> Any:
     return model.config
 
 
+#: a replaced parameter: ``old id -> (new parameter, {dim: kept indices})``
+Replacements = dict[int, tuple[torch.nn.Parameter, dict[int, torch.Tensor]]]
+
+
 @torch.no_grad()
-def compact(model: torch.nn.Module, groups: Iterable[Group], *, merge_lora: bool = False) -> torch.nn.Module:
+def compact(model: torch.nn.Module, groups: Iterable[Group], *, merge_lora: bool = False,
+            replacements: Replacements | None = None) -> torch.nn.Module:
     """Remove ``groups`` from ``model`` in place and return the (smaller) model.
 
     Args:
@@ -50,6 +55,8 @@ def compact(model: torch.nn.Module, groups: Iterable[Group], *, merge_lora: bool
         groups: groups from :func:`lorashear.discover` on this model.
         merge_lora: merge LoRA into the base weights afterwards and return the plain
             transformers model (``merge_and_unload``).
+        replacements: filled with every parameter replaced and the index maps that made it, so
+            state kept elsewhere (an optimizer's moments: :func:`slice_optimizer`) can follow.
     """
     groups = list(groups)
     if not groups:
@@ -66,11 +73,15 @@ def compact(model: torch.nn.Module, groups: Iterable[Group], *, merge_lora: bool
     for name, dims in plan.items():
         p = named[name]
         new = p.data
+        kept: dict[int, torch.Tensor] = {}
         for dim, removed in sorted(dims.items()):
             keep = torch.tensor([i for i in range(new.shape[dim]) if i not in removed], dtype=torch.long,
                                 device=new.device)
             new = new.index_select(dim, keep)
+            kept[dim] = keep
         replacement = torch.nn.Parameter(new.contiguous(), requires_grad=p.requires_grad)
+        if replacements is not None:
+            replacements[id(p)] = (replacement, kept)
         for module, attr in owners[id(p)]:
             module._parameters[attr] = replacement  # noqa: SLF001
             touched.add(id(module))
@@ -84,6 +95,25 @@ def compact(model: torch.nn.Module, groups: Iterable[Group], *, merge_lora: bool
     if merge_lora and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     return model
+
+
+@torch.no_grad()
+def slice_optimizer(optimizer: torch.optim.Optimizer, replacements: Replacements) -> None:
+    """Make ``optimizer`` follow a :func:`compact`: its replaced parameters become the new ones, and every
+    per-parameter state tensor of their shape (AdamW's moments, SGD's momentum) is sliced with the same
+    index maps; scalar state (AdamW's step) is kept. The remaining entries are then exactly the state the
+    optimizer would hold had it trained the smaller model all along."""
+    for group in optimizer.param_groups:
+        group["params"] = [replacements[id(p)][0] if id(p) in replacements else p for p in group["params"]]
+    for old in [p for p in list(optimizer.state) if id(p) in replacements]:
+        new, kept = replacements[id(old)]
+        state = optimizer.state.pop(old)
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == old.shape:
+                for dim, keep in sorted(kept.items()):
+                    value = value.index_select(dim, keep.to(value.device))
+                state[key] = value.contiguous()
+        optimizer.state[new] = state
 
 
 def check_groups(named: dict[str, torch.Tensor], groups: Sequence[Group]) -> None:

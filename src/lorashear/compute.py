@@ -1,6 +1,6 @@
-"""The compute column of the quality benchmark: token-passes and an estimate of the FLOPs of a row.
+"""Compute of a training run: token-passes at the width trained, and an estimate of the FLOPs.
 
-Tokens are not compute (METHOD.md section 8). Every row counts, in tokens:
+Tokens are not compute (METHOD.md section 8). A run counts, in tokens:
 
 - ``student_fwd`` / ``student_bwd``: forward and backward token-passes of the model being trained, at the
   width it has at that step (lorashear's prune stage trains the full-width masked model until it compacts);
@@ -35,10 +35,9 @@ def forward_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     attention = 0.0
     ctx = (seq_len + 1) / 2
     for module in model.modules():
-        q = getattr(module, "q_proj", None)
-        head_dim = getattr(module, "head_dim", None)
-        if isinstance(q, torch.nn.Linear) and head_dim:
-            attention += 4 * q.out_features * ctx  # QK^T and AV: 2 FLOPs x (heads x head_dim) x context, each
+        width = getattr(getattr(module, "q_proj", None), "out_features", None)  # a Linear or a LoRA layer
+        if width and getattr(module, "head_dim", None):
+            attention += 4 * width * ctx  # QK^T and AV: 2 FLOPs x (heads x head_dim) x context, each
     return 2.0 * matmul + attention
 
 

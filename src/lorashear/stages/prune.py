@@ -20,20 +20,22 @@ then replaces ``out`` as a whole (:func:`lorashear.atomic.atomic_directory`).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from ..atomic import atomic_directory, atomic_write_json, output_lock, validate_out
 from ..config import section, to_json_dict
 from ..data.config import DataConfig
-from ..errors import ConfigError
+from ..compute import Compute, forward_flops_per_token
+from ..errors import ConfigError, CorruptCheckpointError
 from ..graph.groups import StructureGraph
 from ..lhspg.optimizer import LHSPGConfig
 from ..lhspg.targets import TargetConfig, plan_targets
@@ -42,7 +44,9 @@ from ..models.lora import LoraSettings, attach_lora
 from ..models.params import count_params, embedding_params
 from ..recipes import DEFAULT_RECIPE, RECIPES
 from ..training.hooks import KLShareSwitch
+from ..training.checkpoint import latest_checkpoint
 from ..training.loop import StepHook, TrainConfig, checkpoint_root, make_accelerator, train_lhspg
+from ..training.loop import train as train_loop
 from ..training.losses import DistillConfig, KLShare, distillation_loss, lm_loss, make_teacher
 from ..training.report import kept_per_layer, plot_prune
 
@@ -84,6 +88,10 @@ class PruneConfig:
     eval_windows: int = field(default=32, metadata={"help": "perplexity windows of --seq-len tokens"})
     verify: bool = field(default=True, metadata={
         "help": "check the selected groups are exactly zero and compacted logits equal the masked model's"})
+    compact_at: Literal["prune_end", "end"] = field(default="prune_end", metadata={
+        "help": "when the zeroed structures are cut out: prune_end = as soon as the last pruning period ends, "
+                "so every later step trains the small model (LoRA factors and optimizer state sliced alike; "
+                "single process); end = after the last step (the masked model trains at full width throughout)"})
 
     def __post_init__(self) -> None:
         self.unprunable = tuple(self.unprunable)
@@ -195,7 +203,7 @@ def check_reachable(candidates: list, all_groups: list, target: TargetConfig, to
 def heldout_perplexity(model, tokenizer, source: str, seq_len: int, windows: int) -> float:
     from ..evaluation.perplexity import load_eval_texts, perplexity, token_stream
 
-    stream = token_stream(load_eval_texts(source), tokenizer, max_tokens=seq_len * windows)
+    stream = token_stream(load_eval_texts(source), tokenizer)
     return perplexity(model, stream, seq_len=seq_len, max_windows=windows, source=source).perplexity
 
 
@@ -272,6 +280,7 @@ def _run(config: PruneConfig, out: Path, *, model: Any, tokenizer: Any, data: to
         data = pack_texts(load_texts(config.data.spec), tokenizer, seq_len,
                           num_sequences=config.data.num_sequences, seed=train.seed)
     set_seed(train.seed)
+    dense_flops = forward_flops_per_token(model, data.shape[1])
     peft_model = attach_lora(model, config.lora)
     graph = discover(peft_model, hidden="hidden_channel" in config.target.kinds)
     excluded, blocks = unprunable_ids(graph, config.knowledge, config.unprunable)
@@ -297,48 +306,64 @@ def _run(config: PruneConfig, out: Path, *, model: Any, tokenizer: Any, data: to
     if config.force and ckpt_dir.is_dir():
         logger.info("--force: removing the checkpoints of an earlier run in %s", ckpt_dir)
         shutil.rmtree(ckpt_dir)
-    loss_fn = lm_loss
     share = KLShare(config.distill.weight)
-    hooks: list[StepHook] = []
-    if config.distill.after_pruning is not None:  # one share while pruning, another once it has ended
-        hooks.append(KLShareSwitch(share, at=lcfg.schedule.prune_end, before=config.distill.weight,
-                                   after=config.distill.after_pruning))
-    if teacher is not None and config.distill.topk:  # the teacher's top-k logits once; then free it
-        from ..training.teacher_cache import build_topk_cache, rows_used, topk_distillation_loss
-
-        rows = rows_used(data.shape[0], steps=train.steps, batch_size=train.batch_size, grad_accum=train.grad_accum,
-                         seed=train.seed, rank=accelerator.process_index, world=accelerator.num_processes)
-        cache = build_topk_cache(teacher, data, rows, k=config.distill.topk, batch_size=train.batch_size)
-        loss_fn = topk_distillation_loss(cache, share, config.distill.temperature)
-        teacher = None
-    elif teacher is not None:
-        loss_fn = distillation_loss(teacher, config.distill, share)
-    result = train_lhspg(peft_model, graph.groups, plan, data, train_config=train, lhspg_config=lcfg,
-                         exclude=excluded, checkpoint_dir=ckpt_dir, resume=config.resume, accelerator=accelerator,
-                         stop_after=stop_after, run_settings=run_settings(config, data), loss_fn=loss_fn,
-                         hooks=hooks)
-    del teacher, loss_fn
-    if result.stopped_early:
-        return None
-    lh = result.lhspg
-    assert lh is not None
-    selected = lh.committed_groups
+    loss_fn, hooks = _loss_and_hooks(config, teacher, data, lcfg, share, accelerator)
+    del teacher
+    settings = run_settings(config, data)
+    mid = _compacts_mid_run(config, lcfg, accelerator)
+    small_dir = ckpt_dir / COMPACTED_DIR
+    outcome: PruningOutcome | None = None
+    log: list[dict[str, Any]] = []
+    if mid and config.resume and latest_checkpoint(small_dir) is not None:
+        outcome = PruningOutcome.read(small_dir)  # the pruning phase is over: rebuild the small model
+        compact(peft_model, [graph.groups[i] for i in outcome.selected_ids])
+        optimizer = None
+        resumed_from = outcome.resumed_from
+    else:
+        first = train_lhspg(peft_model, graph.groups, plan, data, train_config=train, lhspg_config=lcfg,
+                            exclude=excluded, checkpoint_dir=ckpt_dir, resume=config.resume, accelerator=accelerator,
+                            stop_after=stop_after, run_settings=settings, loss_fn=loss_fn, hooks=hooks,
+                            end_step=lcfg.schedule.prune_end if mid else None)
+        if first.stopped_early:
+            return None
+        lh = first.lhspg
+        assert lh is not None
+        outcome = PruningOutcome.from_lhspg(lh, peft_model, first, end=lcfg.schedule.prune_end if mid else train.steps)
+        log = first.log
+        optimizer = None
+        resumed_from = first.resumed_from
+        if mid:
+            outcome.compaction_logit_diff, optimizer = _compact_in_training(peft_model, lh, data, config.verify,
+                                                                            accelerator.device)
+    if mid:
+        if not _post_pruning_needs_teacher(config):
+            loss_fn = lm_loss  # the teacher is no longer needed: let it go
+        after_hooks = [*hooks, PrunedLogFields(outcome)]
+        second = train_loop(peft_model, data, config=train, loss_fn=loss_fn, hooks=after_hooks, accelerator=accelerator,
+                            checkpoint_dir=small_dir, resume=config.resume and optimizer is None, stop_after=stop_after,
+                            desc="train pruned", run_settings=settings, optimizer=optimizer,
+                            start_step=outcome.compact_step, extra_params=_base_weight_names(peft_model),
+                            extra_state={"pruning": outcome.to_dict()})
+        if second.stopped_early:
+            return None
+        log = (log or outcome.log) + second.log
+        resumed_from = second.resumed_from if second.resumed_from is not None else resumed_from
+        steps_done, tokens_seen = second.steps_done, second.tokens_seen
+        train_wall = outcome.train_wall_time_s + second.wall_time_s
+    else:
+        steps_done, tokens_seen, train_wall = first.steps_done, first.tokens_seen, first.wall_time_s
+    del loss_fn
     pruned: PruneResult | None = None
     if main:
-        named = dict(peft_model.named_parameters())
-        max_abs_selected = 0.0
-        for g in selected:
-            for s in g.slices:
-                v = named[s.name].detach().index_select(s.dim, s.index_tensor(named[s.name].device))
-                max_abs_selected = max(max_abs_selected, float(v.abs().max()) if v.numel() else 0.0)
-        probe = data[: min(2, data.shape[0]), : min(64, data.shape[1])].to(accelerator.device)
+        probe = _probe(data, accelerator.device)
         masked_logits = None
-        if config.verify:
+        if config.verify and not mid:
             with torch.no_grad():
                 masked_logits = peft_model(input_ids=probe).logits.float().cpu()
-        small = compact(peft_model, selected, merge_lora=True)
+        selected = [graph.groups[i] for i in outcome.selected_ids]
+        small = compact(peft_model, [] if mid else selected, merge_lora=True)
         small.eval()
-        logits_diff = None
+        logits_diff = outcome.compaction_logit_diff
         if masked_logits is not None:
             with torch.no_grad():
                 logits_diff = float((small(input_ids=probe).logits.float().cpu() - masked_logits).abs().max())
@@ -351,6 +376,8 @@ def _run(config: PruneConfig, out: Path, *, model: Any, tokenizer: Any, data: to
         kept = kept_per_layer(graph.groups, selected)
         sched = lcfg.schedule
         target = config.target
+        compute = _compute(config, dense_flops, small, outcome.compact_step, steps_done, data.shape[1],
+                           sched.prune_end)
         report = {
             "command": "prune",
             "model": config.model or type(model).__name__,
@@ -365,27 +392,29 @@ def _run(config: PruneConfig, out: Path, *, model: Any, tokenizer: Any, data: to
             },
             "plan": plan.to_dict(),
             "groups": {
-                "candidates": len(lh.candidates), "selected": len(selected),
+                "candidates": outcome.candidates, "selected": len(selected),
                 "selected_by_kind": {k: sum(1 for g in selected if g.kind == k) for k in plan.counts},
                 "unprunable_blocks": blocks, "unprunable_groups": len(excluded),
-                "selected_ids": [g.id for g in selected],
-                "max_abs_selected": max_abs_selected,
+                "selected_ids": outcome.selected_ids,
+                "max_abs_selected": outcome.max_abs_selected,
             },
             "kept_per_layer": {k: {str(layer): v for layer, v in d.items()} for k, d in kept.items()},
             "verify": {"compacted_vs_masked_max_abs_logit_diff": logits_diff},
+            "compaction": {"step": outcome.compact_step, "at": "prune_end" if mid else "end"},
+            "compute": compute.to_dict(),
             "perplexity": {"source": config.eval_data, "before": ppl_before, "after": ppl_after,
                            "windows": config.eval_windows, "seq_len": seq_len},
             "schedule": {"warmup_steps": sched.warmup_steps, "num_periods": sched.num_periods,
                          "period_steps": sched.period_steps, "prune_end": sched.prune_end,
                          "period_boundaries": [sched.warmup_steps + p * sched.period_steps
                                                for p in range(sched.num_periods + 1)]},
-            "periods": lh.history,
-            "log": result.log,
-            "steps": result.steps_done,
-            "tokens_seen": result.tokens_seen,
-            "train_wall_time_s": result.wall_time_s,
+            "periods": outcome.history,
+            "log": log,
+            "steps": steps_done,
+            "tokens_seen": tokens_seen,
+            "train_wall_time_s": train_wall,
             "wall_time_s": time.perf_counter() - t_start,
-            "resumed_from": result.resumed_from,
+            "resumed_from": resumed_from,
             "world_size": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision,
             "data": {"spec": config.data.spec, "sequences": int(data.shape[0]), "seq_len": int(data.shape[1])},
@@ -395,7 +424,7 @@ def _run(config: PruneConfig, out: Path, *, model: Any, tokenizer: Any, data: to
             out=str(out), params_before=params_before, params_after=params_after,
             ratio_removed=removed / params_before, non_embedding_ratio_removed=removed / max(1, params_before - emb),
             target_ratio=target.ratio, perplexity_before=ppl_before, perplexity_after=ppl_after,
-            steps=result.steps_done, tokens_seen=result.tokens_seen, wall_time_s=report["wall_time_s"],
+            steps=steps_done, tokens_seen=tokens_seen, wall_time_s=report["wall_time_s"],
             report=report)
         # the whole result in a temporary sibling, then one swap: the old result (and, unless kept,
         # the run's checkpoints) goes only once the new one is in place
@@ -409,3 +438,154 @@ def _run(config: PruneConfig, out: Path, *, model: Any, tokenizer: Any, data: to
                     100 * removed / params_before, out)
     accelerator.wait_for_everyone()
     return pruned
+
+
+#: where the checkpoints after the mid-run compaction go (under ``OUT/checkpoints``)
+COMPACTED_DIR = "compacted"
+
+
+@dataclass
+class PruningOutcome:
+    """What the pruning phase decided; stored in every checkpoint after a mid-run compaction, so a resume
+    rebuilds the small model from the dense one (the groups are positions in the deterministic graph)."""
+
+    selected_ids: list[int]
+    candidates: int
+    history: list[dict[str, Any]]
+    max_abs_selected: float
+    compact_step: int
+    log: list[dict[str, Any]]
+    train_wall_time_s: float
+    resumed_from: int | None = None
+    compaction_logit_diff: float | None = None
+    sparsity: float = 1.0  #: committed / candidate groups when pruning ended
+
+    @classmethod
+    def from_lhspg(cls, lh: Any, model: torch.nn.Module, result: Any, *, end: int) -> PruningOutcome:
+        named = dict(model.named_parameters())
+        biggest = 0.0
+        for g in lh.committed_groups:
+            for s in g.slices:
+                v = named[s.name].detach().index_select(s.dim, s.index_tensor(named[s.name].device))
+                biggest = max(biggest, float(v.abs().max()) if v.numel() else 0.0)
+        return cls(selected_ids=[g.id for g in lh.committed_groups], candidates=len(lh.candidates),
+                   history=lh.history, max_abs_selected=biggest, compact_step=end, log=result.log,
+                   train_wall_time_s=result.wall_time_s, resumed_from=result.resumed_from, sparsity=lh.sparsity())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def read(cls, checkpoints: Path) -> PruningOutcome:
+        """The outcome stored in the newest checkpoint under ``checkpoints``."""
+        from ..training.checkpoint import read_checkpoint_file
+
+        ckpt = latest_checkpoint(checkpoints)
+        state = read_checkpoint_file(ckpt, "state.json", lambda f: json.loads(f.read_text(encoding="utf-8")))
+        try:
+            return cls(**state["pruning"])
+        except (KeyError, TypeError) as exc:
+            raise CorruptCheckpointError(f"checkpoint {ckpt} does not record the pruning phase ({exc}); start "
+                                         "over with --force") from exc
+
+
+class PrunedLogFields(StepHook):
+    """The pruning fields of the step log after a mid-run compaction (nothing is pruned any more)."""
+
+    def __init__(self, outcome: PruningOutcome) -> None:
+        self.fields = {"group_sparsity": outcome.sparsity, "committed": len(outcome.selected_ids), "redundant": 0,
+                       "phase": "compacted"}
+
+    def log_fields(self) -> dict[str, Any]:
+        return dict(self.fields)
+
+
+def _compacts_mid_run(config: PruneConfig, lcfg: Any, accelerator: Any) -> bool:
+    """Whether the model is compacted as soon as pruning ends (``compact_at=prune_end``)."""
+    if config.compact_at != "prune_end" or lcfg.schedule.prune_end >= config.train.steps:
+        return False
+    if accelerator.num_processes > 1:
+        logger.warning("compact_at=prune_end is single-process only: under %d processes the model is compacted "
+                       "after the last step", accelerator.num_processes)
+        return False
+    return True
+
+
+def _post_pruning_needs_teacher(config: PruneConfig) -> bool:
+    d = config.distill
+    share = d.weight if d.after_pruning is None else d.after_pruning
+    return d.enabled and (share > 0 or bool(d.topk))
+
+
+def _loss_and_hooks(config: PruneConfig, teacher: Any, data: torch.Tensor, lcfg: Any, share: KLShare,
+                    accelerator: Any) -> tuple[Any, list[StepHook]]:
+    """The training loss (cross-entropy, or mixed with the KL to the dense teacher) and the hook that switches
+    the KL share when pruning ends."""
+    train = config.train
+    hooks: list[StepHook] = []
+    if config.distill.after_pruning is not None:  # one share while pruning, another once it has ended
+        hooks.append(KLShareSwitch(share, at=lcfg.schedule.prune_end, before=config.distill.weight,
+                                   after=config.distill.after_pruning))
+    if teacher is not None and config.distill.topk:  # the teacher's top-k logits once; then free it
+        from ..training.teacher_cache import build_topk_cache, rows_used, topk_distillation_loss
+
+        rows = rows_used(data.shape[0], steps=train.steps, batch_size=train.batch_size, grad_accum=train.grad_accum,
+                         seed=train.seed, rank=accelerator.process_index, world=accelerator.num_processes)
+        cache = build_topk_cache(teacher, data, rows, k=config.distill.topk, batch_size=train.batch_size)
+        return topk_distillation_loss(cache, share, config.distill.temperature), hooks
+    if teacher is not None:
+        return distillation_loss(teacher, config.distill, share), hooks
+    return lm_loss, hooks
+
+
+def _probe(data: torch.Tensor, device: Any) -> torch.Tensor:
+    """A few tokens of the training data to compare logits on."""
+    return data[: min(2, data.shape[0]), : min(64, data.shape[1])].to(device)
+
+
+@torch.no_grad()
+def _compact_in_training(model: torch.nn.Module, lh: Any, data: torch.Tensor, verify: bool,
+                         device: Any) -> tuple[float | None, torch.optim.Optimizer]:
+    """Remove the committed groups from the LoRA model in place (LoRA factors included, not merged) and make
+    the optimizer follow; returns the max |logit difference| to the masked model (``verify``) and the
+    optimizer to continue with."""
+    from ..compaction import Replacements, compact, slice_optimizer
+    from ..lhspg.optimizer import _inner
+
+    probe = _probe(data, device)
+    was_training = model.training
+    model.eval()
+    before = model(input_ids=probe).logits.float().cpu() if verify else None
+    replacements: Replacements = {}
+    compact(model, lh.committed_groups, replacements=replacements)
+    optimizer = _inner(lh.optimizer)
+    slice_optimizer(optimizer, replacements)
+    diff = None
+    if before is not None:
+        diff = float((model(input_ids=probe).logits.float().cpu() - before).abs().max())
+        logger.info("compacted at the end of pruning: max |logit difference| to the masked model %.2e", diff)
+    model.train(was_training)
+    return diff, optimizer
+
+
+def _base_weight_names(model: torch.nn.Module) -> list[str]:
+    """The frozen weights the pruning phase may have changed (decays, merges): every LoRA layer's base weight."""
+    return [n for n, p in model.named_parameters() if not p.requires_grad and ".base_layer." in n]
+
+
+def _compute(config: PruneConfig, dense_flops: float, small: torch.nn.Module, compact_step: int, steps: int,
+             seq_len: int, prune_end: int) -> Compute:
+    """Token-passes and FLOPs of the training: the masked model at full width until the compaction, the small
+    one after it, the teacher while its KL share is above zero."""
+    per_step = config.train.batch_size * config.train.grad_accum * seq_len
+    compute = Compute()
+    compute.train(compact_step * per_step, dense_flops)
+    compute.train((steps - compact_step) * per_step, forward_flops_per_token(small, seq_len))
+    d = config.distill
+    if d.enabled and d.topk:  # the top-k cache: one teacher pass over every training token
+        compute.teacher(steps * per_step, dense_flops)
+    elif d.enabled:  # the online teacher runs at the steps whose KL share is above zero
+        after = d.weight if d.after_pruning is None else d.after_pruning
+        teacher_steps = (prune_end if d.weight > 0 else 0) + (steps - prune_end if after > 0 else 0)
+        compute.teacher(teacher_steps * per_step, dense_flops)
+    return compute

@@ -172,6 +172,10 @@ def train(
     desc: str = "train",
     run_settings: dict[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    start_step: int = 0,
+    end_step: int | None = None,
+    extra_params: Iterable[str] = (),
+    extra_state: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train the LoRA factors of ``model`` (its only trainable parameters) on ``data``.
 
@@ -189,6 +193,11 @@ def train(
             checkpoint, and a resume from a checkpoint with other settings is refused.
         optimizer: an optimizer over exactly the trainable parameters to continue with (its moments
             carry over from an earlier call); default: a new one from ``config``.
+        start_step: the step a fresh (not resumed) call starts at: the data position and the learning-rate
+            schedule continue from there (a run trained in segments, e.g. before and after compaction).
+        end_step: stop after this step (default ``config.steps``); the schedule still spans ``config.steps``.
+        extra_params: more parameters to checkpoint (e.g. base weights an earlier segment changed).
+        extra_state: JSON-able facts stored in every checkpoint's ``state.json`` (read back by the caller).
     """
     from accelerate.utils import set_seed
 
@@ -209,8 +218,12 @@ def train(
         if given != {id(p) for p in params}:
             raise ConfigError("the optimizer given to train() must hold exactly the model's trainable parameters")
     inner = optimizer if optimizer is not None else make_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    for group in inner.param_groups:  # a continued optimizer keeps its schedule's base rate
+        group.setdefault("initial_lr", group["lr"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(inner, functools.partial(
-        lr_lambda, warmup=cfg.lr_warmup_steps, total=cfg.steps, kind=cfg.lr_scheduler))
+        lr_lambda, warmup=cfg.lr_warmup_steps, total=cfg.steps, kind=cfg.lr_scheduler),
+        last_epoch=start_step - 1 if start_step else -1)
+    end = cfg.steps if end_step is None else min(end_step, cfg.steps)
     model_p, opt_p = accelerator.prepare(model, inner)
     unwrapped = accelerator.unwrap_model(model_p)
     all_hooks = list(hooks) + list(make_hooks(unwrapped, opt_p) if make_hooks is not None else [])
@@ -220,13 +233,13 @@ def train(
             if hook.state_name in stateful:
                 raise ConfigError(f"two step hooks share the checkpoint name {hook.state_name!r}")
             stateful[hook.state_name] = hook
-    mutable = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
+    mutable = {n for n, p in unwrapped.named_parameters() if p.requires_grad} | set(extra_params)
     for hook in all_hooks:
         mutable |= set(hook.mutable_parameter_names())
     param_names = sorted(mutable)
 
     log: list[dict[str, Any]] = []
-    start, tokens, resumed_from, elapsed_before = 0, 0, None, 0.0
+    start, resumed_from, elapsed_before = start_step, None, 0.0
     settings = json.loads(json.dumps(run_settings or {}))  # as stored: JSON types
     if not resume and checkpoint_dir is not None and latest_checkpoint(checkpoint_dir) is not None:
         raise CheckpointError(f"{checkpoint_dir} holds checkpoints of an earlier run; resume it (--resume) or "
@@ -248,6 +261,8 @@ def train(
     world, rank = accelerator.num_processes, accelerator.process_index
     seq_len = data.shape[1]
     step_tokens = cfg.batch_size * cfg.grad_accum * world * seq_len
+    if resumed_from is None:
+        tokens = start * step_tokens
     model_p.train()
     from tqdm.auto import tqdm
 
@@ -258,7 +273,7 @@ def train(
     step = start
     stopped = False
     device = accelerator.device
-    while step < cfg.steps:
+    while step < end:
         loss_sum = torch.zeros((), device=device)
         for m in range(cfg.grad_accum):
             for hook in all_hooks:
@@ -304,8 +319,9 @@ def train(
                             accelerator=accelerator, keep=cfg.keep_checkpoints,
                             state={"run_settings": settings, "tokens_seen": tokens, "log": log,
                                    "wall_time_s": elapsed_before + time.perf_counter() - t0,
-                                   "world_size": world, "data_position": step * cfg.grad_accum})
-        if stop_after is not None and step >= stop_after and step < cfg.steps:
+                                   "world_size": world, "data_position": step * cfg.grad_accum,
+                                   **(extra_state or {})})
+        if stop_after is not None and step >= stop_after and step < end:
             stopped = True
             break
     bar.close()
@@ -381,11 +397,13 @@ def train_lhspg(
     accelerator: Any = None,
     stop_after: int | None = None,
     run_settings: dict[str, Any] | None = None,
+    end_step: int | None = None,
 ) -> TrainResult:
     """Train with LHSPG until ``plan`` is reached (masked model, in place): :func:`train` + :class:`LHSPGHook`.
 
     ``groups`` are named on ``model``'s parameters; ``exclude`` are group ids never to prune.
-    The committed groups of ``result.lhspg`` are exactly zero in ``model``.
+    The committed groups of ``result.lhspg`` are exactly zero in ``model``. ``end_step``: stop there (e.g. when
+    pruning ends, to compact the model and train on at its new width).
     """
     from accelerate.utils import broadcast_object_list
 
@@ -426,7 +444,7 @@ def train_lhspg(
 
     result = train(model, data, config=cfg, loss_fn=loss_fn, hooks=hooks, make_hooks=make, accelerator=accelerator,
                    checkpoint_dir=checkpoint_dir, resume=resume, stop_after=stop_after, desc="prune",
-                   run_settings=run_settings)
+                   run_settings=run_settings, end_step=end_step)
     result.lhspg = box["lhspg"]
     return result
 

@@ -1,0 +1,100 @@
+"""Compaction inside the prune stage (``compact_at=prune_end``): the small model trains on from the step pruning ends.
+
+Zero-invariance makes the hand-over exact: the compacted LoRA model computes what the masked one does, its
+optimizer state is the masked one's with the removed rows and columns cut out, and (without dropout, whose random
+draws follow the tensor sizes) every later step computes what the masked run computes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_lhspg import random_batches
+from test_prune import _stage_cfg
+from tiny_models import plain_tiny_llama
+
+from lorashear.compaction import compact, slice_optimizer
+from lorashear.stages import prune as prune_stage
+
+STEPS = 14  # warm-up 2, two periods of 3: pruning ends at step 8, then 6 steps of the small model
+
+
+def _run(out, **kw):
+    return prune_stage.run(_stage_cfg(out, steps=STEPS, **kw), model=plain_tiny_llama(train=False),
+                           data=random_batches(n=16, seq=16))
+
+
+def _weights(out):
+    return load_file(str(out / "model.safetensors"))
+
+
+def test_compacting_when_pruning_ends_trains_what_the_masked_model_trains(tmp_path):
+    mid = _run(tmp_path / "mid")
+    end = _run(tmp_path / "end", compact_at="end")
+    assert mid.report["compaction"] == {"step": 8, "at": "prune_end"}
+    assert end.report["compaction"] == {"step": STEPS, "at": "end"}
+    # at the compaction step the small model's logits are the masked model's
+    assert mid.report["verify"]["compacted_vs_masked_max_abs_logit_diff"] < 1e-5
+    assert mid.report["groups"]["selected_ids"] == end.report["groups"]["selected_ids"]
+    # six more steps on the small model end where six more masked steps end (float rounding only)
+    a, b = _weights(tmp_path / "mid"), _weights(tmp_path / "end")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].shape == b[name].shape, name
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    losses_mid = [r["loss"] for r in mid.report["log"]]
+    losses_end = [r["loss"] for r in end.report["log"]]
+    assert len(losses_mid) == STEPS and losses_mid == pytest.approx(losses_end, rel=1e-4)
+    assert [r["phase"] for r in mid.report["log"][8:]] == ["compacted"] * 6
+    # the small model's steps cost less: fewer FLOPs for the same tokens
+    assert mid.report["compute"]["student_fwd"] == end.report["compute"]["student_fwd"] == STEPS * 2 * 16
+    assert mid.report["compute"]["flops"] < end.report["compute"]["flops"]
+
+
+@pytest.mark.parametrize("kill_at", [5, 8, 11])  # inside pruning, at the compaction step, after it
+def test_kill_and_resume_across_the_compaction_is_bit_identical(tmp_path, kill_at):
+    whole = _run(tmp_path / "whole")
+    out = tmp_path / "killed"
+    stopped = prune_stage.run(_stage_cfg(out, steps=STEPS), model=plain_tiny_llama(train=False),
+                              data=random_batches(n=16, seq=16), stop_after=kill_at)
+    assert stopped is None
+    resumed = _run(out, resume=True)
+    assert resumed.report["resumed_from"] == kill_at - kill_at % 2  # checkpoint every 2 steps
+    a, b = _weights(tmp_path / "whole"), _weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert [r["loss"] for r in resumed.report["log"]] == [r["loss"] for r in whole.report["log"]]
+    assert resumed.report["groups"]["selected_ids"] == whole.report["groups"]["selected_ids"]
+
+
+def test_slice_optimizer_cuts_the_moments_with_the_parameters():
+    lin = torch.nn.Linear(4, 6)
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.1)
+    lin(torch.randn(3, 4)).square().sum().backward()
+    opt.step()
+    old_w, old_state = lin.weight, {k: v.clone() for k, v in opt.state[lin.weight].items()}
+    keep_rows, keep_cols = torch.tensor([0, 2, 5]), torch.tensor([1, 3])
+    new_w = torch.nn.Parameter(old_w.detach()[keep_rows][:, keep_cols].clone())
+    slice_optimizer(opt, {id(old_w): (new_w, {0: keep_rows, 1: keep_cols})})
+    assert opt.param_groups[0]["params"][0] is new_w and old_w not in opt.state
+    state = opt.state[new_w]
+    assert torch.equal(state["exp_avg"], old_state["exp_avg"][keep_rows][:, keep_cols])
+    assert torch.equal(state["exp_avg_sq"], old_state["exp_avg_sq"][keep_rows][:, keep_cols])
+    assert torch.equal(state["step"], old_state["step"])
+    assert opt.state[lin.bias]["exp_avg"].shape == (6,)  # untouched parameters keep their state
+
+
+def test_compact_reports_its_index_maps():
+    from lorashear import discover
+
+    model = plain_tiny_llama(train=False)
+    graph = discover(model)
+    drop = [g for g in graph.prunable() if g.kind == "mlp_channel" and g.layer == 0][:3]
+    before = {n: p for n, p in model.named_parameters()}
+    replacements: dict = {}
+    compact(model, drop, replacements=replacements)
+    gate = before["model.layers.0.mlp.gate_proj.weight"]
+    new, kept = replacements[id(gate)]
+    removed = {i for g in drop for i in g.slices[0].indices}
+    assert set(kept) == {0} and set(kept[0].tolist()) == set(range(gate.shape[0])) - removed
+    assert torch.equal(new, gate.detach()[kept[0]])
