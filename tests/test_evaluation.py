@@ -264,7 +264,10 @@ def test_convert_rejects_task_without_multiple_choice():
 
 def test_expand_task_names():
     names = expand_task_names(["lorashear_zeroshot", "arc_easy", "lorashear_zs_piqa", "lorashear_bb_winowhy"])
-    assert names[0] == ZEROSHOT_PREFIX + "arc_easy" and "arc_easy" in names
+    # the LoRAShear paper's seven tasks
+    assert names[:7] == [ZEROSHOT_PREFIX + n for n in ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy",
+                                                       "arc_challenge", "openbookqa")]
+    assert "arc_easy" in names
     assert names.count(ZEROSHOT_PREFIX + "piqa") == 1 and names[-1] == TASK_PREFIX + "winowhy"
     assert len(expand_task_names(["lorashear_zeroshot_all"])) > len(expand_task_names(["lorashear_zeroshot"]))
     # The old default suite name is an alias of the new one; the BIG-bench suites keep their own names.
@@ -304,7 +307,8 @@ def test_convert_zeroshot_formats_follow_lm_eval():
     doc, _ = one("openbookqa")
     assert doc["query"] == "A magnet will stick to" and doc["gold"] == 1  # answerKey " B" is stripped
     doc, _ = one("piqa")
-    assert doc["query"] == "Question: To dry wet hands,\nAnswer:" and doc["choices"][doc["gold"]] == "rub them with a towel."
+    assert doc["query"] == "Question: To dry wet hands,\nAnswer:"
+    assert doc["choices"][doc["gold"]] == "rub them with a towel."
     doc, _ = one("hellaswag")
     assert doc["query"] == "Baking cookies: A woman puts a tray into the oven. She"
     assert doc["choices"] == ["closes the oven door. and waits.", "paints the tray blue.", "throws the oven away.",
@@ -312,16 +316,18 @@ def test_convert_zeroshot_formats_follow_lm_eval():
     doc, _ = one("social_iqa")
     assert doc["query"] == "Q: Sam forgot his lunch at home. How would Sam feel?\nA:" and doc["gold"] == 0
     doc, task = one("copa")
-    assert doc == {"idx": 0, "query": "The ground was wet because", "choices": ["it had rained.", "the sun was shining."],
-                   "gold": 0}
+    assert doc == {"idx": 0, "query": "The ground was wet because",
+                   "choices": ["it had rained.", "the sun was shining."], "gold": 0}
     assert task.docs[1]["query"] == "I dropped the glass therefore" and task.docs[1]["gold"] == 1
     doc, _ = one("sciq")
     assert doc["query"] == "Plants take in carbon dioxide.\nQuestion: What gas do plants take in?\nAnswer:"
     assert doc["choices"] == ["oxygen", "neon", "helium", "carbon dioxide"] and doc["gold"] == 3
     doc, _ = one("commonsense_qa")
-    assert doc["query"] == "Question: Where do you keep milk cold?\nAnswer:" and doc["choices"][doc["gold"]] == "fridge"
+    assert doc["query"] == "Question: Where do you keep milk cold?\nAnswer:"
+    assert doc["choices"][doc["gold"]] == "fridge"
     doc, task = one("boolq")
-    assert doc["query"] == "The Sun is the star at the centre of the Solar System.\nQuestion: is the sun a star?\nAnswer:"
+    assert doc["query"] == ("The Sun is the star at the centre of the Solar System.\n"
+                            "Question: is the sun a star?\nAnswer:")
     assert doc["choices"] == ["no", "yes"] and [d["gold"] for d in task.docs] == [1, 0]
     assert task.majority == 0.5
     doc, task = one("winogrande")
@@ -482,7 +488,7 @@ def test_prepare_bigbench_from_sdist_is_idempotent(tmp_path, monkeypatch):
     }
     monkeypatch.setattr(tasks_mod, "bigbench_spec", lambda: spec)
     out = tasks_mod.prepare_bigbench_data(sdist=sdist)
-    assert out == tmp_path / "cache" / "tasks" / "bigbench-1.0"
+    assert out == tmp_path / "cache" / "tasks" / "fake-1.0"
     manifest = read_manifest(out)
     assert manifest["tasks"]["fake_task"]["num_docs"] == 6 and "canary" in manifest["canary"]
     stamp = (out / "manifest.json").stat().st_mtime_ns

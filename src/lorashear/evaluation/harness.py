@@ -26,11 +26,14 @@ from ..progress import progress_disabled
 from .tasks import (
     ALL_SUITE,
     DEFAULT_SUITE,
-    TASK_PREFIX,
+    LEGACY_SUITE,
+    ZEROSHOT_PREFIX,
     ensure_eval_data,
     expand_task_names,
     is_offline_task,
     known_offline_task_names,
+    short_task_name,
+    sources_of,
     task_chance,
     temporary_task_dir,
 )
@@ -160,11 +163,12 @@ def check_task_names(tasks: Sequence[str]) -> list[str]:
         unknown = [n for n in registry if n not in known]
     if unknown:
         shown = ", ".join(repr(n) for n in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
-        examples = ", ".join(sorted(offline)[:3])
-        raise ConfigError(f"unknown task{'s' if len(unknown) > 1 else ''} {shown}; use {DEFAULT_SUITE}, {ALL_SUITE}, "
-                          f"an offline task ({examples}, ...), an lm-eval registry name, or none")
-    if any(is_offline_task(n) for n in names):
-        ensure_eval_data()
+        examples = ", ".join(sorted(n for n in offline if n.startswith(ZEROSHOT_PREFIX))[:3])
+        raise ConfigError(f"unknown task{'s' if len(unknown) > 1 else ''} {shown}; use {LEGACY_SUITE} or "
+                          f"{DEFAULT_SUITE} (the offline default suite), {ALL_SUITE}, an offline task "
+                          f"({examples}, ...), an lm-eval registry name, or none")
+    for source in sources_of(n for n in names if is_offline_task(n)):
+        ensure_eval_data(source)
     return names
 
 
@@ -202,9 +206,10 @@ def evaluate_tasks(
     """Score ``model`` zero-shot on ``tasks`` with lm-eval; report ``acc`` and ``acc_norm``.
 
     Args:
-        tasks: lm-eval task names. ``lorashear_bigbench`` / ``lorashear_bigbench_all``
-            expand to the offline tasks (prepared by :func:`prepare_eval_data`); other
-            names go to lm-eval's registry (which needs its data hub).
+        tasks: lm-eval task names. ``lorashear_zeroshot`` (alias ``lorashear_bigbench``) /
+            ``lorashear_zeroshot_all`` expand to the offline tasks (prepared by
+            :func:`prepare_eval_data`); other names go to lm-eval's registry (which needs its
+            data hub).
         limit: score at most this many documents per task (offline tasks are shuffled
             once at preparation, so this is a fixed random sample).
         include_path: extra directories of lm-eval task YAMLs.
@@ -232,7 +237,7 @@ def evaluate_tasks(
 
         bar = tqdm(names, desc="zero-shot tasks", unit="task", disable=progress_disabled())
         for name in bar:
-            bar.set_postfix_str(name.removeprefix(TASK_PREFIX))
+            bar.set_postfix_str(short_task_name(name))
             results.append(_evaluate_one(lm, manager, name, limit=limit, num_fewshot=num_fewshot,
                                          seed=seed, chance=chance.get(name), simple_evaluate=simple_evaluate))
     return TaskEvalResult(tasks=results, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
@@ -258,8 +263,8 @@ def _evaluate_one(lm: Any, manager: Any, name: str, *, limit: int | None, num_fe
                   chance: float | None, simple_evaluate: Any) -> TaskResult:
     start = time.perf_counter()
     if name not in manager.all_tasks:
-        hint = (" (offline tasks: lorashear_bigbench, lorashear_bigbench_all, lorashear_bb_<name>)"
-                if name.startswith("lorashear") else "")
+        hint = (f" (offline tasks: {DEFAULT_SUITE}, {ALL_SUITE}, {ZEROSHOT_PREFIX}<name>; BIG-bench "
+                f"lorashear_bb_<name> if its sdist was supplied)" if name.startswith("lorashear") else "")
         return TaskResult(task=name, chance=chance, error=f"unknown task {name!r}{hint}")
     try:
         # lm-eval prints tables and progress to stdout; keep our stdout clean.
