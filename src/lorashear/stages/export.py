@@ -3,6 +3,7 @@
 Recipe::
 
     export_gguf(config.model, config.out, outtype=config.outtype, empty_ffn=config.empty_ffn)
+    probe_llama_cpp(config.out)   # with check_llama_cpp: does the installed llama.cpp run it here?
 
 ``format="gguf"`` is the one format so far (llama.cpp: ``llama`` for uniform models, ``deci``
 for models whose layers differ; see :mod:`lorashear.export.gguf`). Hugging Face directories
@@ -11,12 +12,17 @@ are what ``prune`` and ``recover`` already write.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
+from ..export import llama_cpp_check
 from ..export.gguf import EMPTY_FFN_POLICIES, OUTTYPES, GGUFExport
+from ..export.llama_cpp_check import LlamaCppCheck
+
+logger = logging.getLogger(__name__)
 
 #: formats the stage writes
 FORMATS: tuple[str, ...] = ("gguf",)
@@ -37,6 +43,10 @@ class ExportConfig:
                 "llama.cpp would drop that layer's attention), 'refuse' stops"})
     tokenizer_pre: str | None = field(default=None, metadata={
         "help": "llama.cpp pre-tokenizer name (default: recognised from the tokenizer, else 'default')"})
+    check_llama_cpp: bool = field(default=True, metadata={
+        "help": "after writing, load the file in the installed llama.cpp (llama-cpp-python) in a subprocess and "
+                "evaluate a 2-token prompt; a warning says if it cannot run it on this CPU (skipped when "
+                "llama-cpp-python is not installed)"})
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -56,6 +66,7 @@ class ExportResult:
     path: str
     seconds: float
     gguf: GGUFExport = field(repr=False)
+    llama_cpp: LlamaCppCheck | None = None  #: the llama.cpp check (None: not asked for)
 
     @property
     def arch(self) -> str:
@@ -67,7 +78,17 @@ class ExportResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "format": self.format, "path": self.path, "seconds": self.seconds,
-                "gguf": self.gguf.to_dict()}
+                "gguf": self.gguf.to_dict(), "llama_cpp": self.llama_cpp.to_dict() if self.llama_cpp else None}
+
+
+def check_llama_cpp(path: str) -> LlamaCppCheck:
+    """Probe ``path`` in the installed llama.cpp; warn in one line when it cannot run the file here."""
+    check = llama_cpp_check.probe_llama_cpp(path)
+    if check.status in ("crashed", "failed", "timeout"):
+        logger.warning("%s", check.message)
+    else:
+        logger.info("%s", check.message)
+    return check
 
 
 def run(config: ExportConfig, *, model: Any = None, tokenizer: Any = None) -> ExportResult:
@@ -81,5 +102,7 @@ def run(config: ExportConfig, *, model: Any = None, tokenizer: Any = None) -> Ex
     start = time.perf_counter()
     written = export_gguf(model if model is not None else config.model, config.out, tokenizer=tokenizer,
                           outtype=config.outtype, empty_ffn=config.empty_ffn, tokenizer_pre=config.tokenizer_pre)
+    seconds = time.perf_counter() - start
+    checked = check_llama_cpp(written.path) if config.check_llama_cpp else None
     return ExportResult(model=config.model or type(model).__name__, format=config.format, path=written.path,
-                        seconds=time.perf_counter() - start, gguf=written)
+                        seconds=seconds, gguf=written, llama_cpp=checked)
