@@ -7,7 +7,7 @@ configuration). ``scripts/setup.sh`` now builds it without AMX. These tests run 
 subprocess, so a crash is a test failure with the signal's name, not a crashed pytest:
 
 - the reference model exported as q8_0 by ``lorashear export`` (whose own llama.cpp check must pass),
-  and the third-party Q4_1 file, each on prompts of 3 to 60 tokens in one batch (ggml's batched
+  and the third-party Q4_1 file, each on prompts of 5 to 35 tokens in one batch (ggml's batched
   matmul kernels) and greedy decoding after them (the one-row kernels), against transformers;
 - the export's llama.cpp check: a real probe of a tiny q8_0 export passes; a probe that crashes
   (a stand-in child killed by SIGSEGV) becomes one warning line naming the cause and what to do.
