@@ -221,3 +221,119 @@ def test_unhandled_operator_error_names_model_type_and_operator() -> None:
 
     with pytest.raises(lorashear.LorashearError, match=r"oddnet.*fft"):
         lorashear.discover(Odd())
+
+
+# ----------------------------------------------------------------------------- reductions over channels
+
+class _QNorm(torch.nn.Module):
+    """Stands in for OLMo 2's ``q_norm`` (a norm over the whole q projection): ``fn(x, weight)``."""
+
+    def __init__(self, weight: torch.nn.Parameter, fn) -> None:
+        super().__init__()
+        self.weight = weight
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x, self.weight)
+
+
+#: reductions over the q projection that couple every head: removing one is not zeroing it
+_MIXING = {
+    "layer_norm": lambda x, w: torch.nn.functional.layer_norm(x, (x.shape[-1],), w),
+    "mean": lambda x, w: (x - x.mean(-1, keepdim=True)) * w,
+    "std": lambda x, w: x / x.std(-1, keepdim=True) * w,
+    "softmax": lambda x, w: x * torch.softmax(x, -1) * w,
+    "logsumexp": lambda x, w: (x - torch.logsumexp(x, -1, keepdim=True)) * w,
+    "sum": lambda x, w: x / (1 + x.exp().sum(-1, keepdim=True)) * w,  # exp(0) = 1: zeroed channels still count
+}
+#: reductions that removal keeps exact: a sum of zeros, RMS norms (their scale rescaled by sqrt(n / n_kept))
+_EXACT = {
+    "sum of squares": lambda x, w: x * torch.rsqrt(1 + x.pow(2).sum(-1, keepdim=True)) * w,
+    "rms_norm": lambda x, w: torch.nn.functional.rms_norm(x, (x.shape[-1],), w, 1e-12),
+    "rms with offset": lambda x, w: x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-12) * (1.0 + w),
+}
+
+
+def _olmo2_with_q_norm(fn):
+    model = tiny_model("olmo2")
+    for layer in model.model.layers:
+        layer.self_attn.q_norm = _QNorm(layer.self_attn.q_norm.weight, fn)
+    return model
+
+
+@pytest.mark.parametrize("op", sorted(_MIXING))
+def test_reduction_mixing_head_channels_makes_heads_unprunable(op: str, caplog) -> None:
+    model = _olmo2_with_q_norm(_MIXING[op])
+    with caplog.at_level("WARNING", logger="lorashear.graph.discover"):
+        graph = lorashear.discover(model)
+    heads = graph.by_kind("attention_head") + graph.by_kind("kv_group")
+    assert heads and not any(g.prunable for g in heads)
+    assert all(any(f"'{op}'" in r for r in g.meta["reasons"]) for g in heads)
+    assert any(f"'{op}'" in r.getMessage() and "not prunable" in r.getMessage() for r in caplog.records)
+    assert all(g.prunable for g in graph.by_kind("mlp_channel"))
+
+
+@pytest.mark.parametrize("op", sorted(_EXACT))
+def test_reduction_kept_exact_on_removal(op: str) -> None:
+    model = _olmo2_with_q_norm(_EXACT[op])
+    graph = lorashear.discover(model)
+    selection = [graph.in_layer(0, ["kv_group"])[1], graph.in_layer(1, ["attention_head"])[0]]
+    assert all(g.prunable for g in selection)
+    zero_groups(model, selection)
+    with torch.no_grad():
+        masked = model(IDS).logits
+    small = lorashear.compact(model, selection)
+    with torch.no_grad():
+        assert (small(IDS).logits - masked).abs().max().item() <= 1e-5
+
+
+def test_rms_rescale_is_exact_up_to_eps() -> None:
+    """OLMo 2 with its real eps: removing a KV group multiplies q_norm and k_norm weights by sqrt(n / n_kept);
+    the result is the masked model with those norms' eps multiplied by n_kept / n (exact up to eps)."""
+    import copy
+
+    model = tiny_model("olmo2", rms_norm_eps=1e-5)
+    graph = lorashear.discover(model)
+    group = graph.in_layer(0, ["kv_group"])[1]
+    attn = "model.layers.0.self_attn."
+    assert {s.name for s in group.rms_scales} == {attn + "q_norm.weight", attn + "k_norm.weight"}
+    zero_groups(model, [group])
+    eps_scaled = copy.deepcopy(model)
+    for norm in (eps_scaled.model.layers[0].self_attn.q_norm, eps_scaled.model.layers[0].self_attn.k_norm):
+        norm.variance_epsilon *= 0.5  # q: 24 of 48 channels kept, k: 8 of 16
+    q_before = model.model.layers[0].self_attn.q_norm.weight.detach().clone()
+    small = lorashear.compact(model, [group])
+    kept = [i for i in range(48) if i not in group.slices[0].indices]
+    torch.testing.assert_close(small.model.layers[0].self_attn.q_norm.weight.detach(), q_before[kept] * 2 ** 0.5)
+    with torch.no_grad():
+        assert (small(IDS).logits - eps_scaled(IDS).logits).abs().max().item() <= 1e-5
+
+
+def test_family_without_adapter_is_self_checked(monkeypatch) -> None:
+    """OLMo 2 has no dedicated adapter: discovery first checks zero-invariance on a tiny copy, and refuses
+    in one line naming the family and the group kind when removal differs from zeroing."""
+    from lorashear import compaction
+    from lorashear.errors import ConfigError
+    from lorashear.graph import selfcheck
+    from lorashear.models.adapters import adapter_for
+    from tiny_models import tiny_config
+
+    assert not adapter_for(tiny_config("olmo2")).dedicated and adapter_for(tiny_config("llama")).dedicated
+    monkeypatch.setattr(selfcheck, "_verdicts", {})
+    monkeypatch.setattr(compaction, "_rescale_rms_scales", lambda *args: None)  # the compensation forgotten
+    with pytest.raises(ConfigError, match=r"^model type 'olmo2' .*removing (kv_group|attention_head) groups") as err:
+        lorashear.discover(tiny_model("olmo2"))
+    assert "\n" not in str(err.value)
+    lorashear.discover(tiny_model("llama"))  # a dedicated adapter: no self-check
+
+
+def test_self_check_skips_a_config_it_cannot_shrink(caplog) -> None:
+    from types import SimpleNamespace
+
+    from lorashear.graph.selfcheck import check_zero_invariance
+
+    model = torch.nn.Linear(2, 2)
+    model.config = SimpleNamespace(model_type="oddnet")
+    with caplog.at_level("WARNING", logger="lorashear.graph.selfcheck"):
+        check_zero_invariance(model, lorashear.discover)
+    assert "no zero-invariance self-check" in caplog.text

@@ -14,6 +14,7 @@ from transformers import (
     GemmaConfig,
     LlamaConfig,
     MistralConfig,
+    Olmo2Config,
     Phi3Config,
     Qwen2Config,
     Qwen3Config,
@@ -40,6 +41,9 @@ FAMILY_CONFIGS: dict[str, tuple[type, dict]] = {
     "phi3": (Phi3Config, {"head_dim": DROP, "pad_token_id": 0}),
     "gemma": (GemmaConfig, {}),
     "gemma2": (Gemma2Config, {"sliding_window": 16}),
+    # q_norm / k_norm are RMS norms over the whole projection: removal rescales their weights, exact up to
+    # eps (Hugging Face's init gives this model q/k mean squares near 1e-5, so a real eps would show)
+    "olmo2": (Olmo2Config, {"rms_norm_eps": 1e-12, "eos_token_id": 2}),
 }
 FAMILIES = tuple(FAMILY_CONFIGS)
 

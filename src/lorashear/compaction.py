@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .graph.groups import Group, removal_plan
+from .graph.groups import Group, RmsScale, removal_plan
 from .models.adapters import LayerWidths, ModelAdapter, adapter_for
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ def compact(model: torch.nn.Module, groups: Iterable[Group], *, merge_lora: bool
     new_widths, hidden_removed = _new_widths(adapter, groups)
 
     plan = removal_plan(groups)
+    rms_scales = {scale: named[scale.name].shape[0] for g in groups for scale in g.rms_scales}
     owners = _param_owners(model)
     touched: set[int] = set()
     for name, dims in plan.items():
@@ -89,6 +90,7 @@ def compact(model: torch.nn.Module, groups: Iterable[Group], *, merge_lora: bool
         if id(module) in touched or _has_touched_child(module, touched):
             _refresh_widths(module)
 
+    _rescale_rms_scales(model, rms_scales)
     if hidden_removed:
         _rescale_norms_for_hidden(model, config, hidden_removed, adapter.norm_offset)
     _update_config(model, config, adapter, new_widths)
@@ -177,6 +179,21 @@ def _new_widths(adapter: ModelAdapter, groups: Sequence[Group]) -> tuple[dict[in
                               "KV group and one query-head slot per layer")
         out[layer] = LayerWidths(heads, new_kv, w.intermediate_size - len(r.get("mlp_channel", set())))
     return out, len(hidden)
+
+
+def _rescale_rms_scales(model: torch.nn.Module, sizes: dict[RmsScale, int]) -> None:
+    """RMS norms over a group's channels (OLMo 2's ``q_norm``/``k_norm`` over a whole projection): the
+    mean of squares now runs over ``n_kept`` channels instead of ``n`` (zeros included), so the scale
+    ``param + shift`` is multiplied by ``sqrt(n / n_kept)`` (see :class:`~lorashear.graph.groups.RmsScale`;
+    exact up to ``eps``, which is kept)."""
+    if not sizes:
+        return
+    params = dict(model.named_parameters())
+    for scale, n in sizes.items():
+        weight = params[scale.name]
+        kept = weight.shape[0]
+        if kept < n:
+            weight.data.copy_((weight.data + scale.shift) * math.sqrt(n / kept) - scale.shift)
 
 
 def _rescale_norms_for_hidden(model: torch.nn.Module, config: Any, removed: int, norm_offset: float) -> None:

@@ -14,7 +14,14 @@ Steps:
    atom of the embedding output is the hidden (residual) channel, the rest of the
    atoms that join a layer's output rows to another layer's input columns are
    MLP channels;
-4. one :class:`~lorashear.graph.groups.Group` per index of every atom.
+4. every reduction the trace recorded over a tracked dimension (a norm, a mean, a
+   softmax...) couples the atoms under it: their groups become unprunable, naming the
+   operator, unless it is exact (a sum of zeros) or exact after compaction rescales an
+   RMS norm's scale (:class:`~lorashear.graph.groups.RmsScale`, carried by the group);
+5. one :class:`~lorashear.graph.groups.Group` per index of every atom;
+6. a family without a dedicated adapter is checked first on a tiny random copy of its
+   config (:mod:`lorashear.graph.selfcheck`): zeroing groups of each kind must equal
+   removing them, else discovery refuses.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ import torch
 
 from ..errors import UnsupportedArchitectureError
 from ..models.adapters import adapter_for
-from .groups import Group, GroupKind, ParamSlice, StructureGraph
+from .groups import Group, GroupKind, ParamSlice, RmsScale, StructureGraph
+from .selfcheck import check_zero_invariance
 from .trace import TraceResult, trace_spaces
 
 logger = logging.getLogger(__name__)
@@ -65,13 +73,19 @@ def _config_of(model: torch.nn.Module):
     return config
 
 
-def discover(model: torch.nn.Module, *, hidden: bool = False, seq_len: int = 4) -> StructureGraph:
+def discover(model: torch.nn.Module, *, hidden: bool = False, seq_len: int = 4,
+             self_check: bool = True) -> StructureGraph:
     """Find every minimally removable structure of ``model``.
 
     Args:
         model: a Hugging Face causal LM, optionally wrapped by peft (``get_peft_model``).
         hidden: also return hidden (residual-stream) channels as prunable groups.
         seq_len: length of the traced input (a few tokens suffice).
+        self_check: for a family without a dedicated adapter, first check on a tiny random copy of its
+            config that removing groups equals zeroing them (:mod:`lorashear.graph.selfcheck`).
+
+    Raises:
+        ConfigError: the family has no dedicated adapter and fails the self-check.
 
     Returns:
         A :class:`StructureGraph` whose ``groups`` name, for each structure, the exact
@@ -80,6 +94,8 @@ def discover(model: torch.nn.Module, *, hidden: bool = False, seq_len: int = 4) 
     start = time.perf_counter()
     config = _config_of(model)
     adapter = adapter_for(config)
+    if self_check and not adapter.dedicated:
+        check_zero_invariance(model, discover)
     named = dict(model.named_parameters())
     param_device = next(iter(named.values())).device if named else torch.device("cpu")
     vocab = int(getattr(config, "vocab_size", 2) or 2)
@@ -202,6 +218,8 @@ def _build_groups(model: torch.nn.Module, trace: TraceResult, named: dict[str, t
                     break
             head_atoms[a] = "kv_group" if alone else "attention_head"
 
+    coupled, rms_scales = _reductions_by_atom(trace)
+    warned: dict[tuple[str, str], list[int | None]] = defaultdict(list)
     groups: list[Group] = []
     notes: list[str] = []
     for atom, occ in sorted(occurrences.items(), key=lambda kv: _order_key(kv[1], layer_of)):
@@ -228,9 +246,9 @@ def _build_groups(model: torch.nn.Module, trace: TraceResult, named: dict[str, t
         if not (produces and consumes):
             prunable = False
             reasons.append("does not join an output row to an input column")
-        if kind != "hidden_channel" and "normalized" in info.tags:
+        if coupled.get(atom):
             prunable = False
-            reasons.append("normalised over")
+            reasons.extend(coupled[atom])
         if kind == "hidden_channel" and not adapter.supports_hidden_pruning:
             prunable = False
             reasons.append(f"hidden-channel removal is not exact for model type '{adapter.model_type}'")
@@ -254,6 +272,8 @@ def _build_groups(model: torch.nn.Module, trace: TraceResult, named: dict[str, t
                 if len(idx):
                     per_index[i].append(ParamSlice(p, d, tuple(int(x) for x in np.sort(idx))))
         width = _width(per_index[0], shapes) if size else 0
+        # hidden channels: the adapter's hidden rescale (every norm, eps included) compensates RMS norms
+        scales = tuple(sorted(rms_scales.get(atom, ()))) if kind != "hidden_channel" else ()
         for i in range(size):
             slices = per_index[i]
             num, lora_num = 0, 0
@@ -265,9 +285,16 @@ def _build_groups(model: torch.nn.Module, trace: TraceResult, named: dict[str, t
                     lora_num += cnt
             groups.append(Group(id=len(groups), kind=kind, layer=layer, index=i, slices=slices, num_params=num,
                                 prunable=prunable, width=width, lora_params=lora_num,
-                                meta={"reasons": reasons} if reasons else {}))
+                                meta={"reasons": reasons} if reasons else {}, rms_scales=scales))
         if not prunable and reasons and kind != "hidden_channel":
             notes.append(f"{kind} groups of layer {layer} not prunable: {'; '.join(reasons)}")
+        if coupled.get(atom) and (kind != "hidden_channel" or hidden):
+            warned[(kind, "; ".join(coupled[atom]))].append(layer)
+
+    for (kind, why), layers_hit in warned.items():
+        where = ", ".join(str(x) for x in sorted({x for x in layers_hit if x is not None})) or "-"
+        logger.warning("model type '%s': %s groups (layers %s) are not prunable: %s", adapter.model_type, kind,
+                       where, why)
 
     # re-number ids and per-layer indices in a stable, readable order
     groups.sort(key=lambda g: (g.layer if g.layer is not None else -1, _KIND_ORDER[g.kind], g.index))
@@ -287,6 +314,23 @@ def _build_groups(model: torch.nn.Module, trace: TraceResult, named: dict[str, t
             f"model type '{adapter.model_type}': no prunable structure found; operators without a rule: {ops}"
             + (f"; {notes[0]}" if notes else ""))
     return graph
+
+
+def _reductions_by_atom(trace: TraceResult) -> tuple[dict[int, list[str]], dict[int, set[RmsScale]]]:
+    """For every atom under a recorded reduction: why removing it is not exact, or the RMS scales
+    that compaction rescales to make it exact."""
+    table = trace.table
+    coupled: dict[int, list[str]] = defaultdict(list)
+    scales: dict[int, set[RmsScale]] = defaultdict(set)
+    for red in trace.reductions:
+        problem = red.problem()
+        for atom in {table.find(a) for a in table.coordinates(red.space)[0]}:
+            if problem is not None:
+                if problem not in coupled[atom]:
+                    coupled[atom].append(problem)
+            elif red.scale is not None:
+                scales[atom].add(RmsScale(*red.scale))
+    return coupled, scales
 
 
 _KIND_ORDER = {"kv_group": 0, "attention_head": 1, "mlp_channel": 2, "hidden_channel": 3}

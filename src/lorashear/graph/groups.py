@@ -44,6 +44,23 @@ class ParamSlice:
         return torch.tensor(self.indices, dtype=torch.long, device=device)
 
 
+@dataclass(frozen=True, order=True)
+class RmsScale:
+    """A parameter that scales an RMS norm over a group's channels (OLMo 2's ``q_norm`` over a whole
+    projection): the norm multiplies ``x / sqrt(mean(x^2) + eps)`` by ``param + shift``.
+
+    Zeroed channels still count in the mean of the masked model; once ``n - n_kept`` of its ``n``
+    channels are removed, the mean runs over ``n_kept``, so :func:`lorashear.compact` multiplies
+    ``param + shift`` by ``sqrt(n / n_kept)``: with ``S`` the sum of squares of the kept channels,
+    ``sqrt(n / n_kept) / sqrt(S / n_kept + eps) = 1 / sqrt(S / n + eps * n_kept / n)``, the masked
+    value with ``eps`` scaled by ``n_kept / n``: exact up to that change of ``eps`` (the ``eps``
+    attribute stays, so a saved model reloads the same).
+    """
+
+    name: str
+    shift: float = 0.0
+
+
 @dataclass(eq=False)
 class Group:
     """One minimally removable structure.
@@ -58,6 +75,7 @@ class Group:
         num_params: parameters removed if this group alone is pruned (LoRA included).
         prunable: ``False`` for structures that must stay (e.g. they touch the output).
         width: channels of the structure (head_dim for heads, 1 for channels).
+        rms_scales: RMS norm scales over the structure's channels that compaction rescales.
     """
 
     id: int
@@ -70,6 +88,7 @@ class Group:
     width: int = 1
     lora_params: int = 0
     meta: dict[str, object] = field(default_factory=dict)
+    rms_scales: tuple[RmsScale, ...] = ()
 
     def __repr__(self) -> str:
         return (f"Group(id={self.id}, kind={self.kind!r}, layer={self.layer}, index={self.index}, "

@@ -68,6 +68,12 @@ class ModelAdapter:
         return str(getattr(self.config, "model_type", "unknown"))
 
     @property
+    def dedicated(self) -> bool:
+        """A family adapter vouches for this model type (``False``: the generic adapter is tried, and
+        discovery first runs the zero-invariance self-check)."""
+        return self.model_type in self.model_types
+
+    @property
     def num_layers(self) -> int:
         return int(self._get("num_hidden_layers"))
 
