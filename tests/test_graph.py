@@ -14,6 +14,19 @@ from tiny_models import tiny_model, with_lora
 IDS = torch.tensor([[3, 17, 42, 8, 91, 5, 60, 33, 2, 77, 14]])
 
 
+def _zero_then_remove(model, selection):
+    """The logits of ``model`` with ``selection`` zeroed, and the model with it removed."""
+    zero_groups(model, selection)
+    with torch.no_grad():
+        masked = model(IDS).logits
+    return masked, lorashear.compact(model, selection)
+
+
+def _max_diff(model, logits) -> float:
+    with torch.no_grad():
+        return (model(IDS).logits - logits).abs().max().item()
+
+
 def _select(graph, seed: int, k: int, *, overlap: bool):
     rng = random.Random(seed)
     pool = graph.prunable()
@@ -49,14 +62,9 @@ def test_zeroing_equals_removing(family: str, lora: bool, seed: int) -> None:  #
     selection = _select(graph, seed, 14, overlap=False)
     assert selection
     n_before = sum(p.numel() for p in model.parameters())
-    zero_groups(model, selection)
-    with torch.no_grad():
-        masked = model(IDS).logits
-    small = lorashear.compact(model, selection)
-    with torch.no_grad():
-        compacted = small(IDS).logits
+    masked, small = _zero_then_remove(model, selection)
     n_after = sum(p.numel() for p in small.parameters())
-    assert (masked - compacted).abs().max().item() <= 1e-5
+    assert _max_diff(small, masked) <= 1e-5
     assert n_before - n_after == sum(g.num_params for g in selection)
 
 
@@ -70,12 +78,8 @@ def test_overlapping_selection_removes_union(family: str) -> None:
     n_before = sum(p.numel() for p in model.parameters())
     expected = graph.removed_params(selection)
     assert expected < sum(g.num_params for g in selection)  # they overlap at one head
-    zero_groups(model, selection)
-    with torch.no_grad():
-        masked = model(IDS).logits
-    small = lorashear.compact(model, selection)
-    with torch.no_grad():
-        assert (small(IDS).logits - masked).abs().max().item() <= 1e-5
+    masked, small = _zero_then_remove(model, selection)
+    assert _max_diff(small, masked) <= 1e-5
     assert n_before - sum(p.numel() for p in small.parameters()) == expected
 
 
@@ -125,12 +129,8 @@ def test_hidden_channels_zero_invariant(family: str) -> None:
     hidden = [g for g in graph.groups if g.kind == "hidden_channel"]
     assert len(hidden) == 48 and all(g.prunable for g in hidden)
     selection = hidden[5:9] + graph.in_layer(0, ["mlp_channel"])[:3]
-    zero_groups(model, selection)
-    with torch.no_grad():
-        masked = model(IDS).logits
-    small = lorashear.compact(model, selection)
-    with torch.no_grad():
-        assert (small(IDS).logits - masked).abs().max().item() <= 1e-4
+    masked, small = _zero_then_remove(model, selection)
+    assert _max_diff(small, masked) <= 1e-4
     assert small.config.hidden_size == 44
 
 
@@ -279,12 +279,8 @@ def test_reduction_kept_exact_on_removal(op: str) -> None:
     graph = lorashear.discover(model)
     selection = [graph.in_layer(0, ["kv_group"])[1], graph.in_layer(1, ["attention_head"])[0]]
     assert all(g.prunable for g in selection)
-    zero_groups(model, selection)
-    with torch.no_grad():
-        masked = model(IDS).logits
-    small = lorashear.compact(model, selection)
-    with torch.no_grad():
-        assert (small(IDS).logits - masked).abs().max().item() <= 1e-5
+    masked, small = _zero_then_remove(model, selection)
+    assert _max_diff(small, masked) <= 1e-5
 
 
 def test_rms_rescale_is_exact_up_to_eps() -> None:
@@ -306,7 +302,7 @@ def test_rms_rescale_is_exact_up_to_eps() -> None:
     kept = [i for i in range(48) if i not in group.slices[0].indices]
     torch.testing.assert_close(small.model.layers[0].self_attn.q_norm.weight.detach(), q_before[kept] * 2 ** 0.5)
     with torch.no_grad():
-        assert (small(IDS).logits - eps_scaled(IDS).logits).abs().max().item() <= 1e-5
+        assert _max_diff(small, eps_scaled(IDS).logits) <= 1e-5
 
 
 def test_family_without_adapter_is_self_checked(monkeypatch) -> None:
