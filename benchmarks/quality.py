@@ -86,6 +86,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 }
 for _name, _opts in ABLATIONS.items():
     LORASHEAR_ROWS[f"lorashear-{_name}"] = {**LORASHEAR_ROWS["lorashear"], **_opts}
+#: the recipe before 2026-12-04: the masked model trains at full width until the last step (issue 26's row a)
+LORASHEAR_ROWS["lorashear-masked"] = {**LORASHEAR_ROWS["lorashear"], "compact_at": "end"}
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,12 @@ class Peer:
 PEERS: dict[str, Peer] = {
     "llmpruner_block": Peer("torch_pruning_llm", "prune_with_torch_pruning", "TorchPruningConfig", {"verify": False},
                             "LLM-Pruner's block-wise default: Taylor from 8 sequences, uniform in layers 4..27"),
+    "llmpruner": Peer("llm_pruner", "prune_llm_pruner", "LLMPrunerConfig", {},
+                      "LLM-Pruner / Torch-Pruning at its best: global ranking, minimum widths (peers/llm_pruner.py)"),
+    "minitron": Peer("minitron", "prune_minitron", "MinitronConfig", {},
+                     "Minitron width pruning: activation importance, global ranking (peers/minitron.py)"),
+    "flap": Peer("flap", "prune_flap", "FlapConfig", {},
+                 "FLAP: fluctuation importance, standardised global ranking, bias compensation (peers/flap.py)"),
 }
 
 
@@ -119,6 +127,8 @@ RETRAININGS: dict[str, Retraining] = {
     "lora": Retraining(0.0, doc="LoRA, cross-entropy"),
     "lora_kd": Retraining(0.5, doc="LoRA, 0.5 CE + 0.5 KL to the dense model"),
     "lora_kl": Retraining(1.0, doc="LoRA, KL to the dense model only (logit distillation)"),
+    "kd": Retraining(1.0, full=True, doc="Minitron's retraining: every parameter, KL to the dense model only, "
+                                         "AdamW 1e-4 with cosine decay after 10 warm-up steps"),
 }
 
 
@@ -227,16 +237,28 @@ class Bench:
     def retrain(self, model, seed: int, how: Retraining, compute: Compute):
         import lorashear
         from lorashear.config import config_from_dict
-        from lorashear.recovery import FinetuneConfig, finetune
+        from lorashear.recovery import FinetuneConfig, FinetuneResult, finetune
         from lorashear.training.losses import DistillConfig, distillation_loss, lm_loss, make_teacher
 
         a = self.args
-        if how.full:
-            raise SystemExit("full-parameter retraining is not wired yet")
+        tokens = a.steps * a.batch_size * a.seq_len
+        if how.full:  # Minitron's own retraining (peers/minitron.py)
+            from minitron import DistillTrainConfig, distill
+
+            dense = lorashear.load_model(MODEL)
+            compute.train(tokens, forward_flops_per_token(model, a.seq_len), full=True)
+            compute.teacher(tokens, forward_flops_per_token(dense, a.seq_len))
+            dcfg = DistillTrainConfig(mode="full", steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
+                                      kl_weight=how.kl_weight, seed=seed)
+            ids = self.train_ids(seed)
+            t0 = time.perf_counter()
+            out = distill(model, dense, ids, dcfg)
+            return FinetuneResult(model=out["model"], losses=out["losses"], steps=a.steps, tokens_seen=tokens,
+                                  trainable_params=out["record"]["trainable_params"],
+                                  wall_time_s=time.perf_counter() - t0, sequences=len(ids))
         cfg = config_from_dict(FinetuneConfig, {"steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
                                                 "seed": seed, "progress": False, "log_every": 10})
-        tokens = a.steps * a.batch_size * a.seq_len
-        compute.train(tokens, forward_flops_per_token(model, a.seq_len), full=how.full)
+        compute.train(tokens, forward_flops_per_token(model, a.seq_len))
         loss = lm_loss
         if how.kl_weight > 0:
             dense = lorashear.load_model(MODEL)
@@ -259,10 +281,10 @@ class Bench:
         calib = module.calibration_ids(self.tokenizer, cfg)
         model, report = getattr(module, peer.function)(model, calib, cfg)
         compute = Compute()
-        passes = report.get("compute") or {"fwd_tokens": int(calib.numel()), "bwd_tokens": int(calib.numel()),
-                                           "full_grad": True}  # a Taylor pruner: one gradient pass
-        compute.prep(passes["fwd_tokens"], dense_flops, passes.get("bwd_tokens", 0),
-                     full_grad=passes.get("full_grad", False))
+        calib_rec = report.get("calibration") or {}
+        fwd = calib_rec.get("forward_token_passes", int(calib.numel()))  # the block-wise peer: one Taylor pass
+        bwd = calib_rec.get("backward_token_passes", int(calib.numel()))
+        compute.prep(fwd, dense_flops, bwd, full_grad=True)  # gradients of every weight
         rec: dict[str, Any] = {"peer": base, "peer_settings": values, "peer_report": _slim(report),
                                "peer_prune_s": report.get("wall_time_s")}
         if retrain is not None:

@@ -98,3 +98,19 @@ def test_compact_reports_its_index_maps():
     removed = {i for g in drop for i in g.slices[0].indices}
     assert set(kept) == {0} and set(kept[0].tolist()) == set(range(gate.shape[0])) - removed
     assert torch.equal(new, gate.detach()[kept[0]])
+
+
+def test_a_corrupt_newest_checkpoint_after_the_compaction_falls_back(tmp_path):
+    out = tmp_path / "p"
+    assert prune_stage.run(_stage_cfg(out, steps=STEPS, keep_checkpoints=2), model=plain_tiny_llama(train=False),
+                           data=random_batches(n=16, seq=16), stop_after=12) is None
+    small = out / "checkpoints" / prune_stage.COMPACTED_DIR
+    newest = sorted(small.glob("step-*"))[-1]
+    (newest / "state.json").write_text('{"step": 12, "pruning": {"selected')  # cut short
+    resumed = prune_stage.run(_stage_cfg(out, steps=STEPS, keep_checkpoints=2, resume=True),
+                              model=plain_tiny_llama(train=False),
+                              data=random_batches(n=16, seq=16))
+    whole = _run(tmp_path / "whole")
+    assert resumed.report["resumed_from"] == 10
+    a, b = _weights(tmp_path / "whole"), _weights(out)
+    assert all(torch.equal(a[n], b[n]) for n in a)

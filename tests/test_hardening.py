@@ -31,6 +31,9 @@ from tiny_models import tiny_model
 #: a prune run small enough for a test: about 1% of a tiny model, a few steps
 PRUNE = ["--ratio", "0.005", "--steps", "6", "--num-periods", "2", "--seq-len", "32", "--num-sequences", "8",
          "--batch-size", "2", "--lora-r", "4", "--no-progress"]
+#: the checkpoint-damage cases keep the masked model to the end, so all checkpoints sit in OUT/checkpoints (the
+#: default compacts when pruning ends and writes the later ones to OUT/checkpoints/compacted: same reader)
+PRUNE_MASKED = [*PRUNE, "--compact-at", "end"]
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -289,7 +292,7 @@ def interrupted(models, tmp_path_factory) -> Path:
     from lorashear.stages.prune import PruneConfig
 
     out = tmp_path_factory.mktemp("interrupted") / "p"
-    args = build_parser().parse_args(["prune", str(models["tiny"]), "--out", str(out), *PRUNE,
+    args = build_parser().parse_args(["prune", str(models["tiny"]), "--out", str(out), *PRUNE_MASKED,
                                       "--checkpoint-every", "1", "--keep-checkpoints", "2"])
     config = stage_config(PruneConfig, args, model=args.model, out=args.out)
     assert prune_stage.run(config, stop_after=4) is None
@@ -318,7 +321,7 @@ def test_a_corrupt_checkpoint_without_an_earlier_one_is_one_line(damage, models,
     name, spoil, fragment = DAMAGE[damage]
     spoil(out / "checkpoints" / "step-00000004" / name)
     before = snapshot(tmp_path)
-    code, lines = cli(capsys, "prune", models["tiny"], "--out", out, *PRUNE, "--checkpoint-every", "1",
+    code, lines = cli(capsys, "prune", models["tiny"], "--out", out, *PRUNE_MASKED, "--checkpoint-every", "1",
                       "--keep-checkpoints", "2", "--resume")
     assert_one_line(code, lines, "prune", fragment, "no usable checkpoint left", "--force")
     assert snapshot(tmp_path) == before
@@ -328,7 +331,7 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(models, interrupted
     out = tmp_path / "p"
     shutil.copytree(interrupted, out)
     _truncate(out / "checkpoints" / "step-00000004" / "params.safetensors")
-    argv = ["-q", "prune", str(models["tiny"]), "--out", str(out), *PRUNE, "--checkpoint-every", "1",
+    argv = ["-q", "prune", str(models["tiny"]), "--out", str(out), *PRUNE_MASKED, "--checkpoint-every", "1",
             "--keep-checkpoints", "2", "--resume"]
     with caplog.at_level("WARNING", logger="lorashear"):
         assert main(argv) == 0
@@ -342,7 +345,7 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(models, interrupted
 def test_a_checkpoint_of_another_run_is_still_refused(models, interrupted, tmp_path, capsys):
     out = tmp_path / "p"
     shutil.copytree(interrupted, out)
-    code, lines = cli(capsys, "prune", models["tiny"], "--out", out, *PRUNE, "--lr", "0.001",
+    code, lines = cli(capsys, "prune", models["tiny"], "--out", out, *PRUNE_MASKED, "--lr", "0.001",
                       "--checkpoint-every", "1", "--keep-checkpoints", "2", "--resume")
     assert_one_line(code, lines, "prune", "belongs to another run", "lr", "--force")
 

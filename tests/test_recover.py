@@ -153,7 +153,8 @@ def test_sources_hold_out_documents(world) -> None:
     cfg = SourceConfig(seq_len=32, val_sequences=2, min_paragraph_tokens=8)
     src = load_source(world["a"], world["tok"], cfg, seed=0)
     assert src.validation.shape == (2, 32) and src.train.shape[1] == 32
-    assert src.info["documents"] == {"train": 21, "validation": 3}  # 10% of 24 paragraphs, by document id
+    # 10% of 24 paragraphs held out (3), by document id: 2 validation, 1 test (recovery never reads test)
+    assert src.info["documents"] == {"train": 21, "validation": 2}
     assert load_source(world["a"], world["tok"], cfg, seed=0).fingerprint() == src.fingerprint()
     with pytest.raises(DataError, match="held-out"):
         load_source("builtin:heldout", world["tok"], cfg)

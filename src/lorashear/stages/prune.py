@@ -477,16 +477,20 @@ class PruningOutcome:
 
     @classmethod
     def read(cls, checkpoints: Path) -> PruningOutcome:
-        """The outcome stored in the newest checkpoint under ``checkpoints``."""
-        from ..training.checkpoint import read_checkpoint_file
+        """The outcome stored in the newest readable checkpoint under ``checkpoints`` (every checkpoint after the
+        compaction holds the same one; an unreadable newest one is left to the resume, which skips it too)."""
+        from ..training.checkpoint import list_checkpoints, read_checkpoint_file
 
-        ckpt = latest_checkpoint(checkpoints)
-        state = read_checkpoint_file(ckpt, "state.json", lambda f: json.loads(f.read_text(encoding="utf-8")))
-        try:
-            return cls(**state["pruning"])
-        except (KeyError, TypeError) as exc:
-            raise CorruptCheckpointError(f"checkpoint {ckpt} does not record the pruning phase ({exc}); start "
-                                         "over with --force") from exc
+        problems = []
+        for _, ckpt in reversed(list_checkpoints(checkpoints)):
+            try:
+                state = read_checkpoint_file(ckpt, "state.json", lambda f: json.loads(f.read_text(encoding="utf-8")))
+                return cls(**state["pruning"])
+            except CorruptCheckpointError as exc:
+                problems.append(str(exc))
+            except (KeyError, TypeError) as exc:
+                problems.append(f"checkpoint {ckpt} does not record the pruning phase ({exc})")
+        raise CorruptCheckpointError(f"{problems[0]}; no usable checkpoint left: start over with --force")
 
 
 class PrunedLogFields(StepHook):
