@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layer-start", type=int, default=4, help="Torch-Pruning: first pruned layer (LLM-Pruner: 4)")
     p.add_argument("--layer-end", type=int, default=-2, help="Torch-Pruning: end of pruned layers (LLM-Pruner: -2)")
     p.add_argument("--limit", type=int, default=20, help="documents per zero-shot task")
-    p.add_argument("--tasks", default="lorashear_bigbench", help="lm-eval task names (offline suite by default)")
+    p.add_argument("--tasks", default="lorashear_zeroshot", help="lm-eval task names (offline suite by default)")
     p.add_argument("--ppl-seq-len", type=int, default=512, help="perplexity window length")
     p.add_argument("--ppl-windows", type=int, default=8, help="perplexity windows")
     p.add_argument("--speed-new-tokens", type=int, default=32)

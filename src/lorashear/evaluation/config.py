@@ -21,8 +21,9 @@ class EvalConfig:
     out: str = field(default="", metadata={**_h("output directory for eval.json, report.md and plots"), "cli": False})
     baseline: str | None = field(default=None, metadata=_h(
         "dense model measured side by side (same tokenizer), for ratios"))
-    tasks: list[str] = field(default_factory=lambda: ["lorashear_bigbench"], metadata=_h(
-        "zero-shot tasks: lorashear_bigbench (offline default suite), lorashear_bigbench_all, "
+    tasks: list[str] = field(default_factory=lambda: ["lorashear_zeroshot"], metadata=_h(
+        "zero-shot tasks: lorashear_zeroshot (offline default suite: the paper's seven tasks), "
+        "lorashear_zeroshot_all, lorashear_zs_<name>, lorashear_bigbench_all (needs the BIG-bench sdist), "
         "lorashear_bb_<name>, or lm-eval registry names (need their data hub); 'none' to skip"))
     limit: int | None = field(default=None, metadata=_h("score at most N documents per task (a fixed random sample)"))
     num_fewshot: int = field(default=0, metadata=_h("few-shot examples per prompt (0: zero-shot)"))

