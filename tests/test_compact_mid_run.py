@@ -114,3 +114,97 @@ def test_a_corrupt_newest_checkpoint_after_the_compaction_falls_back(tmp_path):
     assert resumed.report["resumed_from"] == 10
     a, b = _weights(tmp_path / "whole"), _weights(out)
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+# -- the dynamic mix after pruning (post_pruning=recover) --------------------------------------------------------
+@pytest.fixture(scope="module")
+def mix(tmp_path_factory):
+    from test_recover import MODEL, _paragraphs, char_tokenizer
+    from tiny_models import tiny_model
+
+    root = tmp_path_factory.mktemp("mix")
+    words = ["the cat sat on the mat", "a dog ran to the park", "the sun is warm today", "we like to read books"]
+    files = {
+        "a": _paragraphs(lambda i: f"{i}: " + f"{words[i % 4]} and {words[(i + 1) % 4]}. " * 3, 40),  # unique
+        "b": _paragraphs(lambda i: f"{i} + {i + 1} = {2 * i + 1}; {i * 7 % 10} * 3 = {i * 21 % 30}. " * 2, 40),
+        "c": _paragraphs(lambda i: f"THE QUICK BROWN FOX {i} JUMPS OVER THE LAZY DOG! " * 2, 40),
+    }
+    specs = []
+    for name, text in files.items():
+        (root / f"{name}.txt").write_text(text)
+        specs.append(str(root / f"{name}.txt"))
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    model = tiny_model("llama", vocab=len(tok), **MODEL)
+    data = torch.randint(2, len(tok), (16, 16))
+    return {"specs": specs, "tok": tok, "model": model, "data": data}
+
+
+def _mix_run(mix, out, **kw):
+    import copy
+
+    cfg = _stage_cfg(out, steps=STEPS, post_pruning="recover", post_sources=mix["specs"], post_rounds=2,
+                     post_val_sequences=2, post_min_paragraph_tokens=8, **kw)
+    return prune_stage.run(cfg, model=copy.deepcopy(mix["model"]), tokenizer=mix["tok"], data=mix["data"])
+
+
+def test_recovery_after_pruning_weights_sources_by_their_validation_degradation(mix, tmp_path):
+    from lorashear.recovery.mixing import degradation, sampling_weights
+
+    result = _mix_run(mix, tmp_path / "p")
+    rec = result.report["recovery"]
+    assert result.report["post_pruning"] == "recover" and [r["round"] for r in rec["rounds"]] == [1, 2]
+    assert [r["steps"] for r in rec["rounds"]] == [[8, 11], [11, 14]]  # the 6 steps after pruning, in two rounds
+    for r in rec["rounds"]:
+        deltas = degradation(r["losses_before"], rec["dense_losses"])
+        assert r["deltas_before"] == pytest.approx(deltas)
+        assert r["weights"] == pytest.approx(sampling_weights(deltas, 0.3))
+        assert sum(r["sequences"].values()) == 3 * 2  # one pass: the round's steps x batch
+    assert [x["round"] for x in result.report["log"][8:]] == [1, 1, 1, 2, 2, 2]
+    assert result.report["steps"] == STEPS and result.report["compute"]["prep_fwd"] > 0
+
+
+def test_recovery_never_reads_test_documents(mix, tmp_path, monkeypatch):
+    from lorashear.data import load_texts
+    from lorashear.recovery import sources as sources_mod
+
+    seen: list[str] = []
+    real = sources_mod.split_texts
+
+    def spy(spec):
+        train, validation, rule = real(spec)
+        seen.extend(train + validation)
+        return train, validation, rule
+
+    monkeypatch.setattr(sources_mod, "split_texts", spy)
+    _mix_run(mix, tmp_path / "p")
+    test = {t for spec in mix["specs"] for t in load_texts(f"{spec}:split=test")}
+    validation = {t for spec in mix["specs"] for t in load_texts(f"{spec}:split=validation")}
+    assert test and validation and seen
+    assert not test & set(seen)
+    assert validation <= set(seen)
+
+
+@pytest.mark.parametrize("kill_at", [9, 12])  # inside the first round, inside the second
+def test_kill_and_resume_inside_a_recovery_round_is_bit_identical(mix, tmp_path, kill_at):
+    import copy
+
+    whole = _mix_run(mix, tmp_path / "whole")
+    out = tmp_path / "killed"
+    cfg = _stage_cfg(out, steps=STEPS, post_pruning="recover", post_sources=mix["specs"], post_rounds=2,
+                     post_val_sequences=2, post_min_paragraph_tokens=8)
+    assert prune_stage.run(cfg, model=copy.deepcopy(mix["model"]), tokenizer=mix["tok"], data=mix["data"],
+                           stop_after=kill_at) is None
+    resumed = _mix_run(mix, out, resume=True)
+    assert resumed.report["resumed_from"] == kill_at - kill_at % 2
+    a, b = _weights(tmp_path / "whole"), _weights(out)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert resumed.report["recovery"]["rounds"] == whole.report["recovery"]["rounds"]
+    assert [r["loss"] for r in resumed.report["log"]] == [r["loss"] for r in whole.report["log"]]
+
+
+def test_recovery_after_pruning_needs_the_compaction():
+    from lorashear.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="compact-at prune_end"):
+        _stage_cfg("x", post_pruning="recover", compact_at="end")

@@ -43,6 +43,7 @@ from ..models.adapters import BLOCK_OF_KIND
 from ..models.lora import LoraSettings, attach_lora
 from ..models.params import count_params, embedding_params
 from ..recipes import DEFAULT_RECIPE, RECIPES
+from ..recovery.rounds import RoundsConfig, train_rounds
 from ..training.hooks import KLShareSwitch
 from ..training.checkpoint import latest_checkpoint
 from ..training.loop import StepHook, TrainConfig, checkpoint_root, make_accelerator, train_lhspg
@@ -92,12 +93,19 @@ class PruneConfig:
         "help": "when the zeroed structures are cut out: prune_end = as soon as the last pruning period ends, "
                 "so every later step trains the small model (LoRA factors and optimizer state sliced alike; "
                 "single process); end = after the last step (the masked model trains at full width throughout)"})
+    post_pruning: Literal["continue", "recover"] = field(default="continue", metadata={
+        "help": "what the compacted model trains on for the rest of the budget: continue = the same training "
+                "stream; recover = the dynamic mix of paper Alg. 5 over --post-sources, its weights measured on "
+                "their validation split every round (needs --compact-at prune_end)"})
+    post: RoundsConfig = section(RoundsConfig, prefix="post_", help="the dynamic mix after pruning")
 
     def __post_init__(self) -> None:
         self.unprunable = tuple(self.unprunable)
         if self.eval_windows < 1:
             raise ConfigError(f"eval_windows must be >= 1, got {self.eval_windows}")
         parse_unprunable(self.unprunable)
+        if self.post_pruning == "recover" and self.compact_at != "prune_end":
+            raise ConfigError("--post-pruning recover trains the compacted model: it needs --compact-at prune_end")
         if self.target.knowledge_grading and not (self.knowledge and self.target.uniform_per_layer):
             raise ConfigError("--knowledge-grading needs --knowledge FILE and --uniform-per-layer "
                               "(it grades the per-layer counts by the knowledge analysis)")
@@ -190,14 +198,33 @@ def max_removable(candidates: list, all_groups: list, target: TargetConfig) -> f
 
 
 def check_reachable(candidates: list, all_groups: list, target: TargetConfig, total_params: int) -> None:
-    """Refuse a ratio the structure cannot reach, with one line stating the most it can."""
-    if target.ratio is None or target.attention_ratio is not None or target.mlp_ratio is not None:
+    """Refuse a target the structure cannot reach, with one line stating the most it can: ``--attention-ratio``
+    and ``--mlp-ratio`` (a fraction of their cluster's prunable parameters), then ``--ratio`` (of the model)."""
+    import dataclasses
+
+    from ..lhspg.targets import CLUSTER_OF_KIND
+
+    pool = {k: sum(g.base_params for g in candidates if g.kind == k and g.prunable) for k in target.kinds}
+    most_of = {k: max_removable(candidates, all_groups, dataclasses.replace(target, kinds=(k,))) for k in pool}
+    keeps = "every layer keeps at least one structure of each kind; unprunable blocks stay"
+    for cluster in ("attention", "mlp"):
+        ratio = target.cluster_ratio(cluster)
+        kinds = [k for k in pool if CLUSTER_OF_KIND[k] == cluster and pool[k]]
+        if ratio is None or not kinds:
+            continue
+        most = min(most_of[k] / pool[k] for k in kinds)
+        if ratio > most + 0.005:
+            raise ConfigError(f"{cluster} ratio {ratio:g} is unreachable: at most {most:.4f} of the {cluster} "
+                              f"structures' parameters can be removed ({keeps}); choose --{cluster}-ratio "
+                              f"{math.floor(most * 1000) / 1000:g} or less")
+    if target.ratio is None:
         return
-    most = max_removable(candidates, all_groups, target) / total_params
+    fixed = {k: target.cluster_ratio(CLUSTER_OF_KIND[k]) for k in pool}
+    removable = sum(most_of[k] if fixed[k] is None else min(fixed[k] * pool[k], most_of[k]) for k in pool)
+    most = removable / total_params
     if target.ratio > most + 0.005:
         raise ConfigError(f"ratio {target.ratio:g} is unreachable: at most {most:.4f} of this model's parameters can "
-                          f"be removed (every layer keeps at least one structure of each kind; unprunable blocks "
-                          f"stay); choose --ratio {math.floor(most * 1000) / 1000:g} or less")
+                          f"be removed ({keeps}); choose --ratio {math.floor(most * 1000) / 1000:g} or less")
 
 
 def heldout_perplexity(model, tokenizer, source: str, seq_len: int, windows: int) -> float:
@@ -253,7 +280,8 @@ def _run(config: PruneConfig, out: Path, *, model: Any, tokenizer: Any, data: to
     seq_len = config.data.seq_len
     t_start = time.perf_counter()
     main = accelerator.is_main_process
-    if tokenizer is None and config.model and (data is None or config.eval_data):
+    recovers = config.post_pruning == "recover"
+    if tokenizer is None and config.model and (data is None or config.eval_data or recovers):
         from ..models.loading import load_tokenizer
 
         tokenizer = load_tokenizer(config.model)  # before the weights: a missing tokenizer fails fast
@@ -279,6 +307,7 @@ def _run(config: PruneConfig, out: Path, *, model: Any, tokenizer: Any, data: to
 
         data = pack_texts(load_texts(config.data.spec), tokenizer, seq_len,
                           num_sequences=config.data.num_sequences, seed=train.seed)
+    sources, dense_losses = _round_sources(config, model, tokenizer, data) if recovers else ([], {})
     set_seed(train.seed)
     dense_flops = forward_flops_per_token(model, data.shape[1])
     peft_model = attach_lora(model, config.lora)
@@ -314,8 +343,9 @@ def _run(config: PruneConfig, out: Path, *, model: Any, tokenizer: Any, data: to
     small_dir = ckpt_dir / COMPACTED_DIR
     outcome: PruningOutcome | None = None
     log: list[dict[str, Any]] = []
-    if mid and config.resume and latest_checkpoint(small_dir) is not None:
-        outcome = PruningOutcome.read(small_dir)  # the pruning phase is over: rebuild the small model
+    compacted = _compacted_checkpoints(small_dir) if mid and config.resume else None
+    if compacted is not None:
+        outcome = PruningOutcome.read(compacted)  # the pruning phase is over: rebuild the small model
         compact(peft_model, [graph.groups[i] for i in outcome.selected_ids])
         optimizer = None
         resumed_from = outcome.resumed_from
@@ -335,7 +365,26 @@ def _run(config: PruneConfig, out: Path, *, model: Any, tokenizer: Any, data: to
         if mid:
             outcome.compaction_logit_diff, optimizer = _compact_in_training(peft_model, lh, data, config.verify,
                                                                             accelerator.device)
-    if mid:
+    rounds = None
+    if mid and recovers:
+        if not _post_pruning_needs_teacher(config):
+            loss_fn = lm_loss  # the teacher is no longer needed: let it go
+        if optimizer is None:  # resumed after the compaction: the checkpoint fills its state
+            from ..lhspg.optimizer import lora_parameters, make_optimizer
+
+            optimizer = make_optimizer(lora_parameters(peft_model), train.optimizer, train.lr, train.weight_decay)
+        rounds = train_rounds(peft_model, sources, dense_losses, config.post, train_config=train,
+                              start=outcome.compact_step, optimizer=optimizer, checkpoint_root=small_dir,
+                              resume=config.resume, loss_fn=loss_fn, hooks=[*hooks, PrunedLogFields(outcome)],
+                              accelerator=accelerator, stop_after=stop_after, run_settings=settings,
+                              extra_params=_base_weight_names(peft_model), extra_state={"pruning": outcome.to_dict()})
+        if rounds.stopped_early:
+            return None
+        log = (log or outcome.log) + rounds.log
+        resumed_from = rounds.resumed_from if rounds.resumed_from is not None else resumed_from
+        steps_done, tokens_seen = rounds.steps_done, rounds.tokens_seen
+        train_wall = outcome.train_wall_time_s + rounds.wall_time_s
+    elif mid:
         if not _post_pruning_needs_teacher(config):
             loss_fn = lm_loss  # the teacher is no longer needed: let it go
         after_hooks = [*hooks, PrunedLogFields(outcome)]
@@ -378,6 +427,17 @@ def _run(config: PruneConfig, out: Path, *, model: Any, tokenizer: Any, data: to
         target = config.target
         compute = _compute(config, dense_flops, small, outcome.compact_step, steps_done, data.shape[1],
                            sched.prune_end)
+        recovery = None
+        if rounds is not None:
+            from ..recovery.mixing import degradation
+
+            measured_dense = sum(int(src.validation.numel()) for src in sources)
+            compute.prep(measured_dense, dense_flops)
+            compute.prep(rounds.measured_tokens, forward_flops_per_token(small, data.shape[1]))
+            recovery = {"sources": {src.name: src.describe() for src in sources}, "dense_losses": dense_losses,
+                        "rounds": rounds.history, "final_losses": rounds.final_losses,
+                        "final_deltas": degradation(rounds.final_losses, dense_losses),
+                        "split": "the sources' validation documents (never test)"}
         report = {
             "command": "prune",
             "model": config.model or type(model).__name__,
@@ -401,6 +461,8 @@ def _run(config: PruneConfig, out: Path, *, model: Any, tokenizer: Any, data: to
             "kept_per_layer": {k: {str(layer): v for layer, v in d.items()} for k, d in kept.items()},
             "verify": {"compacted_vs_masked_max_abs_logit_diff": logits_diff},
             "compaction": {"step": outcome.compact_step, "at": "prune_end" if mid else "end"},
+            "post_pruning": config.post_pruning if mid else None,
+            "recovery": recovery,
             "compute": compute.to_dict(),
             "perplexity": {"source": config.eval_data, "before": ppl_before, "after": ppl_after,
                            "windows": config.eval_windows, "seq_len": seq_len},
@@ -491,6 +553,27 @@ class PruningOutcome:
             except (KeyError, TypeError) as exc:
                 problems.append(f"checkpoint {ckpt} does not record the pruning phase ({exc})")
         raise CorruptCheckpointError(f"{problems[0]}; no usable checkpoint left: start over with --force")
+
+
+def _compacted_checkpoints(small_dir: Path) -> Path | None:
+    """The directory with the newest checkpoint after the compaction: a recovery round's, or ``small_dir``."""
+    rounds = [d for d in sorted(small_dir.glob("round-*"), reverse=True) if latest_checkpoint(d) is not None]
+    if rounds:
+        return rounds[0]
+    return small_dir if latest_checkpoint(small_dir) is not None else None
+
+
+def _round_sources(config: PruneConfig, model: torch.nn.Module, tokenizer: Any,
+                   data: torch.Tensor) -> tuple[list[Any], dict[str, float]]:
+    """The dynamic mix's sources and the dense model's validation loss on each (measured before pruning)."""
+    from ..recovery.rounds import load_round_sources
+    from ..recovery.sources import source_losses
+
+    if tokenizer is None:
+        raise ConfigError("--post-pruning recover reads its sources as text: name the model (its tokenizer) or "
+                          "pass a tokenizer")
+    sources = load_round_sources(config.post, tokenizer, data.shape[1], config.train.seed)
+    return sources, source_losses(model, sources)
 
 
 class PrunedLogFields(StepHook):

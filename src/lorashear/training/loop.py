@@ -176,6 +176,7 @@ def train(
     end_step: int | None = None,
     extra_params: Iterable[str] = (),
     extra_state: dict[str, Any] | None = None,
+    data_start: int = 0,
 ) -> TrainResult:
     """Train the LoRA factors of ``model`` (its only trainable parameters) on ``data``.
 
@@ -198,6 +199,8 @@ def train(
         end_step: stop after this step (default ``config.steps``); the schedule still spans ``config.steps``.
         extra_params: more parameters to checkpoint (e.g. base weights an earlier segment changed).
         extra_state: JSON-able facts stored in every checkpoint's ``state.json`` (read back by the caller).
+        data_start: the step at which ``data`` starts being read: step ``k`` reads micro-batch ``k - data_start``
+            (a segment that trains on data of its own reads it from its first sequence on).
     """
     from accelerate.utils import set_seed
 
@@ -278,8 +281,8 @@ def train(
         for m in range(cfg.grad_accum):
             for hook in all_hooks:
                 hook.before_micro_batch(step, m)
-            idx = batch_indices(data.shape[0], step * cfg.grad_accum + m, cfg.batch_size, seed=cfg.seed,
-                                rank=rank, world=world)
+            idx = batch_indices(data.shape[0], (step - data_start) * cfg.grad_accum + m, cfg.batch_size,
+                                seed=cfg.seed, rank=rank, world=world)
             batch = data[idx].to(device)
             sync = m == cfg.grad_accum - 1
             ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(model_p)
@@ -368,12 +371,11 @@ def resume_checkpoint(checkpoint_dir: str | os.PathLike[str], settings: dict[str
 
 def check_run_settings(checkpoint: Path, settings: dict[str, Any]) -> None:
     """Refuse to resume ``checkpoint`` if it was written by a run with other settings."""
-    from .checkpoint import read_checkpoint_file
+    from .checkpoint import read_state
 
-    state = read_checkpoint_file(checkpoint, "state.json", lambda f: json.loads(f.read_text(encoding="utf-8")))
-    if not isinstance(state, dict):
-        raise CorruptCheckpointError(f"checkpoint file {checkpoint / 'state.json'} is corrupt (not a JSON object)")
-    stored = state.get("run_settings", {})
+    stored = read_state(checkpoint).get("run_settings", {})
+    if not isinstance(stored, dict):
+        raise CorruptCheckpointError(f"checkpoint file {checkpoint / 'state.json'} is corrupt (no run settings)")
     for key in sorted(set(stored) | set(settings)):
         if stored.get(key) != settings.get(key):
             raise CheckpointError(f"the checkpoint in {checkpoint.parent} belongs to another run ({key}: "
