@@ -88,6 +88,8 @@ for _name, _opts in ABLATIONS.items():
     LORASHEAR_ROWS[f"lorashear-{_name}"] = {**LORASHEAR_ROWS["lorashear"], **_opts}
 #: the recipe before 2026-12-04: the masked model trains at full width until the last step (issue 26's row a)
 LORASHEAR_ROWS["lorashear-masked"] = {**LORASHEAR_ROWS["lorashear"], "compact_at": "end"}
+#: the steps after pruning on the dynamic mix of paper Alg. 5 (issue 26's row c; row b is the recipe itself)
+LORASHEAR_ROWS["lorashear-recover"] = {**LORASHEAR_ROWS["lorashear"], "post_pruning": "recover"}
 
 
 @dataclass(frozen=True)
