@@ -178,37 +178,102 @@ def save_checkpoint(root: str | os.PathLike[str], *, step: int, model: torch.nn.
 
 def load_checkpoint(path: str | os.PathLike[str], *, model: torch.nn.Module, stateful: Mapping[str, Any],
                     accelerator: Any = None) -> dict[str, Any]:
-    """Restore a checkpoint written by :func:`save_checkpoint`; returns its ``state.json`` (without parts)."""
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns its ``state.json`` (without parts).
+
+    Every file is read and its content checked before anything changes (:func:`read_state`,
+    :func:`check_rng_state`): a file that is valid JSON with the wrong content is as corrupt as a
+    truncated one (:class:`~lorashear.errors.CorruptCheckpointError`, so an earlier checkpoint can be
+    tried), and a corrupt checkpoint leaves the model as it was."""
     from safetensors.torch import load_file
 
     path = Path(path)
     rank = 0 if accelerator is None else accelerator.process_index
     rng_name = f"rng_{rank}.json" if (path / f"rng_{rank}.json").is_file() else "rng_0.json"
-    # read every file before changing anything: a corrupt checkpoint leaves the model as it was
-    state = read_checkpoint_file(path, "state.json", _read_json)
+    state = read_state(path, parts=list(stateful))
     tensors = read_checkpoint_file(path, "params.safetensors", lambda f: load_file(str(f)))
     state_tensors = read_checkpoint_file(path, "state.safetensors", lambda f: load_file(str(f)))
     rng = read_checkpoint_file(path, rng_name, _read_json)
-    if not isinstance(state, dict):
-        raise CorruptCheckpointError(f"checkpoint file {path / 'state.json'} is corrupt (not a JSON object)")
+    check_rng_state(rng, path / rng_name)
     params = dict(model.named_parameters(remove_duplicate=False))
     missing = sorted(set(tensors) - set(params))
     if missing:
         raise CheckpointError(f"checkpoint {path} holds parameters this model lacks ({missing[0]}, ...); "
                               "it belongs to another run")
+    for name, value in tensors.items():
+        if params[name].shape != value.shape:
+            raise CheckpointError(f"checkpoint {path}: {name} has shape {tuple(value.shape)}, the model "
+                                  f"{tuple(params[name].shape)}; it belongs to another run")
+    parts = state.pop("parts")
+    decoded = {name: _decode_part(parts[name], state_tensors, path, name) for name in stateful}
     with torch.no_grad():
         for name, value in tensors.items():
-            if params[name].shape != value.shape:
-                raise CheckpointError(f"checkpoint {path}: {name} has shape {tuple(value.shape)}, the model "
-                                      f"{tuple(params[name].shape)}; it belongs to another run")
             params[name].copy_(value.to(params[name].device))
-    parts = state.pop("parts", {})
     for name, obj in stateful.items():
-        if name not in parts:
-            raise CheckpointError(f"checkpoint {path} has no state for {name!r}; it belongs to another run")
-        obj.load_state_dict(decode_tree(parts[name], state_tensors))
+        try:
+            obj.load_state_dict(decoded[name])
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as exc:
+            raise CorruptCheckpointError(f"checkpoint file {path / 'state.json'} is corrupt (the state of {name!r} "
+                                         f"does not restore: {_first_line(exc)})") from exc
     set_rng_state(rng)
     return state
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0][:160] if text else type(exc).__name__)
+
+
+def _decode_part(part: Any, tensors: Mapping[str, torch.Tensor], path: Path, name: str) -> Any:
+    try:
+        return decode_tree(part, tensors)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"checkpoint file {path / 'state.json'} is corrupt (the state of {name!r} "
+                                     f"refers to tensors state.safetensors lacks)") from exc
+
+
+def read_state(path: str | os.PathLike[str], *, parts: list[str] | None = None) -> dict[str, Any]:
+    """``state.json`` of a checkpoint, checked: a JSON object with a whole ``step`` >= 0 and, when ``parts``
+    names the stateful objects, a ``parts`` object holding each of them. Anything else is a
+    :class:`~lorashear.errors.CorruptCheckpointError` naming the file."""
+    path = Path(path)
+    state = read_checkpoint_file(path, "state.json", _read_json)
+    file = path / "state.json"
+    problem = None
+    if not isinstance(state, dict):
+        problem = "not a JSON object"
+    elif not isinstance(state.get("step"), int) or isinstance(state["step"], bool) or state["step"] < 0:
+        problem = "no step"
+    elif parts is not None and not isinstance(state.get("parts"), dict):
+        problem = "no parts"
+    elif parts is not None:
+        absent = [n for n in parts if not isinstance(state["parts"].get(n), (dict, list))]
+        problem = f"no state for {absent[0]!r}" if absent else None
+    if problem is not None:
+        raise CorruptCheckpointError(f"checkpoint file {file} is corrupt ({problem})")
+    return state
+
+
+def _is_int_list(value: Any, length: int | None = None, low: int | None = None, high: int | None = None) -> bool:
+    if not isinstance(value, list) or (length is not None and len(value) != length):
+        return False
+    return all(isinstance(v, int) and not isinstance(v, bool) and (low is None or v >= low)
+               and (high is None or v <= high) for v in value)
+
+
+def check_rng_state(state: Any, file: Path) -> None:
+    """Refuse an RNG state :func:`set_rng_state` could not restore exactly (wrong keys, types or lengths)."""
+    ok = isinstance(state, dict)
+    if ok:
+        py, np_state, cpu = state.get("python"), state.get("numpy"), state.get("torch")
+        ok = (isinstance(py, list) and len(py) == 3 and isinstance(py[0], int) and _is_int_list(py[1], 625, 0)
+              and (py[2] is None or isinstance(py[2], (int, float)))
+              and isinstance(np_state, list) and len(np_state) == 5 and isinstance(np_state[0], str)
+              and _is_int_list(np_state[1], 624, 0) and all(isinstance(v, (int, float)) for v in np_state[2:])
+              and _is_int_list(cpu, torch.get_rng_state().numel(), 0, 255)
+              and isinstance(state.get("cuda", []), list)
+              and all(_is_int_list(s, None, 0, 255) for s in state.get("cuda", [])))
+    if not ok:
+        raise CorruptCheckpointError(f"checkpoint file {file} is corrupt (not the RNG state of a run)")
 
 
 def _read_json(path: Path) -> Any:
