@@ -19,6 +19,7 @@ usually), although the temporary files and directories are created ``0600``/``07
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import json
 import os
@@ -210,6 +211,12 @@ def validate_out(path: str | os.PathLike[str] | None, *, owner_files: Iterable[s
                         f"{flag} {out} already holds other files ({', '.join(foreign[:3])}"
                         f"{', ...' if len(foreign) > 3 else ''}) and the result replaces the whole directory; "
                         f"choose a new or empty {flag}")
+    _check_creatable(out, flag)
+    return given
+
+
+def _check_creatable(out: Path, flag: str) -> None:
+    """Refuse ``out`` when its nearest existing parent is a file or is not writable."""
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -218,6 +225,21 @@ def validate_out(path: str | os.PathLike[str] | None, *, owner_files: Iterable[s
     if not os.access(parent, os.W_OK | os.X_OK):
         where = "its parent " if parent == out.parent else ""
         raise OutputError(f"{flag} {out} cannot be written: {where}{parent} is not writable; choose another {flag}")
+
+
+def validate_out_file(path: str | os.PathLike[str] | None, *, flag: str = "--out") -> Path:
+    """Check an output *file* before any work (a stage that writes one file, e.g. a GGUF export); return it
+    (``~`` expanded). Refused with one line: no path, a directory, a file that is not writable, and a path
+    whose directory cannot be created or written (under a regular file, read-only)."""
+    if path is None or not str(path).strip():
+        raise OutputError(f"an output file is required ({flag} FILE)")
+    given = Path(path).expanduser()
+    out = _real(path)
+    if out.is_dir():
+        raise OutputError(f"{flag} {out} is a directory; name the file to write")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise OutputError(f"{flag} {out} is not writable; choose another {flag}")
+    _check_creatable(out, flag)
     return given
 
 
@@ -227,14 +249,70 @@ def lock_path(final: str | os.PathLike[str]) -> Path:
     return final.parent / f".{final.name}.lock"
 
 
-@contextlib.contextmanager
-def output_lock(final: str | os.PathLike[str], *, enabled: bool = True) -> Iterator[Path]:
-    """Hold an exclusive lock on the output directory ``final`` (created parents included) for the
-    duration; a second holder fails at once with one line. Leftovers of an interrupted earlier run
-    are cleaned up first (:func:`clean_stale`). The lock file is removed on exit; parent
-    directories created here are removed again if nothing was written into them.
+#: run trees this context holds (``output_lock(..., tree=True)``): its stages may lock directories inside them
+_OWN_TREES: contextvars.ContextVar[tuple[Path, ...]] = contextvars.ContextVar("lorashear_own_trees", default=())
 
-    ``enabled=False`` (processes other than the main one of a multi-process run) does nothing.
+
+def _holder(lock: Path) -> str | None:
+    """``""`` or the holder's process id when another open file holds ``lock`` locked; ``None`` when free."""
+    import fcntl
+
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 32).decode("ascii", "replace").strip()
+            return text if text.isdigit() else ""
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _who(holder: str) -> str:
+    return f" (process {holder})" if holder else ""
+
+
+def _check_enclosing_runs(final: Path) -> None:
+    """Refuse ``final`` when a directory above it is locked by another run (a stage's ``--out`` inside a
+    running ``lorashear run``'s directory, whose stages would replace it); this context's own run tree is
+    no obstacle."""
+    own = _OWN_TREES.get()
+    for parent in final.parents:
+        if parent in own:
+            return
+        holder = _holder(lock_path(parent)) if parent != parent.parent else None
+        if holder is not None:
+            raise OutputError(f"{final} lies inside {parent}, which another lorashear run{_who(holder)} is writing; "
+                              "wait for it to finish or choose an --out outside it")
+
+
+def _check_enclosed_runs(final: Path) -> None:
+    """Refuse a run tree ``final`` while another run writes a directory inside it (its lock file is there)."""
+    for lock in sorted(final.glob(".*.lock")) if final.is_dir() else []:
+        holder = _holder(lock)
+        if holder is not None:
+            inner = final / lock.name[1:-len(".lock")]
+            raise OutputError(f"another lorashear run{_who(holder)} is writing {inner}, inside {final}; wait for it "
+                              "to finish or choose another --out")
+
+
+@contextlib.contextmanager
+def output_lock(final: str | os.PathLike[str], *, enabled: bool = True, tree: bool = False) -> Iterator[Path]:
+    """Hold an exclusive lock on the output directory ``final`` (created parents included) for the
+    duration; a second holder fails at once with one line, and so does a directory inside one that
+    another run has locked. Leftovers of an interrupted earlier run are cleaned up first
+    (:func:`clean_stale`). The lock file is removed on exit; parent directories created here are
+    removed again if nothing was written into them.
+
+    ``tree=True`` locks a whole run tree (``lorashear run``): it is refused while another run writes a
+    directory inside it, and while it is held, stages of this context may lock directories inside it
+    but no other run may. ``enabled=False`` (processes other than the main one of a multi-process run)
+    does nothing.
     """
     import fcntl
 
@@ -242,6 +320,7 @@ def output_lock(final: str | os.PathLike[str], *, enabled: bool = True) -> Itera
     if not enabled:
         yield final
         return
+    _check_enclosing_runs(final)
     created: list[Path] = []
     parent = final.parent
     while not parent.exists():
@@ -259,9 +338,8 @@ def output_lock(final: str | os.PathLike[str], *, enabled: bool = True) -> Itera
                     holder = os.read(fd, 32).decode("ascii", "replace").strip()
                 finally:
                     os.close(fd)
-                who = f" (process {holder})" if holder.isdigit() else ""
-                raise OutputError(f"another lorashear run{who} is writing {final}; wait for it to finish or choose "
-                                  f"another --out") from None
+                raise OutputError(f"another lorashear run{_who(holder if holder.isdigit() else '')} is writing "
+                                  f"{final}; wait for it to finish or choose another --out") from None
             # the previous holder may have removed the file between our open and flock: retry on a fresh one
             try:
                 st, cur = os.fstat(fd), os.stat(lock)
@@ -271,12 +349,18 @@ def output_lock(final: str | os.PathLike[str], *, enabled: bool = True) -> Itera
             if same:
                 break
             os.close(fd)
+        token = None
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
+            if tree:
+                _check_enclosed_runs(final)
+                token = _OWN_TREES.set((*_OWN_TREES.get(), final))
             clean_stale(final)
             yield final
         finally:
+            if token is not None:
+                _OWN_TREES.reset(token)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(lock)
             os.close(fd)

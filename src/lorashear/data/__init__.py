@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .builtin import BUILTIN_ALIASES, BUILTIN_SOURCES, builtin_names, prepare_builtin_data
 from .instructions import format_conversation, format_instruction
-from .loading import describe, load_conversations, load_texts
+from .loading import check_texts, describe, load_conversations, load_texts
 from .packing import pack_texts
 from .spec import DataSpec, parse_data_spec
 
@@ -22,6 +22,7 @@ __all__ = [
     "BUILTIN_SOURCES",
     "DataSpec",
     "builtin_names",
+    "check_texts",
     "describe",
     "format_conversation",
     "format_instruction",

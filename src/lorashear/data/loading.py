@@ -54,6 +54,14 @@ def load_texts(spec: str | DataSpec, *, split: str | None = None, max_texts: int
     return texts
 
 
+def check_texts(spec: str | DataSpec) -> None:
+    """A data spec checked before any work, without the network: its grammar, and that a built-in or
+    local source reads as text (missing, empty or binary: one line). A hub source is read by the stage."""
+    parsed = parse_data_spec(spec)
+    if parsed.kind != "hf":
+        load_texts(parsed)
+
+
 def describe(spec: str | DataSpec, *, split: str | None = None, max_texts: int | None = None) -> dict[str, Any]:
     """The data protocol of a spec, for reports: what was read, from where, how much.
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, LorashearError
+from ..errors import ConfigError, DataError, LorashearError
 from ..progress import progress_disabled
 from .tasks import (
     ALL_SUITE,
@@ -135,12 +135,24 @@ def _clean(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _registry_task_names() -> set[str]:
-    """Every task, group and tag name lm-eval's own registry knows (indexing it takes seconds)."""
+def _registry() -> Any:
+    """lm-eval's own task registry (indexing it takes seconds)."""
     from lm_eval.tasks import TaskManager
 
     with _quiet_lm_eval():
-        return set(TaskManager(include_defaults=True).all_tasks)
+        return TaskManager(include_defaults=True)
+
+
+def _check_registry_data(names: Sequence[str], manager: Any) -> None:
+    """Build each registry task, which loads its data: a hub that cannot be reached (offline, a typo in
+    its data set) fails here, with one line, before any model is loaded."""
+    for name in names:
+        try:
+            with _quiet_lm_eval(), _quiet("huggingface_hub", "datasets"), contextlib.redirect_stdout(io.StringIO()):
+                manager.load([name])
+        except Exception as exc:  # noqa: BLE001 - lm-eval and datasets raise many kinds; each means "no data"
+            raise DataError(f"task {name!r} cannot load its data ({_first_line(exc)}); make its data reachable, "
+                            f"or use the offline suite {DEFAULT_SUITE}") from exc
 
 
 def check_task_names(tasks: Sequence[str]) -> list[str]:
@@ -148,7 +160,8 @@ def check_task_names(tasks: Sequence[str]) -> list[str]:
 
     An unknown name (an offline ``lorashear_*`` name that does not exist, or a name lm-eval's
     registry does not know) is a :class:`~lorashear.errors.ConfigError` naming it; offline tasks
-    that are not prepared are a :class:`~lorashear.errors.DataError` saying how to prepare them.
+    that are not prepared, and registry tasks whose data cannot be loaded, are a
+    :class:`~lorashear.errors.DataError` saying what to do.
     """
     names = expand_task_names(tasks)
     if not names:
@@ -158,9 +171,10 @@ def check_task_names(tasks: Sequence[str]) -> list[str]:
     ours = [n for n in names if n.startswith("lorashear")]
     unknown = [n for n in ours if n not in offline]
     registry = [n for n in names if n not in ours]
+    manager = None
     if registry and not unknown:
-        known = _registry_task_names()
-        unknown = [n for n in registry if n not in known]
+        manager = _registry()
+        unknown = [n for n in registry if n not in manager.all_tasks]
     if unknown:
         shown = ", ".join(repr(n) for n in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
         examples = ", ".join(sorted(n for n in offline if n.startswith(ZEROSHOT_PREFIX))[:3])
@@ -169,6 +183,8 @@ def check_task_names(tasks: Sequence[str]) -> list[str]:
                           f"({examples}, ...), an lm-eval registry name, or none")
     for source in sources_of(n for n in names if is_offline_task(n)):
         ensure_eval_data(source)
+    if manager is not None:
+        _check_registry_data(registry, manager)
     return names
 
 
@@ -245,18 +261,24 @@ def evaluate_tasks(
 
 
 @contextlib.contextmanager
-def _quiet_lm_eval() -> Iterator[None]:
-    """lm-eval logs every step at INFO (and a warning per truncated request); keep it at
-    ERROR while we run it, unless our own logger is at DEBUG (``lorashear -vv``)."""
-    ours = logging.getLogger("lorashear")
-    theirs = logging.getLogger("lm_eval")
-    previous = theirs.level
-    if not ours.isEnabledFor(logging.DEBUG):
-        theirs.setLevel(logging.ERROR)
+def _quiet(*names: str) -> Iterator[None]:
+    """Keep the loggers ``names`` at ERROR while we run them, unless our own logger is at DEBUG
+    (``lorashear -vv``)."""
+    loggers = [logging.getLogger(name) for name in names]
+    previous = [lg.level for lg in loggers]
+    if not logging.getLogger("lorashear").isEnabledFor(logging.DEBUG):
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        theirs.setLevel(previous)
+        for lg, level in zip(loggers, previous):
+            lg.setLevel(level)
+
+
+def _quiet_lm_eval() -> contextlib.AbstractContextManager[None]:
+    """lm-eval logs every step at INFO (and a warning per truncated request)."""
+    return _quiet("lm_eval")
 
 
 def _evaluate_one(lm: Any, manager: Any, name: str, *, limit: int | None, num_fewshot: int, seed: int,

@@ -337,6 +337,22 @@ def _check_byte_level_bpe(tok_dir: Path) -> None:
             f"pre-tokenizer {sorted(_walk_types(data.get('pre_tokenizer'))) or 'none'}")
 
 
+def check_exportable(model: "str | os.PathLike[str]") -> None:
+    """Refuse a model directory the export cannot write, from its ``config.json`` and ``tokenizer.json``
+    alone (no weights are read): an unsupported architecture, activation, bias or RoPE type, and a
+    tokenizer that is not byte-level BPE. Hub ids are checked when the export loads them."""
+    from transformers import AutoConfig
+
+    from ..models.loading import resolve_model_path
+
+    resolved = Path(resolve_model_path(model))
+    if not resolved.is_dir():
+        return
+    _check_config(AutoConfig.from_pretrained(resolved))
+    if (resolved / "tokenizer.json").is_file():
+        _check_byte_level_bpe(resolved)
+
+
 # ------------------------------------------------------------------------------------ writing
 def _tensor_type(name: str, array: "np.ndarray", outtype: str, gguf: Any) -> tuple[Any, str | None]:
     """``(GGML type, fallback reason or None)`` for one tensor."""

@@ -103,6 +103,13 @@ def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
+def check_config(config: AnalyzeConfig) -> None:
+    """What can be checked before any model loads: the analysis text reads as text."""
+    from ..data import check_texts
+
+    check_texts(config.knowledge.data)
+
+
 def run(config: AnalyzeConfig, *, model: Any = None, tokenizer: Any = None) -> AnalyzeResult:
     """Run the knowledge analysis and write its outputs to ``config.out``.
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from ..atomic import atomic_directory, atomic_write_json, output_lock, validate_out
-from ..errors import ConfigError, LorashearError
+from ..errors import ConfigError, DataError, LorashearError
 from ..evaluation.config import EvalConfig
 from ..evaluation.results import EvalReport, ModelEval
 
@@ -47,6 +47,17 @@ def check_config(config: EvaluateConfig) -> None:
         check_task_names(config.tasks)
 
 
+def eval_texts(config: EvaluateConfig) -> list[str] | None:
+    """The perplexity text (``None`` when perplexity is off), with every further source read too, before a
+    model loads: a missing, empty or binary source fails with one line."""
+    from ..evaluation.perplexity import load_eval_texts
+
+    texts = None if config.skip_ppl else load_eval_texts(config.ppl_source)
+    for source in config.ppl_more_sources:
+        load_eval_texts(source)
+    return texts
+
+
 def run(config: EvaluateConfig) -> EvaluateResult:
     """Evaluate ``config.model`` (and ``config.baseline``) and write the outputs to ``config.out``.
 
@@ -69,7 +80,6 @@ def run(config: EvaluateConfig) -> EvaluateResult:
 
 def _run(config: EvaluateConfig, out: Path, runs: list[tuple[str, str]], resolved: dict[str, str]) -> EvaluateResult:
     from ..evaluation.measure import default_device, environment, evaluate_model
-    from ..evaluation.perplexity import load_eval_texts
     from ..evaluation.report import write_report
     from ..evaluation.speed import measure_speed_isolated
     from ..models.loading import check_tokenizer_fits, load_model, load_tokenizer
@@ -80,9 +90,7 @@ def _run(config: EvaluateConfig, out: Path, runs: list[tuple[str, str]], resolve
 
         torch.set_num_threads(config.threads)
     start = time.perf_counter()
-    texts = None if config.skip_ppl else load_eval_texts(config.ppl_source)  # missing/empty/binary: one line
-    for source in config.ppl_more_sources:
-        load_eval_texts(source)  # the same check for every further source, before a model loads
+    texts = eval_texts(config)
     tokenizers: dict[str, object] = {}
     for role, name in runs:
         try:
@@ -120,6 +128,7 @@ def _run(config: EvaluateConfig, out: Path, runs: list[tuple[str, str]], resolve
             except LorashearError as exc:
                 logger.warning("%s: speed skipped: %s", result.name, exc)
                 result.errors["speed"] = str(exc)
+    check_tasks_scored(config, results)
     report = EvalReport(config=config, models=results, environment={**environment(), "device": device},
                         seconds=time.perf_counter() - start)
     with atomic_directory(out) as tmp:
@@ -129,4 +138,18 @@ def _run(config: EvaluateConfig, out: Path, runs: list[tuple[str, str]], resolve
     return report
 
 
-__all__ = ["EvaluateConfig", "EvaluateResult", "run"]
+def check_tasks_scored(config: EvaluateConfig, results: list[ModelEval]) -> None:
+    """Refuse an evaluation in which no zero-shot task could be scored for a model (nothing is written):
+    accuracy was asked for, and a report without any would read as a success."""
+    if not config.tasks:
+        return
+    for result in results:
+        tasks = result.tasks.tasks if result.tasks is not None else []
+        if any(t.ok for t in tasks):
+            continue
+        why = result.errors.get("tasks") or next((f"{t.task}: {t.error}" for t in tasks), "no task ran")
+        raise DataError(f"no zero-shot task could be scored for {result.name} ({why}); fix the tasks or run with "
+                        "--tasks none")
+
+
+__all__ = ["EvaluateConfig", "EvaluateResult", "check_tasks_scored", "run"]

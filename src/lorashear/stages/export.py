@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..atomic import validate_out_file
 from ..errors import ConfigError
 from ..export import llama_cpp_check
 from ..export.gguf import EMPTY_FFN_POLICIES, OUTTYPES, GGUFExport
@@ -93,12 +94,17 @@ def check_llama_cpp(path: str) -> LlamaCppCheck:
 
 def run(config: ExportConfig, *, model: Any = None, tokenizer: Any = None) -> ExportResult:
     """Export ``config.model`` (or the loaded ``model`` with ``tokenizer``) to ``config.out``."""
-    from ..export.gguf import export_gguf
+    from ..export.gguf import check_exportable, export_gguf
+    from ..models.loading import check_causal_lm
 
     if model is None and not config.model:
         raise ConfigError("no model given")
     if not config.out:
         raise ConfigError("no output file given (--out FILE.gguf)")
+    validate_out_file(config.out)
+    if model is None:
+        check_causal_lm(config.model)
+        check_exportable(config.model)
     start = time.perf_counter()
     written = export_gguf(model if model is not None else config.model, config.out, tokenizer=tokenizer,
                           outtype=config.outtype, empty_ffn=config.empty_ffn, tokenizer_pre=config.tokenizer_pre)

@@ -175,17 +175,10 @@ class RecoverResult:
 
 
 # -- dense (teacher) losses, cached --------------------------------------------------------------
-def _teacher_identity(name: str) -> Any:
-    """The teacher name and, for a local directory, its weight files' sizes and times."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix == ".safetensors" or p.name == "config.json")
-        return [str(path.resolve()), [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]]
-    return name
-
-
 def _cache_key(teacher: str, source: Source, dtype: str) -> str:
-    payload = json.dumps({"teacher": _teacher_identity(teacher), "source": source.name, "dtype": dtype,
+    from ..models.identity import model_identity
+
+    payload = json.dumps({"teacher": model_identity(teacher), "source": source.name, "dtype": dtype,
                           "validation": source.fingerprint()}, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
@@ -248,22 +241,26 @@ def _load_round(root: Path, model: torch.nn.Module, settings: dict[str, Any],
                 open_lora: Callable[[torch.nn.Module, int], LoraRun]) -> tuple[dict[str, Any], LoraRun | None] | None:
     """The state of the last complete round loaded into ``model`` (and a LoRA run opened with ``open_lora``
     when that round left one open); ``None`` when there is no checkpoint."""
-    from ..training.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_file
+    from ..training.checkpoint import latest_checkpoint, load_checkpoint, read_state
 
     path = latest_checkpoint(root)
     if path is None:
         logger.warning("no checkpoint in %s; starting from the first round", root)
         return None
     try:
-        stored = read_checkpoint_file(path, "state.json", lambda f: json.loads(f.read_text(encoding="utf-8")))
+        stored = read_state(path)
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}; run without --resume to start over") from exc
-    saved = stored.get("settings") if isinstance(stored, dict) else None
+    saved = stored.get("settings")
     if saved != settings:
-        diff = sorted(k for k in set(saved or {}) | set(settings) if (saved or {}).get(k) != settings.get(k))
+        saved = saved if isinstance(saved, dict) else {}
+        diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
         raise CheckpointError(f"checkpoint {path} was written with other settings ({', '.join(diff[:3])}); "
                               f"run without --resume to start over")
-    recover_state = stored.get("recover", {}) if isinstance(stored, dict) else {}
+    recover_state = stored.get("recover")
+    if not _is_round_state(recover_state):
+        raise CorruptCheckpointError(f"checkpoint file {path / 'state.json'} is corrupt (no round state); run "
+                                     "without --resume to start over")
     lora_run = open_lora(model, int(recover_state["stage_index"])) if recover_state.get("lora_open") else None
     target, stateful = _checkpointed(model, lora_run)
     try:
@@ -280,6 +277,27 @@ def _load_round(root: Path, model: torch.nn.Module, settings: dict[str, Any],
 def _fresh_state() -> dict[str, Any]:
     return {"round": 0, "stage_index": 0, "stage_round": 0, "losses": None, "prev_max": None, "offsets": {},
             "history": [], "stages": [], "tokens_seen": 0, "elapsed_s": 0.0}
+
+
+def _is_round_state(state: Any) -> bool:
+    """Whether ``state`` has every field of a round's state, the counters as whole numbers."""
+    if not isinstance(state, dict) or set(_fresh_state()) - set(state):
+        return False
+    counters = [state[k] for k in ("round", "stage_index", "stage_round")]
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counters) and \
+        isinstance(state["history"], list) and isinstance(state["stages"], list) and isinstance(state["offsets"], dict)
+
+
+def check_sources(config: RecoverConfig) -> None:
+    """Every source read once before any model loads (missing, empty, binary or not instruction data: one
+    line); a hub source is left to the stage."""
+    from ..data import parse_data_spec
+    from ..recovery.sources import split_conversations, split_texts
+
+    for specs, split in ((config.data, split_texts), (config.instruct_data, split_conversations)):
+        for spec in specs:
+            if parse_data_spec(spec).kind != "hf":
+                split(spec)
 
 
 def run(config: RecoverConfig, *, model: Any = None, tokenizer: Any = None, teacher: Any = None,
@@ -300,12 +318,14 @@ def run(config: RecoverConfig, *, model: Any = None, tokenizer: Any = None, teac
                           "degradation is measured against it")
     if model is None and not config.model:
         raise ConfigError("name the pruned model to recover (MODEL)")
-    from ..models.loading import check_causal_lm
+    from ..models.loading import check_causal_lm, check_same_vocabulary
 
     if model is None:
         check_causal_lm(config.model)
     if teacher is None:
         check_causal_lm(config.teacher)
+    if model is None and teacher is None:
+        check_same_vocabulary(config.model, config.teacher)
     with output_lock(out):
         return _run(config, out, model=model, tokenizer=tokenizer, teacher=teacher,
                     stop_after_rounds=stop_after_rounds)
@@ -347,6 +367,7 @@ def _run(config: RecoverConfig, out: Path, *, model: Any, tokenizer: Any, teache
             from ..models.loading import load_model
 
             box["teacher"] = load_model(config.teacher, dtype=config.dtype)
+            check_tokenizer_fits(box["teacher"], tokenizer, config.teacher)
         t = box["teacher"].to(device)
         t.eval()
         for p in t.parameters():
