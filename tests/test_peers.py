@@ -43,17 +43,25 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 PEERS = {
     "llm_pruner": (llm_pruner.prune_llm_pruner, llm_pruner.LLMPrunerConfig,
-                   {"layer_start": 0, "layer_end": 0, "calib_sequences": 8, "seq_len": 24}),
+                   {"ranking": "global", "normalizer": "none", "head_reduce": "sum", "layer_start": 0, "layer_end": 0,
+                    "calib_sequences": 8, "seq_len": 24}),
+    "llm_pruner_default": (llm_pruner.prune_llm_pruner, llm_pruner.LLMPrunerConfig,
+                           {"layer_start": 1, "layer_end": 0, "calib_sequences": 8, "seq_len": 24}),
     "llm_pruner_mix": (llm_pruner.prune_llm_pruner, llm_pruner.LLMPrunerConfig,
-                       {"importance": "param_mix", "ranking": "kind", "normalizer": "mean", "head_reduce": "mean",
+                       {"importance": "param_mix", "ranking": "kind", "normalizer": "none", "head_reduce": "sum",
                         "layer_start": 1, "layer_end": 0, "calib_sequences": 8, "seq_len": 24}),
     "llm_pruner_block": (llm_pruner.prune_llm_pruner, llm_pruner.LLMPrunerConfig,
                          {"ranking": "block", "layer_start": 1, "layer_end": 0, "calib_sequences": 8,
                           "seq_len": 24}),
-    "minitron": (minitron.prune_minitron, minitron.MinitronConfig, {"calib_sequences": 8, "seq_len": 24}),
+    "minitron": (minitron.prune_minitron, minitron.MinitronConfig,
+                 {"allocation": "global", "attention_share": None, "calib_sequences": 8, "seq_len": 24}),
     "minitron_uniform": (minitron.prune_minitron, minitron.MinitronConfig,
-                         {"allocation": "uniform", "calib_sequences": 8, "seq_len": 24}),
-    "flap": (flap.prune_flap, flap.FlapConfig, {"calib_sequences": 8, "seq_len": 24}),
+                         {"attention_share": None, "calib_sequences": 8, "seq_len": 24}),
+    "minitron_uniform_default": (minitron.prune_minitron, minitron.MinitronConfig,
+                                 {"calib_sequences": 8, "seq_len": 24}),
+    "flap": (flap.prune_flap, flap.FlapConfig,
+             {"kinds": ("attention_head", "mlp_channel"), "calib_sequences": 8, "seq_len": 24}),
+    "flap_default": (flap.prune_flap, flap.FlapConfig, {"calib_sequences": 8, "seq_len": 24}),
     "flap_kv": (flap.prune_flap, flap.FlapConfig,
                 {"kinds": ("attention_head", "kv_group", "mlp_channel"), "attention_score": "head_sum",
                  "calib_sequences": 8, "seq_len": 24}),
@@ -235,7 +243,8 @@ def test_minitron_importance_hooks_match_the_definition():
 def test_minitron_removes_the_least_important_channels_across_layers():
     model = _model()
     ids = _ids()
-    cfg = minitron.MinitronConfig(ratio=0.15, attention_share=0.0, calib_sequences=8, seq_len=24)
+    cfg = minitron.MinitronConfig(ratio=0.15, allocation="global", attention_share=0.0, calib_sequences=8,
+                                  seq_len=24)
     st = _common.structures(model)
     imp = minitron.collect_importance(model, ids, 4)
     layers = list(range(LAYERS))

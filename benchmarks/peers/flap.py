@@ -23,9 +23,9 @@ What it does (the pruning step of the paper and of its official code, on lorashe
 
    A query-head slot (one head from every KV group, see ``_common``) scores the mean of its heads;
    with ``align_heads`` every KV group's heads are first sorted by score, so slot ``r`` holds each
-   group's ``r``-th best head. A KV group (``kinds`` with ``kv_group``, what FLAP's GQA ports remove)
-   scores the mean of its heads. ``structure="UL-UM"`` removes the same share from every layer
-   (ranked within the layer): the paper's uniform baseline.
+   group's ``r``-th best head. A KV group (what FLAP's GQA ports remove; a candidate by default,
+   the better setting on validation data) scores the mean of its heads. ``structure="UL-UM"``
+   removes the same share from every layer (ranked within the layer): the paper's uniform baseline.
 4. **Bias compensation**: the removed channels' mean contribution is added as a bias,
    ``b_o += W_o[:, removed] @ mean[removed]`` and ``b_down += W_down[:, removed] @ mean[removed]``
    (the pruned layer then outputs exactly what the dense layer outputs when the removed inputs
@@ -90,7 +90,8 @@ REPORT_FILE = "flap_report.json"
 
 @dataclass
 class FlapConfig:
-    """FLAP settings (defaults: the paper's best, WIFV + AL-AM + bias compensation)."""
+    """FLAP settings. Defaults: the paper's best (WIFV + AL-AM + bias compensation) with query-head slots and
+    KV groups as candidates (the best of the one-shot screening, ``benchmarks/results/peers_oneshot_smollm2.md``)."""
 
     ratio: float = field(default=0.2, metadata={"help": "fraction of all parameters to remove (embeddings and the "
                                                         "added biases counted)"})
@@ -103,8 +104,9 @@ class FlapConfig:
         "help": "official: squared channel metric, standardised over the layer's channels, mean per head (the "
                 "released code); head_sum: summed per head, standardised over the layer's heads (the paper's text)"})
     bias: bool = field(default=True, metadata={"help": "bias compensation (adds attention_bias/mlp_bias)"})
-    kinds: tuple[str, ...] = field(default=("attention_head", "mlp_channel"), metadata={
-        "help": "structures to remove: attention_head (query-head slots), kv_group, mlp_channel"})
+    kinds: tuple[str, ...] = field(default=("attention_head", "kv_group", "mlp_channel"), metadata={
+        "help": "structures to remove: attention_head (query-head slots), kv_group (whole KV groups, what FLAP's "
+                "GQA ports remove), mlp_channel"})
     align_heads: bool = field(default=True, metadata={
         "help": "sort each KV group's query heads by score first (slot r = every group's r-th best head)"})
     min_slots: int = field(default=1, metadata={"help": "query heads per KV group every layer keeps"})

@@ -25,7 +25,8 @@ meaning. This module implements the same importance with the options the papers 
    ``kind``: global ranking across layers per kind (Torch-Pruning's ``global_pruning``, where heads
    form their own pool), each kind losing ``attention_share`` of the target or the same fraction of
    its removable parameters; ``global``: one pool of every kind ranked by importance per removed
-   parameter (after the normaliser). Every layer keeps ``min_slots`` query heads per KV group,
+   parameter (after the normaliser) - our extension (a knapsack-greedy joint ranking like FLAP's),
+   not an option of LLM-Pruner's code. Every layer keeps ``min_slots`` query heads per KV group,
    ``min_kv`` KV groups and ``min_mlp`` MLP channels.
 5. **GQA**: with ``align_heads`` each KV group's query heads are sorted by score first, so the
    ``r``-th slot holds every group's ``r``-th best head and removing a slot removes each group's own
@@ -85,18 +86,19 @@ IMPORTANCES = ("param_first", "param_second", "param_mix")
 
 @dataclass
 class LLMPrunerConfig:
-    """LLM-Pruner / Torch-Pruning settings (see the module docstring)."""
+    """LLM-Pruner / Torch-Pruning settings (see the module docstring). The defaults are the best of the
+    one-shot screening on validation data (``benchmarks/results/peers_oneshot_smollm2.md``)."""
 
     ratio: float = field(default=0.2, metadata={"help": "fraction of all parameters to remove (embeddings counted)"})
     importance: Literal["param_first", "param_second", "param_mix"] = field(default="param_first", metadata={
         "help": "element-wise Taylor importance: param_first |w g|, param_second |w H w|, param_mix "
                 "|w g - w H w / 2| (H: per-sample Fisher diagonal)"})
-    ranking: Literal["block", "kind", "global"] = field(default="global", metadata={
+    ranking: Literal["block", "kind", "global"] = field(default="kind", metadata={
         "help": "block: the same widths in every pruned layer; kind: global ranking per kind; global: one pool "
                 "ranked by importance per parameter"})
-    head_reduce: Literal["sum", "mean"] = field(default="sum", metadata={
+    head_reduce: Literal["sum", "mean"] = field(default="mean", metadata={
         "help": "a slot's score: summed importance (head level) or its average per query channel (channel level)"})
-    normalizer: str = field(default="none", metadata={
+    normalizer: str = field(default="mean", metadata={
         "help": "Torch-Pruning normaliser within each layer and kind: none, mean, max, sum, minmax, gaussian"})
     attention_share: float | None = field(default=None, metadata={
         "help": "ranking block/kind: share of the removed parameters taken from attention; default: the same "

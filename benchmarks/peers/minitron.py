@@ -17,19 +17,23 @@ Pruning (one forward pass of the dense model, no gradient):
 3. **Widths**: ``allocation="global"`` ranks each kind across all layers (query-head slots
    against slots, MLP channels against channels) and removes the lowest until the kind's share of
    the target is met: non-uniform widths. ``allocation="uniform"`` is the paper's target
-   architecture: the same width in every layer, ranked within each layer. The target's split
-   between attention and MLP: ``attention_share`` of the removed parameters from attention, or
-   (default) the same fraction of each kind's removable parameters. (The paper picks the split by a
-   small search over candidate architectures with short retraining; screen ``attention_share``
-   on validation data for that.) Embedding channels and depth are not pruned (lorashear does not
-   prune them either).
+   architecture: the same width in every layer, ranked within each layer (the default). The
+   target's split between attention and MLP: ``attention_share`` of the removed parameters from
+   attention (default 0: MLP only, heads kept, as Llama-3.1-Minitron and Mistral-NeMo-Minitron
+   keep every attention head), or (``None``) the same fraction of each kind's removable parameters.
+   (The paper picks the split by a small search over candidate architectures with short retraining;
+   the defaults are the winners of a one-shot screening on validation data,
+   ``benchmarks/results/peers_oneshot_smollm2.md``.) Embedding channels and depth are not pruned
+   (lorashear does not prune them either).
 
 Retraining (:func:`distill`): logit distillation only, ``KL(teacher || student)`` with weight 1.0 and
 no cross-entropy term (the paper's best: distillation loss on logits alone), from the dense model
 as the teacher. ``mode="full"`` trains every parameter (as the paper does), ``mode="lora"`` trains
 LoRA factors on the family's projections and merges them (the budget-matched comparison with
-lorashear's LoRA runs). Both run on lorashear's training loop (:func:`lorashear.training.loop.train`,
-AdamW, cosine schedule with warm-up as in the paper).
+lorashear's LoRA runs). Both run on lorashear's training loop (:func:`lorashear.training.loop.train`:
+it trains whatever requires a gradient, so a plain model with every parameter trainable is full
+fine-tuning), AdamW, peak learning rate 1e-4 with a linear warm-up and cosine decay as the Minitron
+reports give (Mistral-NeMo-Minitron: peak 1e-4, 60 warm-up steps, cosine to 4.5e-7).
 
     python benchmarks/peers/minitron.py smollm2-135m-instruct --ratio 0.2 --out runs/minitron20
 """
@@ -79,15 +83,17 @@ AGGS = ("mean", "l2", "sum")
 
 @dataclass
 class MinitronConfig:
-    """Minitron width-pruning settings (defaults: the paper's best practices on lorashear's structures)."""
+    """Minitron width-pruning settings. Defaults: the paper's aggregation and its uniform target
+    architecture, heads kept (the best of the one-shot screening on validation data,
+    ``benchmarks/results/peers_oneshot_smollm2.md``)."""
 
     ratio: float = field(default=0.2, metadata={"help": "fraction of all parameters to remove (embeddings counted)"})
-    allocation: Literal["global", "uniform"] = field(default="global", metadata={
+    allocation: Literal["global", "uniform"] = field(default="uniform", metadata={
         "help": "global: rank each kind across layers (non-uniform widths); uniform: the same width in every "
                 "layer (the paper's target architectures), ranked within the layer"})
-    attention_share: float | None = field(default=None, metadata={
-        "help": "share of the removed parameters taken from attention (query-head slots); default: the same "
-                "fraction of each kind's removable parameters"})
+    attention_share: float | None = field(default=0.0, metadata={
+        "help": "share of the removed parameters taken from attention (query-head slots; 0 = MLP only, as "
+                "Llama-3.1-Minitron keeps every head); None: the same fraction of each kind's removable parameters"})
     seq_agg: Literal["mean", "l2", "sum"] = field(default="mean", metadata={
         "help": "aggregation of |activation| over a sequence's tokens (the paper's best: mean)"})
     batch_agg: Literal["mean", "l2", "sum"] = field(default="l2", metadata={
@@ -260,10 +266,11 @@ class DistillTrainConfig:
     batch_size: int = field(default=2, metadata={"help": "sequences per step"})
     seq_len: int = field(default=256, metadata={"help": "tokens per sequence"})
     lr: float | None = field(default=None, metadata={
-        "help": "peak learning rate (default: 1e-4 full, the paper's peak; 2e-4 LoRA, lorashear's)"})
+        "help": "peak learning rate (default: 1e-4 full, the Minitron reports' peak; 2e-4 LoRA, lorashear's)"})
     lr_scheduler: Literal["constant", "linear", "cosine"] = field(default="cosine", metadata={
-        "help": "schedule after the warm-up (the paper: cosine)"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps (default 0; the paper warms up)"})
+        "help": "schedule after the warm-up (Minitron: cosine decay)"})
+    warmup_steps: int = field(default=10, metadata={
+        "help": "linear warm-up steps (Minitron: 60 of a far longer run; 10 here for a few hundred steps)"})
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of teacher and student"})
     kl_weight: float = field(default=1.0, metadata={"help": "share of the KL term; 1.0 = logit distillation only"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})

@@ -36,13 +36,25 @@ import flap  # noqa: E402
 import llm_pruner  # noqa: E402
 import minitron  # noqa: E402
 from _common import calibration_ids, count_params, decoder_layers  # noqa: E402
+from lorashear.errors import ConfigError  # noqa: E402
 
 logger = logging.getLogger("benchmarks.peers.screen")
 
 MODEL = "smollm2-135m-instruct"
 SOURCES = ("builtin:heldout-validation", "builtin:heldout-docs-validation")
 
-#: variant -> (peer, options). LLM-Pruner variants all use 64 calibration sequences.
+#: every variant's base settings (the screening's starting point; a variant's options override them), so
+#: that the rows do not depend on the modules' defaults, which were set to the winners afterwards
+BASE: dict[str, dict[str, Any]] = {
+    "llm_pruner": {"importance": "param_first", "ranking": "global", "head_reduce": "sum", "normalizer": "none",
+                   "attention_share": None, "kinds": ("attention_head", "mlp_channel"), "align_heads": True,
+                   "layer_start": 4, "layer_end": -2},
+    "minitron": {"allocation": "global", "attention_share": None, "seq_agg": "mean", "batch_agg": "l2",
+                 "align_heads": True, "layer_start": 0, "layer_end": 0},
+    "flap": {"metric": "WIFV", "structure": "AL-AM", "attention_score": "official", "bias": True,
+             "kinds": ("attention_head", "mlp_channel"), "align_heads": True, "layer_start": 0, "layer_end": 0},
+}
+#: variant -> (peer, options over BASE). LLM-Pruner variants all use 64 calibration sequences.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "llmp-block": ("llm_pruner", {"ranking": "block"}),
     "llmp-global": ("llm_pruner", {"ranking": "global"}),
@@ -52,9 +64,20 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "llmp-global-mix": ("llm_pruner", {"ranking": "global", "importance": "param_mix"}),
     "llmp-global-mix-all": ("llm_pruner", {"ranking": "global", "importance": "param_mix", "layer_start": 0,
                                            "layer_end": 0}),
+    "llmp-kind-mean-all": ("llm_pruner", {"ranking": "kind", "normalizer": "mean", "head_reduce": "mean",
+                                          "layer_start": 0, "layer_end": 0}),
+    "llmp-kind-mean-mix": ("llm_pruner", {"ranking": "kind", "normalizer": "mean", "head_reduce": "mean",
+                                          "importance": "param_mix"}),
+    "llmp-global-mean": ("llm_pruner", {"ranking": "global", "normalizer": "mean"}),
+    "llmp-kind-mean-mlp": ("llm_pruner", {"ranking": "kind", "normalizer": "mean", "head_reduce": "mean",
+                                          "attention_share": 0.0}),
+    "llmp-block-mlp": ("llm_pruner", {"ranking": "block", "attention_share": 0.0}),
+    "llmp-block-all": ("llm_pruner", {"ranking": "block", "layer_start": 0, "layer_end": 0}),
     "minitron-global": ("minitron", {}),
     "minitron-uniform": ("minitron", {"allocation": "uniform"}),
     "minitron-global-mlp": ("minitron", {"attention_share": 0.0}),
+    "minitron-uniform-mlp": ("minitron", {"allocation": "uniform", "attention_share": 0.0}),
+    "minitron-uniform-share10": ("minitron", {"allocation": "uniform", "attention_share": 0.1}),
     "flap": ("flap", {}),
     "flap-head-sum": ("flap", {"attention_score": "head_sum"}),
     "flap-nobias": ("flap", {"bias": False}),
@@ -184,18 +207,26 @@ class Screen:
         a = self.args
         t0 = time.perf_counter()
         model = lorashear.load_model(MODEL)
-        if peer == "llm_pruner":
-            g = self.grad_stats()
-            cfg = llm_pruner.LLMPrunerConfig(ratio=ratio, calib_sequences=g["ids_shape"][0], seq_len=a.calib_len,
-                                             **opts)
-            model, report = llm_pruner.prune_llm_pruner(model, g["ids"], cfg, stats=g["stats"][cfg.importance])
-        else:
-            f = self.forward_stats()
-            cfg = CONFIGS[peer](ratio=ratio, calib_sequences=f["ids_shape"][0], seq_len=a.calib_len, **opts)
-            if peer == "flap":
-                model, report = flap.prune_flap(model, f["ids"], cfg, stats=f["flap"])
+        try:
+            if peer == "llm_pruner":
+                g = self.grad_stats()
+                cfg = llm_pruner.LLMPrunerConfig(ratio=ratio, calib_sequences=g["ids_shape"][0],
+                                                 seq_len=a.calib_len, **{**BASE[peer], **opts})
+                model, report = llm_pruner.prune_llm_pruner(model, g["ids"], cfg, stats=g["stats"][cfg.importance])
             else:
-                model, report = minitron.prune_minitron(model, f["ids"], cfg, importance=f["minitron"])
+                f = self.forward_stats()
+                cfg = CONFIGS[peer](ratio=ratio, calib_sequences=f["ids_shape"][0], seq_len=a.calib_len,
+                                    **{**BASE[peer], **opts})
+                if peer == "flap":
+                    model, report = flap.prune_flap(model, f["ids"], cfg, stats=f["flap"])
+                else:
+                    model, report = minitron.prune_minitron(model, f["ids"], cfg, importance=f["minitron"])
+        except ConfigError as exc:  # e.g. a target the layer range cannot reach
+            rec = {"variant": variant, "peer": peer, "options": {k: list(v) if isinstance(v, tuple) else v
+                                                                for k, v in opts.items()},
+                   "ratio": ratio, "error": str(exc)}
+            path.write_text(json.dumps(rec, indent=2))
+            return rec
         prune_s = time.perf_counter() - t0
         signature = f"{report['removed_ids']}|{report['head_permutations']}|{sorted(opts.items())}" \
             if peer == "flap" else f"{report['removed_ids']}|{report['head_permutations']}"
@@ -250,10 +281,15 @@ def report(dense: dict, rows: list[dict], args: argparse.Namespace, command: str
         "```",
         "",
         f"Calibration (`builtin:calibration`, seed 0, {args.calib_len} tokens per sequence): FLAP and Minitron share "
-        f"one forward pass over {seqs.get('forward', '?')} sequences ({seconds.get('forward', 0):.0f} s); LLM-Pruner one "
-        f"forward+backward pass per sequence over {seqs.get('gradients', '?')} sequences "
+        f"one forward pass over {seqs.get('forward', '?')} sequences ({seconds.get('forward', 0):.0f} s); "
+        f"LLM-Pruner one forward+backward pass per sequence over {seqs.get('gradients', '?')} sequences "
         f"({seconds.get('gradients', 0):.0f} s), "
         "from which the gradient (`param_first`) and the per-sample Fisher diagonal (`param_mix`) both follow.",
+        "",
+        "Base settings of every variant (a variant's options override them; `base` = none):",
+        "",
+        *[f"- {peer}: " + ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in base.items())
+          for peer, base in BASE.items()],
         "",
         f"Dense: {dense['params']:,} parameters, {s0} {dense['ppl'][s0]['ppl']:.2f}, "
         f"{s1} {dense['ppl'][s1]['ppl']:.2f}.",
@@ -263,18 +299,22 @@ def report(dense: dict, rows: list[dict], args: argparse.Namespace, command: str
         lines += [f"## Ratio {ratio:.1f}", "",
                   f"| variant | options | removed | {s0.split(':')[1]} | {s1.split(':')[1]} | widths (min-max) |",
                   "|---|---|---|---|---|---|"]
-        mine = sorted([r for r in rows if r["ratio"] == ratio], key=lambda r: r["ppl"][s0]["ppl"])
+        mine = sorted([r for r in rows if r["ratio"] == ratio and "error" not in r],
+                      key=lambda r: r["ppl"][s0]["ppl"])
         for r in mine:
             def cell(src: str) -> str:
                 v = r["ppl"][src]
                 ci = v.get("ci") or [None, None]
                 return f"{v['ppl']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci[0] is not None else "")
 
-            opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "defaults"
+            opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "base"
             if r.get("same_selection_as"):
                 opts += f" (same selection as {r['same_selection_as']}: not re-evaluated)"
             lines.append(f"| {r['variant']} | {opts} | {100 * r['ratio_removed']:.2f}% | {cell(s0)} | {cell(s1)} | "
                          f"{widths_summary(r['widths'])} |")
+        for r in (r for r in rows if r["ratio"] == ratio and "error" in r):
+            opts = ", ".join(f"{k}={v}" for k, v in r["options"].items())
+            lines.append(f"| {r['variant']} | {opts} | - | not run: {r['error'].split(';')[0]} | | |")
         lines.append("")
     return "\n".join(lines)
 
@@ -303,7 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     text = report(dense, rows, args, command, seconds, seqs)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        out = Path(args.out)
+        marker = "<!-- notes: written by hand, kept when the tables are regenerated -->"
+        notes = ""
+        if out.is_file() and marker in out.read_text():
+            notes = "\n" + out.read_text()[out.read_text().index(marker):]
+        out.write_text(text + "\n" + notes)
     return 0
 
 
