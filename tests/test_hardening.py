@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import stat
@@ -47,23 +48,55 @@ def tokenizer():
         pytest.skip(f"reference tokenizer unavailable: {exc}")
 
 
+#: a tiny model as the test fixtures save it
+SMALL = dict(size="small", tie_word_embeddings=True, vector_std=None, dtype=None)
+
+
+def _spoil_model(source: Path, target: Path, name: str) -> None:
+    """A copy of the model directory ``source`` damaged the way ``name`` says."""
+    shutil.copytree(source, target)
+    config = target / "config.json"
+    if name == "emptycfg":
+        config.write_text("{}")
+    elif name == "mismatch":  # a config that is not the one saved with the weights
+        data = json.loads(config.read_text())
+        data.update(hidden_size=64, head_dim=16)
+        config.write_text(json.dumps(data))
+    elif name == "truncated":
+        _truncate(target / "model.safetensors")
+    elif name == "pickle":  # the weights only as a pickle: never loaded
+        from safetensors.torch import load_file
+
+        torch.save(load_file(str(target / "model.safetensors")), target / "pytorch_model.bin")
+        (target / "model.safetensors").unlink()
+    elif name == "wstok":  # a BPE tokenizer that splits on whitespace, not byte-level: GGUF export refuses it
+        tok = json.loads((target / "tokenizer.json").read_text())
+        tok["pre_tokenizer"] = {"type": "Whitespace"}
+        (target / "tokenizer.json").write_text(json.dumps(tok))
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizer) -> dict[str, Path]:
     """Model directories: ``tiny`` (a causal LM with its tokenizer), ``notok`` (no tokenizer), ``bigtok``
-    (a tokenizer larger than the embedding), ``bert`` (an encoder, with a tokenizer)."""
+    (a tokenizer larger than the embedding), ``bert`` (an encoder, with a tokenizer), ``othervocab`` (a
+    larger vocabulary than ``tiny``'s), and copies of ``tiny`` spoilt as :func:`_spoil_model` says."""
     from transformers import BertConfig, BertModel
 
     root = tmp_path_factory.mktemp("models")
-    dirs = {name: root / name for name in ("tiny", "notok", "bigtok", "bert")}
-    small = dict(size="small", tie_word_embeddings=True, vector_std=None, dtype=None)
-    tiny_model("llama", vocab=len(tokenizer), **small).save_pretrained(dirs["tiny"])
+    dirs = {name: root / name for name in ("tiny", "notok", "bigtok", "bert", "othervocab")}
+    tiny_model("llama", vocab=len(tokenizer), **SMALL).save_pretrained(dirs["tiny"])
     tokenizer.save_pretrained(dirs["tiny"])
-    tiny_model("llama", vocab=len(tokenizer), **small).save_pretrained(dirs["notok"])
-    tiny_model("llama", vocab=96, **small).save_pretrained(dirs["bigtok"])
+    tiny_model("llama", vocab=len(tokenizer), **SMALL).save_pretrained(dirs["notok"])
+    tiny_model("llama", vocab=96, **SMALL).save_pretrained(dirs["bigtok"])
     tokenizer.save_pretrained(dirs["bigtok"])
+    tiny_model("llama", vocab=len(tokenizer) + 64, **SMALL).save_pretrained(dirs["othervocab"])
+    tokenizer.save_pretrained(dirs["othervocab"])
     BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
                          vocab_size=len(tokenizer))).save_pretrained(dirs["bert"])
     tokenizer.save_pretrained(dirs["bert"])
+    for name in ("emptycfg", "mismatch", "truncated", "pickle", "wstok"):
+        dirs[name] = root / name
+        _spoil_model(dirs["tiny"], dirs[name], name)
     return dirs
 
 
@@ -181,6 +214,30 @@ def test_a_second_run_into_the_same_out_fails_at_once(command, models, tmp_path,
     assert list(tmp_path.iterdir()) == []  # the lock file goes with the lock
 
 
+#: the directory each stage writes in a run directory
+RUN_SUBDIR = {"analyze": "knowledge", "prune": "pruned", "eval": "eval", "recover": "recovered"}
+
+
+@pytest.mark.parametrize("command", list(RUN_SUBDIR))
+def test_a_stage_inside_a_running_run_directory_fails_at_once(command, models, tmp_path, capsys, no_loading):
+    run = tmp_path / "run"
+    with output_lock(run):  # a `lorashear run` (another process) holds its directory
+        before = snapshot(tmp_path)
+        code, lines = cli(capsys, *STAGE_ARGV[command](models, run / RUN_SUBDIR[command]))
+        assert_one_line(code, lines, command, f"lies inside {run}, which another lorashear run",
+                        f"(process {os.getpid()})", "choose an --out outside it")
+        assert snapshot(tmp_path) == before
+
+
+def test_a_run_fails_at_once_while_a_stage_writes_inside_its_directory(models, tmp_path, capsys, no_loading):
+    run = tmp_path / "run"
+    with output_lock(run / "pruned"):  # a `lorashear prune --out RUN/pruned` (another process)
+        before = snapshot(tmp_path)
+        code, lines = cli(capsys, *STAGE_ARGV["run"](models, run))
+        assert_one_line(code, lines, "run", f"is writing {run / 'pruned'}, inside {run}")
+        assert snapshot(tmp_path) == before
+
+
 # ------------------------------------------------------------ 2./3. settings and inputs checked first
 def _ppl(tmp: Path, kind: str) -> Path:
     path = tmp / f"ppl-{kind}.txt"
@@ -221,12 +278,85 @@ EARLY_CASES = {
 }
 
 
+#: a ``lorashear run`` small enough for a test (the tiny model allows about 1%; a checkpoint every step)
+RUN_ARGS = ["--ratio", "0.005", "--steps", "6", "--num-periods", "2", "--seq-len", "32", "--num-sequences", "8",
+            "--batch-size", "2", "--lora-r", "4", "--analyze-num-sequences", "2", "--eval-tasks", "none",
+            "--no-eval-speed", "--eval-ppl-seq-len", "32", "--eval-ppl-max-windows", "2", "--no-progress",
+            "--checkpoint-every", "1"]
+
+
+def _run(m, t, *more, model="tiny") -> list:
+    return ["run", m[model], "--out", t / "run", *RUN_ARGS, *more]
+
+
+def _file(t: Path, name: str = "notes.txt") -> Path:
+    (t / name).write_text("my notes\n")
+    return t / name
+
+
+def _foreign_eval_dir(t: Path) -> Path:
+    (t / "run" / "eval").mkdir(parents=True)
+    (t / "run" / "eval" / "notes.txt").write_text("mine\n")
+    return t / "run"
+
+
+#: issue 25: what `lorashear run` and the stages must refuse before any model loads (model directories that
+#: cannot make the model they describe, unreachable ratios, unusable teachers, tasks and outputs, and every
+#: check of a later stage, which `run` makes before its first stage starts)
+EARLY_CASES.update({
+    "config-empty-prune": (lambda m, t: ["prune", m["emptycfg"], "--out", t / "p", "--ratio", "0.1"], "prune",
+                           ("config.json names no model_type",)),
+    "config-mismatch-eval": (lambda m, t: ["eval", m["mismatch"], "--out", t / "e", "--tasks", "none"], "eval",
+                             ("the weights do not match config.json", "[49152, 32] in the weights but [49152, 64]")),
+    "truncated-analyze": (lambda m, t: ["analyze", m["truncated"], "--out", t / "a"], "analyze",
+                          ("model.safetensors is truncated or damaged", "copy or save the model again")),
+    "truncated-export": (lambda m, t: ["export", m["truncated"], "--out", t / "m.gguf"], "export",
+                         ("model.safetensors is truncated or damaged",)),
+    "pickle-eval": (lambda m, t: ["eval", m["pickle"], "--out", t / "e", "--tasks", "none"], "eval",
+                    ("only as a pickle (pytorch_model.bin)", "never loads", "convert them to safetensors")),
+    "pickle-run": (lambda m, t: _run(m, t, model="pickle"), "run", ("only as a pickle",)),
+    "config-empty-recover-teacher": (lambda m, t: ["recover", m["tiny"], "--teacher", m["emptycfg"], "--out",
+                                                   t / "r"], "recover", ("names no model_type",)),
+    "eval-registry-task-offline": (lambda m, t: ["eval", m["tiny"], "--out", t / "e", "--tasks", "hellaswag",
+                                                 "--no-speed", "--ppl-source", "none"], "eval",
+                                   ("task 'hellaswag' cannot load its data", "lorashear_zeroshot")),
+    "recover-teacher-other-vocabulary": (lambda m, t: ["recover", m["tiny"], "--teacher", m["othervocab"], "--out",
+                                                       t / "r"], "recover",
+                                         ("has 49,216 token embeddings", "49,152",
+                                          "give the dense model the pruned one came from")),
+    "recover-teacher-smaller-than-the-tokenizer": (lambda m, t: ["recover", m["tiny"], "--teacher", m["bigtok"],
+                                                                 "--out", t / "r"], "recover",
+                                                   ("has 96 token embeddings",)),
+    "export-out-under-a-file": (lambda m, t: ["export", m["tiny"], "--out", _file(t) / "m.gguf"], "export",
+                                ("notes.txt is a file, not a directory",)),
+    "run-ratio-unreachable": (lambda m, t: _run(m, t, "--ratio", "0.99"), "run",
+                              ("ratio 0.99 is unreachable", "choose --ratio")),
+    "run-attention-ratio-unreachable": (lambda m, t: _run(m, t, "--attention-ratio", "0.99"), "run",
+                                        ("attention ratio 0.99 is unreachable: at most 0.5000",
+                                         "choose --attention-ratio 0.5 or less")),
+    "run-mlp-ratio-unreachable": (lambda m, t: _run(m, t, "--ratio", "0.001", "--mlp-ratio", "0.995"), "run",
+                                  ("mlp ratio 0.995 is unreachable",)),
+    "run-data-missing": (lambda m, t: _run(m, t, "--data", t / "missing.txt"), "run",
+                         ("missing.txt does not exist",)),
+    "run-ppl-source-binary": (lambda m, t: _run(m, t, "--eval-ppl-source", _ppl(t, "binary")), "run",
+                              ("is not UTF-8 text",)),
+    "run-recover-data-missing": (lambda m, t: _run(m, t, "--stages", "prune,recover,eval", "--recover-data",
+                                                   t / "missing.txt"), "run", ("missing.txt does not exist",)),
+    "run-export-tokenizer": (lambda m, t: _run(m, t, "--export", "gguf", model="wstok"), "run",
+                             ("byte-level BPE", "Whitespace")),
+    "run-foreign-files-in-eval": (lambda m, t: ["run", m["tiny"], "--out", _foreign_eval_dir(t), *RUN_ARGS], "run",
+                                  ("eval already holds other files (notes.txt)",)),
+})
+
+
 @pytest.mark.parametrize("case", list(EARLY_CASES))
 def test_bad_settings_and_models_fail_before_any_work(case, models, tmp_path, capsys, no_loading):
     build, command, fragments = EARLY_CASES[case]
-    code, lines = cli(capsys, *build(models, tmp_path))
+    argv = build(models, tmp_path)
+    before = snapshot(tmp_path)
+    code, lines = cli(capsys, *argv)
     assert_one_line(code, lines, command, *fragments)
-    assert list(tmp_path.iterdir()) == []
+    assert snapshot(tmp_path) == before
 
 
 #: cases that load a model or tokenizer first: id -> (argv builder, command, fragments)
@@ -255,6 +385,10 @@ INPUT_CASES = {
                                                   "2", "--seq-len", "32"], "analyze", ("49,152 tokens",)),
     "ratio-unreachable": (lambda m, t: ["prune", m["tiny"], "--out", t / "p", *PRUNE, "--ratio", "0.99"], "prune",
                           ("ratio 0.99 is unreachable: at most 0.0", "choose --ratio")),
+    "attention-ratio-unreachable": (lambda m, t: ["prune", m["tiny"], "--out", t / "p", *PRUNE, "--attention-ratio",
+                                                  "0.99"], "prune",
+                                    ("attention ratio 0.99 is unreachable: at most 0.5000 of the attention",
+                                     "choose --attention-ratio 0.5 or less")),
 }
 
 
@@ -305,12 +439,45 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def _edit_json(edit):
+    """Rewrite a JSON file as valid JSON with the wrong content."""
+    def spoil(path: Path) -> None:
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps(edit(data)))
+    return spoil
+
+
+def _without(key: str):
+    def edit(data: dict) -> dict:
+        data.pop(key)
+        return data
+    return edit
+
+
+def _emptied_parts(data: dict) -> dict:
+    data["parts"] = {}
+    return data
+
+
+def _cut_rng(data: dict) -> dict:
+    data["torch"] = data["torch"][:100]
+    return data
+
+
 DAMAGE = {
     "truncated-params": ("params.safetensors", _truncate, "params.safetensors is corrupt or truncated"),
     "bad-state-json": ("state.json", lambda p: p.write_text('{"step": 4, "run_sett'), "state.json is corrupt"),
     "missing-rng": ("rng_0.json", lambda p: p.unlink(), "rng_0.json is missing"),
     "missing-state-json": ("state.json", lambda p: p.unlink(), "state.json is missing"),
+    # issue 25: valid JSON with the wrong content is as corrupt as a truncated file
+    "rng-wrong-content": ("rng_0.json", lambda p: p.write_text('{"python": 5}'),
+                          "rng_0.json is corrupt (not the RNG state of a run)"),
+    "state-without-step": ("state.json", _edit_json(_without("step")), "state.json is corrupt (no step)"),
+    "emptied-parts": ("state.json", _edit_json(_emptied_parts), "state.json is corrupt (no state for 'optimizer')"),
+    "cut-rng-list": ("rng_0.json", _edit_json(_cut_rng), "rng_0.json is corrupt (not the RNG state of a run)"),
 }
+#: damage to a checkpoint that an earlier checkpoint makes up for
+FALLBACK = ("truncated-params", "rng-wrong-content", "state-without-step", "emptied-parts", "cut-rng-list")
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
@@ -327,15 +494,17 @@ def test_a_corrupt_checkpoint_without_an_earlier_one_is_one_line(damage, models,
     assert snapshot(tmp_path) == before
 
 
-def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(models, interrupted, tmp_path, capsys, caplog):
+@pytest.mark.parametrize("damage", FALLBACK)
+def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(damage, models, interrupted, tmp_path, capsys, caplog):
     out = tmp_path / "p"
     shutil.copytree(interrupted, out)
-    _truncate(out / "checkpoints" / "step-00000004" / "params.safetensors")
+    name, spoil, fragment = DAMAGE[damage]
+    spoil(out / "checkpoints" / "step-00000004" / name)
     argv = ["-q", "prune", str(models["tiny"]), "--out", str(out), *PRUNE_MASKED, "--checkpoint-every", "1",
             "--keep-checkpoints", "2", "--resume"]
     with caplog.at_level("WARNING", logger="lorashear"):
         assert main(argv) == 0
-    assert "step-00000004/params.safetensors is corrupt or truncated" in caplog.text
+    assert f"step-00000004/{fragment}" in caplog.text
     assert "trying an earlier checkpoint" in caplog.text and "resuming from" in caplog.text
     report = json.loads((out / "prune_report.json").read_text())
     assert report["resumed_from"] == 3 and report["steps"] == 6
@@ -350,19 +519,140 @@ def test_a_checkpoint_of_another_run_is_still_refused(models, interrupted, tmp_p
     assert_one_line(code, lines, "prune", "belongs to another run", "lr", "--force")
 
 
-@pytest.mark.parametrize("damage", ["bad-state-json", "missing-state-json", "truncated-params"])
+@pytest.mark.parametrize("damage", ["bad-state-json", "missing-state-json", "truncated-params", "state-without-step",
+                                    "rng-wrong-content", "cut-rng-list"])
 def test_a_corrupt_recover_checkpoint_is_one_line(damage, tmp_path):
     from lorashear.errors import CheckpointError
-    from lorashear.stages.recover import _load_round, _save_round
+    from lorashear.stages.recover import _fresh_state, _load_round, _save_round
 
     model = tiny_model("llama", size="small")
     root = tmp_path / "checkpoints"
-    _save_round(root, model, {"round": 1}, {"lr": 0.1}, None)
+    _save_round(root, model, {**_fresh_state(), "round": 1}, {"lr": 0.1}, None)
     name, spoil, fragment = DAMAGE[damage]
     spoil(root / "step-00000001" / name)
-    with pytest.raises(CheckpointError, match=fragment) as exc:
+    with pytest.raises(CheckpointError, match=re.escape(fragment)) as exc:
         _load_round(root, model, {"lr": 0.1}, lambda base, stage: pytest.fail("no LoRA was open"))
     assert "\n" not in str(exc.value) and str(exc.value).endswith("run without --resume to start over")
+
+
+# ------------------------------------------------- issue 25: a run reuses a stage only when it matches
+def _stop_prune_after(step: int):
+    """The prune stage stopped after ``step`` steps, then Ctrl-C: its checkpoints stay, as after a kill."""
+    from lorashear.stages import prune as prune_stage
+
+    real = prune_stage.run
+
+    def stopped(config, **kwargs):
+        assert real(config, stop_after=step) is None
+        raise KeyboardInterrupt
+    return stopped
+
+
+def _interrupt_a_run(model: Path, out: Path) -> None:
+    from lorashear.stages import prune as prune_stage
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prune_stage, "run", _stop_prune_after(4))
+        assert main(["-q", "run", str(model), "--out", str(out), *RUN_ARGS]) == 130
+
+
+@pytest.fixture(scope="module")
+def runs(models, tmp_path_factory) -> dict[str, Path]:
+    """``model`` (a copy of the tiny model), ``complete`` (a finished run of it) and ``interrupted`` (one stopped
+    in its prune stage, with checkpoints)."""
+    root = tmp_path_factory.mktemp("runs")
+    shutil.copytree(models["tiny"], root / "model")
+    assert main(["-q", "run", str(root / "model"), "--out", str(root / "complete"), *RUN_ARGS]) == 0
+    _interrupt_a_run(root / "model", root / "interrupted")
+    return {"model": root / "model", "complete": root / "complete", "interrupted": root / "interrupted"}
+
+
+def _other_weights(model: Path, tmp: Path) -> Path:
+    """A copy of ``model`` whose weights are another model's (same config, same path for every run after)."""
+    copy = tmp / "model"
+    shutil.copytree(model, copy)
+    other = tiny_model("llama", vocab=json.loads((model / "config.json").read_text())["vocab_size"], seed=7, **SMALL)
+    other.save_pretrained(copy)
+    return copy
+
+
+#: a run into a finished or interrupted run directory with other settings, other weights at the model's path,
+#: or from before the records (no ``records/prune.started.json``): id -> (which run, change, flags, fragments)
+RERUN_CASES = {
+    "other-ratio-finished": ("complete", None, ["--ratio", "0.008", "--no-rerun"],
+                             ("prune: its output was made with other settings", "ratio: 0.005 -> 0.008",
+                              "without --no-rerun")),
+    "other-weights-finished": ("complete", "weights", ["--no-rerun"],
+                               ("analyze: its output was made with other settings or inputs", "model: another input")),
+    "other-lr-interrupted": ("interrupted", None, ["--lr", "0.001", "--no-rerun"],
+                             ("prune: its checkpoints are of a run with other settings", "lr: 0.0002 -> 0.001")),
+    "other-weights-interrupted": ("interrupted", "weights", ["--no-rerun"], ("model: another input",)),
+    "refused-resume-keeps-config-yaml": ("interrupted", "no-record", ["--lr", "0.001"],
+                                         ("belongs to another run", "start over with --force")),
+}
+
+
+@pytest.mark.parametrize("case", list(RERUN_CASES))
+def test_a_run_with_other_settings_or_inputs_is_refused_with_no_rerun(case, runs, tmp_path, capsys):
+    which, change, flags, fragments = RERUN_CASES[case]
+    out = tmp_path / "run"
+    shutil.copytree(runs[which], out)
+    model = _other_weights(runs["model"], tmp_path) if change == "weights" else runs["model"]
+    if change == "no-record":  # a run interrupted before this version wrote records
+        (out / "records" / "prune.started.json").unlink(missing_ok=True)
+    before = snapshot(tmp_path)
+    code, lines = cli(capsys, "run", model, "--out", out, *RUN_ARGS, *flags)
+    assert_one_line(code, lines, "run", *fragments)
+    assert snapshot(tmp_path) == before  # config.yaml, records and results as they were
+
+
+def test_a_run_with_another_ratio_re_runs_prune_and_what_follows(runs, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(runs["complete"], out)
+    assert main(["-q", "run", str(runs["model"]), "--out", str(out), *RUN_ARGS, "--ratio", "0.008"]) == 0
+    result = json.loads((out / "pipeline_result.json").read_text())
+    assert result["stages_skipped"] == ["analyze"] and result["stages_run"] == ["prune", "eval"]
+    params = json.loads((out / "pruned" / "prune_report.json").read_text())["params"]
+    assert params["target_ratio"] == 0.008 and abs(params["ratio_removed"] - 0.008) < 0.002
+    report = (out / "report.md").read_text()
+    assert "| target ratio | `0.008` |" in report and f"({100 * params['ratio_removed']:.2f}%)" in report
+    # the stage records now hold the new settings: the same run again reuses every stage
+    assert main(["-q", "run", str(runs["model"]), "--out", str(out), *RUN_ARGS, "--ratio", "0.008"]) == 0
+    assert json.loads((out / "pipeline_result.json").read_text())["stages_run"] == []
+
+
+def test_other_weights_at_the_same_path_start_the_interrupted_run_over(runs, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(runs["interrupted"], out)
+    model = _other_weights(runs["model"], tmp_path)
+    assert main(["-q", "run", str(model), "--out", str(out), *RUN_ARGS, "--stages", "analyze,prune"]) == 0
+    result = json.loads((out / "pipeline_result.json").read_text())
+    assert result["stages_run"] == ["analyze", "prune"]
+    assert json.loads((out / "pruned" / "prune_report.json").read_text())["resumed_from"] is None  # not mixed
+    assert not (out / "records" / "prune.started.json").exists()
+
+
+@pytest.mark.parametrize("spelling", ["./model/", "model/"])
+def test_the_same_model_by_another_path_resumes_the_interrupted_run(spelling, models, tmp_path, capsys,
+                                                                    monkeypatch):
+    shutil.copytree(models["tiny"], tmp_path / "model")
+    out = tmp_path / "run"
+    _interrupt_a_run(tmp_path / "model", out)
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", "run", spelling, "--out", str(out), *RUN_ARGS]) == 0
+    result = json.loads((out / "pipeline_result.json").read_text())
+    assert result["stages_skipped"] == ["analyze"] and result["stages_run"] == ["prune", "eval"]
+    assert json.loads((out / "pruned" / "prune_report.json").read_text())["resumed_from"] == 4
+
+
+def test_lorashear_prune_that_fails_early_leaves_nothing(models, tmp_path, no_loading):
+    import lorashear
+
+    out = tmp_path / "api"
+    with pytest.raises(ConfigError, match="ratio 0.99 is unreachable") as exc:
+        lorashear.prune(str(models["tiny"]), ratio=0.99, out=str(out), steps=6, num_periods=2, progress=False)
+    assert "\n" not in str(exc.value)
+    assert list(tmp_path.iterdir()) == []  # no config.yaml, no directory
 
 
 # --------------------------------------------------------------- 4. OSError on a user path is one line
@@ -525,7 +815,8 @@ def test_a_killed_prune_resumes_to_the_same_model_bit_for_bit(models, tmp_path):
     step = rng.randint(2, 6)
     proc = launch(f"checkpoint:{step}", out)
     assert proc.wait(timeout=120) == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    assert (out / "checkpoints" / f".step-{step:08d}.partial" / "params.safetensors").is_file()
+    # (under checkpoints/compacted once the model is compacted, when pruning ends)
+    assert list((out / "checkpoints").rglob(f".step-{step:08d}.partial/params.safetensors")), seed_note
     # 2. killed from outside at a random moment once it has made progress
     proc = launch("none", out)
     deadline = time.time() + 120

@@ -1,9 +1,11 @@
 """``lorashear run [MODEL]``: the whole pipeline (analyze -> prune -> [recover] -> eval -> [export] -> report).
 
 Every option of every component is a flag (``lorashear run --help``) and a key of ``--config``;
-``--stages eval`` re-runs one stage of an existing run; a stage whose output exists is skipped
-unless ``--force``. The defaults are sized for the built-in reference model on a CPU;
-``--quick`` is a smoke test of every stage in a few minutes.
+``--stages eval`` re-runs one stage of an existing run. A stage whose output was made with this run's
+settings and inputs (models compared by content) is reused; one made with other settings runs again,
+and so do the stages after it (``--no-rerun`` refuses instead; ``--force`` re-runs everything).
+``--dry-run`` prints that plan after every up-front check and writes nothing. The defaults are sized
+for the built-in reference model on a CPU; ``--quick`` is a smoke test of every stage in a few minutes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default=None,
                         help="hub id, local directory or built-in name (default: the offline reference model)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="resolve every stage's settings, inputs and outputs, make every check a stage would "
+                             "make, print the plan (what runs, what is reused or re-run, and why) and write nothing")
     add_stage_options(parser, PipelineConfig, exclude=PIPELINE_OWNED)
     parser.set_defaults(func=run)
     return parser
@@ -29,6 +34,9 @@ def run(args: argparse.Namespace) -> int:
     from ..stages import pipeline
 
     config = stage_config(PipelineConfig, args, model=args.model)
+    if args.dry_run:
+        print(pipeline.plan(config).describe())
+        return 0
     result = pipeline.run(config)
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()) or "nothing to do"
     print(f"run finished: {result.out} ({timings})")

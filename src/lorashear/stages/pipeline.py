@@ -1,6 +1,7 @@
 """The whole method as one recipe over the stage functions: analyze -> prune -> recover -> evaluate.
 
-Stages, each the same function as its own command, all writing under ``config.out``:
+Stages, each the same function as its own command, all writing under ``config.out``
+(the layout: :mod:`lorashear.stages.layout`):
 
 1. ``analyze``  knowledge distribution analysis -> ``knowledge/knowledge.json``
 2. ``prune``    LHSPG progressive pruning + compaction -> ``pruned/`` (+ report)
@@ -13,9 +14,15 @@ and at the end ``report.md`` at the top of the run directory (:mod:`lorashear.st
 settings, knowledge heatmap, pruning curves, kept widths, recovery rounds, the before/after table
 and how to load and serve the model. ``--quick`` is a smoke-test preset (a few minutes on a CPU).
 
-A stage whose output is complete is skipped unless ``force``; an interrupted prune
-resumes from its latest checkpoint. The resolved config is saved as
-``config.yaml`` (readable by ``--config``) and the outcome as ``pipeline_result.json``.
+First the plan (:mod:`lorashear.stages.plan`): every step's config, inputs and outputs resolved
+and every check a stage would make run, before the first stage starts; ``--dry-run`` prints it.
+A step is reused when its record (:mod:`lorashear.stages.records`) holds this run's settings and
+inputs (models by content) and its output is the one it wrote; otherwise it runs again, and so do
+the steps after it (``--no-rerun`` refuses instead); an interrupted prune or recover with the same
+settings resumes from its latest checkpoint; ``--force`` re-runs everything from scratch. After each
+step, its record and the resolved config (``config.yaml``, readable by ``--config``) are written;
+nothing is written when the run fails before a step has finished, and the run directory is locked
+as a whole for the run's duration (no stage of another run may write inside it).
 
 From Python::
 
@@ -26,108 +33,28 @@ From Python::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from ..atomic import atomic_write_json, atomic_write_text, output_lock, validate_out
-from ..config import section, to_flat_dict
-from ..data.config import DataConfig
+from ..config import to_flat_dict
 from ..errors import ConfigError
-from ..evaluation.config import EvalConfig
-from ..knowledge.config import KnowledgeConfig
-from ..lhspg.optimizer import LHSPGConfig
-from ..lhspg.targets import TargetConfig
-from ..models.lora import LoraSettings
-from ..models.reference import REFERENCE_MODEL_NAME
-from ..export.gguf import OUTTYPES
-from ..recipes import DEFAULT_RECIPE, PIPELINE_RECIPES
-from ..training.loop import TrainConfig
-from ..training.losses import DistillConfig
 from . import analyze, evaluate, export, prune, recover
-from .export import FORMATS as EXPORT_FORMATS
-from .export import ExportConfig
+from .layout import CONFIG_FILE, RESULT_FILE, RunLayout
+from .pipeline_config import DEFAULT_STAGES, PIPELINE_OWNED, QUICK, STAGES, PipelineConfig
+from .plan import RESUMABLE, RunPlan, StepPlan, export_configs, has_checkpoints, make_plan, output_identities
+from .plan import stage_configs
+from .records import write_record
 from .report import write_run_report
 
 logger = logging.getLogger(__name__)
-
-STAGES = ("analyze", "prune", "recover", "eval")
-DEFAULT_STAGES = ("analyze", "prune", "eval")
-RESULT_FILE = "pipeline_result.json"
-CONFIG_FILE = "config.yaml"
-EXPORT_DIR = "export"
-
-#: ``--quick``: what it sets unless given (a smoke test of every stage in a few minutes on a CPU)
-QUICK: dict[str, Any] = {
-    "steps": 20, "num_sequences": 64, "checkpoint_every": 0,
-    "analyze_num_sequences": 4, "analyze_ratios": [0.5],
-    "recover_steps": 5, "recover_max_rounds": 1, "recover_val_sequences": 4, "recover_instruct_data": [],
-    "eval_limit": 10, "eval_ppl_max_windows": 8, "eval_speed_batch_sizes": [1], "eval_speed_repeats": 1,
-}
-
-
-@dataclass
-class PipelineConfig:
-    """The pipeline: shared inputs plus the settings of every component the stages use."""
-
-    RECIPES: ClassVar[dict[str, dict[str, Any]]] = PIPELINE_RECIPES
-    PRESET_FLAGS: ClassVar[dict[str, dict[str, Any]]] = {"quick": QUICK}
-
-    model: str = field(default=REFERENCE_MODEL_NAME, metadata={
-        "help": "hub id, local directory or built-in name", "cli": False})
-    recipe: str = field(default=DEFAULT_RECIPE, metadata={
-        "help": f"preset of defaults for every option not given: {', '.join(RECIPES)} (see lorashear.recipes)"})
-    out: str = field(default="runs/lorashear", metadata={"help": "run directory"})
-    stages: tuple[str, ...] = field(default=DEFAULT_STAGES, metadata={
-        "help": f"stages to run, in order, from {', '.join(STAGES)}"})
-    force: bool = field(default=False, metadata={"help": "re-run stages whose outputs exist"})
-    quick: bool = field(default=False, metadata={
-        "help": "smoke-test preset, a few minutes on a CPU: 20 prune steps, small analysis and evaluation "
-                "(options given explicitly still win)"})
-    export: str | None = field(default=None, metadata={
-        "help": f"also write the final model for a serving engine: {', '.join(EXPORT_FORMATS)} "
-                "(into OUT/export/, one file per --export-outtypes)"})
-    export_outtypes: tuple[str, ...] = field(default=("f16",), metadata={
-        "help": "tensor types of the exported files, e.g. f16,q8_0"})
-    dtype: str = field(default="float32", metadata={"help": "parameter dtype of the model"})
-    data: DataConfig = section(DataConfig, help="training text of the prune stage")
-    knowledge: KnowledgeConfig = section(KnowledgeConfig, prefix="analyze_", help="knowledge analysis",
-                                         num_sequences=8)
-    lora: LoraSettings = section(LoraSettings, prefix="lora_", help="LoRA factors")
-    target: TargetConfig = section(TargetConfig, help="how much to remove", ratio=0.2)
-    lhspg: LHSPGConfig = section(LHSPGConfig, help="LHSPG schedule and saliency")
-    # 180 steps: the whole default run fits 30 minutes on a 2-core CPU (measured; README)
-    train: TrainConfig = section(TrainConfig, help="training loop", steps=180, batch_size=2, checkpoint_every=50)
-    distill: DistillConfig = section(DistillConfig, prefix="distill_", help="distillation from the dense model")
-    recovery: recover.RecoverConfig = section(recover.RecoverConfig, prefix="recover_",
-                                              help="dynamic knowledge recovery")
-    evaluation: EvalConfig = section(EvalConfig, prefix="eval_", help="evaluation", limit=50, ppl_max_windows=64,
-                                     ppl_more_sources=["builtin:heldout-docs-test"])
-    exporting: ExportConfig = section(ExportConfig, prefix="export_", help="GGUF export")
-
-    def __post_init__(self) -> None:
-        self.stages = tuple(s.strip() for s in self.stages if s.strip())
-        unknown = [s for s in self.stages if s not in STAGES]
-        if unknown:
-            raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
-        if not self.stages:
-            raise ConfigError(f"no stage to run; choose from {', '.join(STAGES)}")
-        if self.export is not None and self.export not in EXPORT_FORMATS:
-            raise ConfigError(f"unknown --export {self.export!r}; use one of {', '.join(EXPORT_FORMATS)}")
-        self.export_outtypes = tuple(self.export_outtypes)
-        bad = [t for t in self.export_outtypes if t not in OUTTYPES]
-        if bad or not self.export_outtypes:
-            raise ConfigError(f"unknown --export-outtypes {', '.join(bad) or '(none)'}; use {', '.join(OUTTYPES)}")
-
-
-#: options the pipeline sets itself (hidden from the command line)
-PIPELINE_OWNED = ("eval_baseline", "eval_dtype", "recover_teacher", "recover_dtype", "recover_resume",
-                  "export_format", "export_outtype")
 
 
 @dataclass
@@ -169,54 +96,31 @@ class PipelineResult:
         return Path(self.run_report).read_text()
 
 
-def stage_configs(config: PipelineConfig) -> tuple[analyze.AnalyzeConfig, prune.PruneConfig,
-                                                    recover.RecoverConfig, EvalConfig]:
-    """The stage configs the pipeline runs, all derived from ``config``."""
-    out = Path(config.out)
-    knowledge_json = out / "knowledge" / "knowledge.json"
-    a = analyze.AnalyzeConfig(model=config.model, out=str(out / "knowledge"), dtype=config.dtype,
-                              recipe=config.recipe, knowledge=config.knowledge)
-    p = prune.PruneConfig(model=config.model, out=str(out / "pruned"), data=config.data, dtype=config.dtype,
-                          knowledge=str(knowledge_json) if ("analyze" in config.stages or knowledge_json.is_file())
-                          else None,
-                          lora=config.lora, target=config.target, lhspg=config.lhspg, train=config.train,
-                          distill=config.distill, recipe=config.recipe,
-                          resume=(out / "pruned" / "checkpoints").is_dir() and not config.force, force=config.force)
-    r = dataclasses.replace(config.recovery, model=str(out / "pruned"), teacher=config.model,
-                            out=str(out / "recovered"), dtype=config.dtype,
-                            resume=(out / "recovered" / "checkpoints").is_dir() and not config.force)
-    final = out / ("recovered" if "recover" in config.stages else "pruned")
-    e = dataclasses.replace(config.evaluation, model=str(final), baseline=config.model,
-                            out=str(out / "eval"), dtype=config.dtype)
-    return a, p, r, e
-
-
-def check_config(config: PipelineConfig, stage_cfgs: tuple[Any, ...]) -> None:
-    """What the stages would refuse later, checked before the first stage writes anything."""
-    _, p_cfg, _, e_cfg = stage_cfgs
-    for sub in ("knowledge", "pruned", "recovered", "eval"):
-        validate_out(Path(config.out) / sub)
-    if "prune" in config.stages:
-        prune.check_config(p_cfg)
-    if "eval" in config.stages:
-        evaluate.check_config(e_cfg)
+def plan(config: PipelineConfig) -> RunPlan:
+    """The plan of ``config`` with every up-front check made, writing nothing (``lorashear run --dry-run``)."""
+    return make_plan(config, persist=False)
 
 
 def run(config: PipelineConfig) -> PipelineResult:
-    """Run the stages of ``config`` in order; see the module docstring.
+    """Plan ``config`` (every check before any work), then run its steps in order; see the module docstring.
 
-    ``config.out`` and every stage's settings are checked before the first stage runs; the run
-    directory is locked for the pipeline's duration (each stage also locks its own directory).
+    The run directory is locked as a whole for the run's duration; a run that fails before its first
+    step has finished leaves nothing behind (an earlier run's results stay as they were).
     """
     out = validate_out(config.out)
-    stage_cfgs = stage_configs(config)
-    check_config(config, stage_cfgs)
     world, rank = launched_processes()
     if world > 1 and set(config.stages) != {"prune"}:
         raise ConfigError(f"under a multi-process launch ({world} processes) run only --stages prune; run the "
                           "analyze stage before it and eval after it in one process (see examples/multi_gpu.sh)")
-    with output_lock(out, enabled=rank == 0):
-        return _run(config, out, stage_cfgs, main=rank == 0)
+    main = rank == 0
+    created = not out.exists()
+    try:
+        with output_lock(out, enabled=main, tree=True):
+            return _run(make_plan(config), main=main)
+    finally:
+        if created and main:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when empty: a run that failed before writing anything
 
 
 def launched_processes() -> tuple[int, int]:
@@ -227,82 +131,116 @@ def launched_processes() -> tuple[int, int]:
         return 1, 0
 
 
-def _run(config: PipelineConfig, out: Path, stage_cfgs: tuple[Any, ...], main: bool = True) -> PipelineResult:
-    a_cfg, p_cfg, r_cfg, e_cfg = stage_cfgs
-    out.mkdir(parents=True, exist_ok=True)
+def _run_analyze(step: StepPlan, result: PipelineResult) -> None:
+    result.analyze = analyze.run(step.config).summary()
+
+
+def _run_prune(step: StepPlan, result: PipelineResult) -> None:
+    pruned = prune.run(step.config)
+    result.prune = pruned.summary() if pruned is not None else None
+
+
+def _run_recover(step: StepPlan, result: PipelineResult) -> None:
+    recovered = recover.run(step.config)
+    result.recover = recovered.summary() if recovered is not None else None
+
+
+def _run_eval(step: StepPlan, result: PipelineResult) -> None:
+    result.eval = evaluate.run(step.config).to_dict()
+
+
+def _run_export(step: StepPlan, result: PipelineResult) -> None:
+    exported = export.run(step.config)
+    atomic_write_json(Path(step.config.out).with_suffix(".json"), exported.to_dict())
+    logger.info("exported %s (%s, %s)", step.config.out, exported.arch, step.config.outtype)
+
+
+RUNNERS: dict[str, Callable[[StepPlan, PipelineResult], None]] = {
+    "analyze": _run_analyze, "prune": _run_prune, "recover": _run_recover, "eval": _run_eval, "export": _run_export}
+
+
+def _checkpoints_now(layout: RunLayout, stage: str) -> list[tuple[str, int]]:
+    root = layout.checkpoints(stage)
+    return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("step-*")) \
+        if root.is_dir() else []
+
+
+@contextlib.contextmanager
+def _attempt(plan: RunPlan, step: StepPlan, inputs: dict[str, str]) -> Iterator[None]:
+    """While a resumable step runs, ``records/<step>.started.json`` says what it runs with, so that a later
+    run resumes its checkpoints only with the same settings and inputs. Removed when the step finishes;
+    put back as it was when the step fails without writing a checkpoint (it describes the checkpoints)."""
+    layout = plan.layout
+    path = layout.attempt(step.step)
+    created = not layout.records.exists()
+    previous = path.read_text(encoding="utf-8") if path.is_file() else None
+    checkpoints = _checkpoints_now(layout, step.stage)
+    write_record(path, dataclasses.replace(step.record, inputs=inputs))
+    try:
+        yield
+    except BaseException:
+        if _checkpoints_now(layout, step.stage) == checkpoints:
+            _put_back(path, previous, layout.records if created else None)
+        raise
+    path.unlink(missing_ok=True)
+
+
+def _put_back(path: Path, previous: str | None, created_dir: Path | None) -> None:
+    """``path`` as it was (``None``: absent), and ``created_dir`` removed again when it is empty."""
+    if previous is None:
+        path.unlink(missing_ok=True)
+    else:
+        atomic_write_text(path, previous)
+    if created_dir is not None:
+        with contextlib.suppress(OSError):
+            created_dir.rmdir()
+
+
+def _run_step(plan: RunPlan, step: StepPlan, result: PipelineResult, main: bool) -> None:
+    """Run one step; then write its record (settings, inputs and outputs by content) and ``config.yaml``."""
+    inputs = plan.current_inputs(step)
+    attempt = _attempt(plan, step, inputs) if main and step.stage in RESUMABLE else contextlib.nullcontext()
+    start = time.perf_counter()
+    with attempt:
+        RUNNERS[step.stage](step, result)
+    result.seconds[step.stage] = round(result.seconds.get(step.stage, 0.0) + time.perf_counter() - start, 2)
+    if step.stage not in result.stages_run:  # one entry for all export steps
+        result.stages_run.append(step.stage)
+    if main:
+        outputs = output_identities(step, plan.layout) or {}
+        write_record(plan.layout.record(step.step), dataclasses.replace(step.record, inputs=inputs, outputs=outputs))
+        _write_config(plan)
+
+
+def _write_config(plan: RunPlan) -> None:
     import yaml
 
-    if main:
-        atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(to_flat_dict(config), sort_keys=False))
-    result = PipelineResult(out=str(out), model_dir=None, report=None, stages_run=[], stages_skipped=[], seconds={})
+    atomic_write_text(plan.layout.config, yaml.safe_dump(to_flat_dict(plan.config), sort_keys=False))
 
-    def timed(name: str, fn):
-        t = time.perf_counter()
-        value = fn()
-        result.seconds[name] = round(time.perf_counter() - t, 2)
-        result.stages_run.append(name)
-        return value
 
-    if "analyze" in config.stages:
-        if config.force or not Path(a_cfg.out, "knowledge.json").is_file():
-            result.analyze = timed("analyze", lambda: analyze.run(a_cfg)).summary()
-        else:
-            result.stages_skipped.append("analyze")
-    if "prune" in config.stages:
-        if config.force or not Path(p_cfg.out, prune.REPORT_FILE).is_file():
-            pruned = timed("prune", lambda: prune.run(p_cfg))
-            result.prune = pruned.summary() if pruned is not None else None
-        else:
-            result.stages_skipped.append("prune")
-    if Path(p_cfg.out, "config.json").is_file():
-        result.model_dir = p_cfg.out
-    if "recover" in config.stages:
-        if result.model_dir is None:
-            raise ConfigError(f"no pruned model under {p_cfg.out}; run the prune stage first")
-        if config.force or not Path(r_cfg.out, "recover_report.json").is_file():
-            result.recover = timed("recover", lambda: recover.run(r_cfg)).summary()
-        else:
-            result.stages_skipped.append("recover")
-        result.model_dir = r_cfg.out
-    if "eval" in config.stages:
-        if result.model_dir is None or not Path(result.model_dir, "config.json").is_file():
-            raise ConfigError(f"no model to evaluate under {out}; run the prune stage first")
-        report = timed("eval", lambda: evaluate.run(e_cfg))
-        result.eval = report.to_dict()
-    if Path(e_cfg.out, evaluate.REPORT_FILE).is_file():
-        result.report = str(Path(e_cfg.out) / evaluate.REPORT_FILE)
+def _run(plan: RunPlan, main: bool = True) -> PipelineResult:
+    layout = plan.layout
+    logger.info("%s", plan.describe())
+    result = PipelineResult(out=str(layout.root), model_dir=None, report=None, stages_run=[], stages_skipped=[],
+                            seconds={})
+    for step in plan.steps:
+        if step.action == "reuse" and step.stage not in result.stages_skipped:
+            result.stages_skipped.append(step.stage)
+        if step.runs:
+            _run_step(plan, step, result, main)
+        if step.stage == "export" and step.action != "skip":
+            result.exports.append(step.config.out)
+    final = plan.final_model
+    result.model_dir = str(final) if (final / "config.json").is_file() else None
+    if layout.eval_report.is_file():
+        result.report = str(layout.eval_report)
     if not main:  # the other processes of a multi-process prune: the main one writes the rest
         return result
-    if config.export is not None:
-        if result.model_dir is None or not Path(result.model_dir, "config.json").is_file():
-            raise ConfigError(f"no model to export under {out}; run the prune stage first")
-        result.exports = timed("export", lambda: _export(config, out, result.model_dir))
-    result.run_report = str(write_run_report(out, model_dir=result.model_dir, timings=result.seconds))
-    atomic_write_json(out / RESULT_FILE, dataclasses.asdict(result))
+    _write_config(plan)
+    result.run_report = str(write_run_report(layout.root, model_dir=result.model_dir, timings=result.seconds))
+    atomic_write_json(layout.result, dataclasses.asdict(result))
     return result
 
 
-def export_configs(config: PipelineConfig, out: Path, model_dir: str) -> list[ExportConfig]:
-    """One export per ``config.export_outtypes``: ``OUT/export/model-<outtype>.gguf``."""
-    return [dataclasses.replace(config.exporting, model=model_dir, format=config.export or "gguf", outtype=t,
-                                out=str(out / EXPORT_DIR / f"model-{t}.{config.export}"))
-            for t in config.export_outtypes]
-
-
-def _export(config: PipelineConfig, out: Path, model_dir: str) -> list[str]:
-    """Write the exports that are missing (all of them with ``force``), each beside its JSON record."""
-    written = []
-    for cfg in export_configs(config, out, model_dir):
-        record = Path(cfg.out).with_suffix(".json")
-        done = Path(cfg.out).is_file() and record.is_file()
-        if done:  # an export of another model (e.g. the pruned one, before recovery ran) is redone
-            try:
-                done = json.loads(record.read_text()).get("model") == model_dir
-            except (OSError, ValueError):
-                done = False
-        if config.force or not done:
-            exported = export.run(cfg)
-            atomic_write_json(record, exported.to_dict())
-            logger.info("exported %s (%s, %s)", cfg.out, exported.arch, cfg.outtype)
-        written.append(cfg.out)
-    return written
+__all__ = ["CONFIG_FILE", "DEFAULT_STAGES", "PIPELINE_OWNED", "QUICK", "RESULT_FILE", "STAGES", "PipelineConfig",
+           "PipelineResult", "RunLayout", "export_configs", "plan", "run", "stage_configs"]

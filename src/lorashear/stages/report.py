@@ -1,6 +1,6 @@
 """The run report: one ``report.md`` at the top of a ``lorashear run`` directory.
 
-It is assembled from what the stages wrote (``config.yaml``, ``knowledge/knowledge.json``,
+It is assembled from what the stages wrote (``config.yaml``, ``records/``, ``knowledge/knowledge.json``,
 ``pruned/prune_report.json``, ``recovered/recover_report.json``, ``eval/eval.json``,
 ``export/*.json``) and links their plots, so it can be rebuilt at any time from a finished
 or partly finished run::
@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_text
-
-REPORT_FILE = "report.md"
+from .layout import REPORT_FILE, RunLayout
+from .records import read_record
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -70,7 +70,7 @@ def _ratio(a: Any, b: Any) -> str:
     return f"{a / b:.3f}"
 
 
-def _before_after(ev: dict[str, Any]) -> list[str]:
+def _before_after(ev: dict[str, Any], layout: RunLayout) -> list[str]:
     models = {m["role"]: m for m in ev.get("models", [])}
     base, model = models.get("baseline"), models.get("model")
     cols = [m for m in (base, model) if m is not None]
@@ -130,11 +130,12 @@ def _before_after(ev: dict[str, Any]) -> list[str]:
     env = ev.get("environment", {})
     note = (f"Measured by the eval stage on {env.get('device', '?')} ({ev.get('config', {}).get('dtype', '?')}); "
             f"zero-shot tasks on at most {ev.get('config', {}).get('limit') or 'all'} documents each. "
-            "Details and standard errors: [eval/report.md](eval/report.md).")
+            f"Details and standard errors: [{layout.relative(layout.eval_report)}]({layout.relative(layout.eval_report)}).")
     return _table(header, rows) + [note, ""]
 
 
-def _settings(cfg: dict[str, Any], timings: dict[str, float], prune: dict[str, Any] | None) -> list[str]:
+def _settings(cfg: dict[str, Any], timings: dict[str, float], prune: dict[str, Any] | None,
+              layout: RunLayout) -> list[str]:
     keys = [("model", "model"), ("recipe", "recipe"), ("target ratio", "ratio"), ("stages", "stages"),
             ("training data", "data"), ("sequence length", "seq_len"), ("steps", "steps"),
             ("batch size", "batch_size"), ("learning rate", "lr"), ("LoRA rank / alpha", None),
@@ -164,15 +165,16 @@ def _settings(cfg: dict[str, Any], timings: dict[str, float], prune: dict[str, A
     for stage, seconds in timings.items():
         rows.append([f"time: {stage}", f"{seconds / 60:.1f} min"])
     out = ["| setting | value |", "|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows]
-    return out + ["", "Every setting: [config.yaml](config.yaml) (`lorashear run --config config.yaml` re-runs it).", ""]
+    config = layout.relative(layout.config)
+    return out + ["", f"Every setting: [{config}]({config}) (`lorashear run --config {config}` re-runs it).", ""]
 
 
-def _knowledge(know: dict[str, Any] | None, run_dir: Path) -> list[str]:
+def _knowledge(know: dict[str, Any] | None, layout: RunLayout) -> list[str]:
     out = ["## Where the knowledge is", ""]
     if know is None:
-        return out + ["The knowledge analysis did not run (no `knowledge/knowledge.json`).", ""]
-    if (run_dir / "knowledge" / "knowledge.png").is_file():
-        out += ["![knowledge distribution](knowledge/knowledge.png)", ""]
+        return out + [f"The knowledge analysis did not run (no `{layout.relative(layout.knowledge)}`).", ""]
+    if layout.knowledge_plot.is_file():
+        out += [f"![knowledge distribution]({layout.relative(layout.knowledge_plot)})", ""]
     protected = know.get("unprunable", [])
     out.append(f"Deviation of the loss when each block alone is pruned at ratios {know.get('ratios')} "
                f"({know.get('metric')}, proxy {know.get('config', {}).get('proxy')}); the top "
@@ -198,12 +200,12 @@ def _kept_widths(prune: dict[str, Any]) -> list[str]:
     return ["Kept width per layer (kept / original):", "", *_table(["layer", *(labels[k] for k in kinds)], rows)]
 
 
-def _pruning(prune: dict[str, Any] | None, run_dir: Path) -> list[str]:
+def _pruning(prune: dict[str, Any] | None, layout: RunLayout) -> list[str]:
     out = ["## Pruning", ""]
     if prune is None:
-        return out + ["The prune stage has not finished (no `pruned/prune_report.json`).", ""]
-    if (run_dir / "pruned" / "prune.png").is_file():
-        out += ["![LHSPG loss and sparsity; kept width per layer](pruned/prune.png)", ""]
+        return out + [f"The prune stage has not finished (no `{layout.relative(layout.prune_report)}`).", ""]
+    if layout.prune_plot.is_file():
+        out += [f"![LHSPG loss and sparsity; kept width per layer]({layout.relative(layout.prune_plot)})", ""]
     sched = prune.get("schedule", {})
     out.append(f"LHSPG: {sched.get('warmup_steps')} warm-up steps, {sched.get('num_periods')} pruning periods "
                f"ending at step {sched.get('prune_end')}, {prune.get('steps')} steps in all. The compacted model "
@@ -212,12 +214,12 @@ def _pruning(prune: dict[str, Any] | None, run_dir: Path) -> list[str]:
     return out + ["", *_kept_widths(prune)]
 
 
-def _recovery(rec: dict[str, Any] | None, run_dir: Path) -> list[str]:
+def _recovery(rec: dict[str, Any] | None, layout: RunLayout) -> list[str]:
     out = ["## Recovery", ""]
     if rec is None:
         return out + ["Recovery did not run (add `recover` to `--stages` to run it).", ""]
-    if (run_dir / "recovered" / "recover.png").is_file():
-        out += ["![sampling weights and degradation per round](recovered/recover.png)", ""]
+    if layout.recover_plot.is_file():
+        out += [f"![sampling weights and degradation per round]({layout.relative(layout.recover_plot)})", ""]
     rows = []
     for r in rec.get("rounds", []):
         for name, s in r.get("sources", {}).items():
@@ -230,8 +232,8 @@ def _recovery(rec: dict[str, Any] | None, run_dir: Path) -> list[str]:
     return out + [""]
 
 
-def _exports(run_dir: Path) -> list[str]:
-    files = sorted((run_dir / "export").glob("*.gguf")) if (run_dir / "export").is_dir() else []
+def _exports(layout: RunLayout) -> list[str]:
+    files = sorted(layout.export.glob("*.gguf")) if layout.export.is_dir() else []
     if not files:
         return []
     rows = []
@@ -239,12 +241,13 @@ def _exports(run_dir: Path) -> list[str]:
         meta = _read_json(f.with_suffix(".json")) or {}
         gguf = meta.get("gguf", {})
         fallbacks = gguf.get("fallbacks") or []
-        rows.append([f"[export/{f.name}](export/{f.name})", f"`{gguf.get('arch', '?')}`", f"`{gguf.get('outtype', '?')}`",
+        link = layout.relative(f)
+        rows.append([f"[{link}]({link})", f"`{gguf.get('arch', '?')}`", f"`{gguf.get('outtype', '?')}`",
                      _mib(f.stat().st_size), str(len(fallbacks))])
     return ["## Exported files", "", *_table(["file", "architecture", "type", "size", "tensors kept at f16"], rows)]
 
 
-def _serving(model_dir: str | None, run_dir: Path, non_uniform: bool) -> list[str]:
+def _serving(model_dir: str | None, non_uniform: bool) -> list[str]:
     if not model_dir:
         return []
     rel = model_dir  # as the run was given it: relative to where the run was started
@@ -271,20 +274,27 @@ def _serving(model_dir: str | None, run_dir: Path, non_uniform: bool) -> list[st
     return out
 
 
+def _settings_of_the_run(layout: RunLayout) -> dict[str, Any]:
+    """Every setting as ``config.yaml`` holds it, the prune stage's as its record holds them (the model was
+    pruned with those, whatever the last run was given)."""
+    cfg = _read_yaml(layout.config)
+    record = read_record(layout.record("prune"))
+    return {**cfg, **(record.settings if record is not None else {})}
+
+
 def write_run_report(run_dir: str | Path, *, model_dir: str | None = None,
                      timings: dict[str, float] | None = None) -> Path:
     """Write ``run_dir/report.md`` from the stage outputs found there; return its path."""
-    run_dir = Path(run_dir)
-    cfg = _read_yaml(run_dir / "config.yaml")
-    know = _read_json(run_dir / "knowledge" / "knowledge.json")
-    prune = _read_json(run_dir / "pruned" / "prune_report.json")
-    rec = _read_json(run_dir / "recovered" / "recover_report.json")
-    ev = _read_json(run_dir / "eval" / "eval.json")
+    layout = RunLayout(Path(run_dir))
+    cfg = _settings_of_the_run(layout)
+    know = _read_json(layout.knowledge)
+    prune = _read_json(layout.prune_report)
+    rec = _read_json(layout.recover_report)
+    ev = _read_json(layout.eval_json)
     if timings is None:
-        timings = (_read_json(run_dir / "pipeline_result.json") or {}).get("seconds", {})
+        timings = (_read_json(layout.result) or {}).get("seconds", {})
     if model_dir is None:
-        model_dir = next((str(run_dir / d) for d in ("recovered", "pruned") if (run_dir / d / "config.json").is_file()),
-                         None)
+        model_dir = next((str(d) for d in (layout.recovered, layout.pruned) if (d / "config.json").is_file()), None)
     non_uniform = False
     if model_dir and Path(model_dir, "config.json").is_file():
         non_uniform = bool((_read_json(Path(model_dir, "config.json")) or {}).get("per_layer_config"))
@@ -292,18 +302,17 @@ def write_run_report(run_dir: str | Path, *, model_dir: str | None = None,
     title = f"# lorashear run: `{cfg.get('model', '?')}`" + (f", {100 * ratio:.1f}% of parameters removed"
                                                           if ratio is not None else "")
     out = [title, "", f"Written {_dt.datetime.now().isoformat(timespec='seconds')} from the outputs under "
-           f"`{run_dir}`" + (f"; final model: `{model_dir}`." if model_dir else "."), ""]
+           f"`{layout.root}`" + (f"; final model: `{model_dir}`." if model_dir else "."), ""]
     out += ["## Before and after", ""]
-    out += _before_after(ev) if ev else ["The eval stage has not run (no `eval/eval.json`).", ""]
-    out += ["## Settings", "", *_settings(cfg, timings, prune)]
-    out += _knowledge(know, run_dir)
-    out += _pruning(prune, run_dir)
-    out += _recovery(rec, run_dir)
-    out += _exports(run_dir)
-    out += _serving(model_dir, run_dir, non_uniform)
-    path = run_dir / REPORT_FILE
-    atomic_write_text(path, "\n".join(out))
-    return path
+    out += _before_after(ev, layout) if ev else [f"The eval stage has not run (no `{layout.relative(layout.eval_json)}`).", ""]
+    out += ["## Settings", "", *_settings(cfg, timings, prune, layout)]
+    out += _knowledge(know, layout)
+    out += _pruning(prune, layout)
+    out += _recovery(rec, layout)
+    out += _exports(layout)
+    out += _serving(model_dir, non_uniform)
+    atomic_write_text(layout.report, "\n".join(out))
+    return layout.report
 
 
 __all__ = ["REPORT_FILE", "write_run_report"]
