@@ -567,12 +567,17 @@ def runs(models, tmp_path_factory) -> dict[str, Path]:
     return {"model": root / "model", "complete": root / "complete", "interrupted": root / "interrupted"}
 
 
+def _put_other_weights(model: Path) -> None:
+    """Another model's weights (same config) saved over ``model``'s."""
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    tiny_model("llama", vocab=vocab, seed=7, **SMALL).save_pretrained(model)
+
+
 def _other_weights(model: Path, tmp: Path) -> Path:
     """A copy of ``model`` whose weights are another model's (same config, same path for every run after)."""
     copy = tmp / "model"
     shutil.copytree(model, copy)
-    other = tiny_model("llama", vocab=json.loads((model / "config.json").read_text())["vocab_size"], seed=7, **SMALL)
-    other.save_pretrained(copy)
+    _put_other_weights(copy)
     return copy
 
 
@@ -653,6 +658,23 @@ def test_lorashear_prune_that_fails_early_leaves_nothing(models, tmp_path, no_lo
         lorashear.prune(str(models["tiny"]), ratio=0.99, out=str(out), steps=6, num_periods=2, progress=False)
     assert "\n" not in str(exc.value)
     assert list(tmp_path.iterdir()) == []  # no config.yaml, no directory
+
+
+def test_a_recover_resume_knows_its_models_by_content(models, tmp_path):
+    from lorashear.errors import CheckpointError
+    from lorashear.stages.recover import RecoverConfig, _fresh_state, _load_round, _save_round, _settings
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(models["tiny"], model_dir)
+    config = RecoverConfig(model=str(model_dir), teacher=str(models["tiny"]), out=str(tmp_path / "r"))
+    model, root = tiny_model("llama", size="small"), tmp_path / "checkpoints"
+    _save_round(root, model, {**_fresh_state(), "round": 1}, _settings(config), None)
+    no_lora = lambda base, stage: pytest.fail("no LoRA was open")  # noqa: E731
+    spelled = RecoverConfig(model=f"{model_dir}/", teacher=str(models["tiny"]), out=str(tmp_path / "r"))
+    assert _load_round(root, model, _settings(spelled), no_lora)[0]["round"] == 1  # the same model
+    _put_other_weights(model_dir)  # other weights at the same path
+    with pytest.raises(CheckpointError, match=re.escape("written with other settings (model)")):
+        _load_round(root, model, _settings(config), no_lora)
 
 
 # --------------------------------------------------------------- 4. OSError on a user path is one line

@@ -214,8 +214,15 @@ def dense_losses(sources: list[Source], get_teacher: Any, *, teacher_name: str, 
 
 # -- round checkpoints --------------------------------------------------------------------------------
 def _settings(config: RecoverConfig) -> dict[str, Any]:
-    flat = to_flat_dict(config)
-    return {k: v for k, v in flat.items() if k not in _RUN_ONLY}
+    """What defines a recover run (a resume must match it): the settings, and the model and teacher by content
+    (the same directory named another way is the same model; other weights at the same path are not)."""
+    from ..models.identity import model_identity
+
+    flat = {k: v for k, v in to_flat_dict(config).items() if k not in _RUN_ONLY}
+    for key in ("model", "teacher"):
+        if flat.get(key):
+            flat[key] = model_identity(flat[key])
+    return flat
 
 
 def _checkpointed(model: torch.nn.Module, lora_run: LoraRun | None) -> tuple[torch.nn.Module, dict[str, Any]]:
