@@ -100,19 +100,26 @@ class Peer:
     function: str
     config: str
     settings: dict[str, Any] = field(default_factory=dict)
-    #: calibration ids: ``module.calibration_ids(tokenizer, config)`` when the module has it
     doc: str = ""
+    #: settings at one ratio only (chosen on the validation split, ``peers_oneshot_smollm2.md``)
+    by_ratio: dict[float, dict[str, Any]] = field(default_factory=dict)
 
 
 PEERS: dict[str, Peer] = {
     "llmpruner_block": Peer("torch_pruning_llm", "prune_with_torch_pruning", "TorchPruningConfig", {"verify": False},
                             "LLM-Pruner's block-wise default: Taylor from 8 sequences, uniform in layers 4..27"),
+    # the settings chosen one-shot on the validation split (benchmarks/results/peers_oneshot_smollm2.md); the
+    # modules' defaults are those winners; 512 calibration sequences for the activation statistics, as screened
     "llmpruner": Peer("llm_pruner", "prune_llm_pruner", "LLMPrunerConfig", {},
-                      "LLM-Pruner / Torch-Pruning at its best: global ranking, minimum widths (peers/llm_pruner.py)"),
-    "minitron": Peer("minitron", "prune_minitron", "MinitronConfig", {},
-                     "Minitron width pruning: activation importance, global ranking (peers/minitron.py)"),
-    "flap": Peer("flap", "prune_flap", "FlapConfig", {},
-                 "FLAP: fluctuation importance, standardised global ranking, bias compensation (peers/flap.py)"),
+                      "LLM-Pruner / Torch-Pruning at its best: per-kind global ranking of mean-normalised Taylor "
+                      "importance, layers 4..27, minimum widths (peers/llm_pruner.py)",
+                      by_ratio={0.2: {"attention_share": 0.0}}),
+    "minitron": Peer("minitron", "prune_minitron", "MinitronConfig", {"calib_sequences": 512},
+                     "Minitron width pruning: activation importance, uniform MLP width, heads kept "
+                     "(peers/minitron.py)"),
+    "flap": Peer("flap", "prune_flap", "FlapConfig", {"calib_sequences": 512},
+                 "FLAP: fluctuation importance, standardised ranking across layers and kinds (AL-AM), bias "
+                 "compensation, KV groups allowed (peers/flap.py)"),
 }
 
 
@@ -144,6 +151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--ppl-seq-len", type=int, default=256)
     p.add_argument("--ppl-windows", type=int, default=128, help="windows per split and source, spread evenly")
+    p.add_argument("--splits", default="validation,test",
+                   help="splits to score: tuning rows (--work elsewhere) score validation only")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                    help="extra option for every lorashear row (PruneConfig) or peer (its config), YAML value")
@@ -217,8 +226,11 @@ class Bench:
         from lorashear.evaluation.perplexity import perplexity
 
         a = self.args
+        wanted = {s.strip() for s in a.splits.split(",")}
         out = {}
         for spec in EVAL_SPECS:
+            if spec.rsplit("-", 1)[-1] not in wanted:
+                continue
             r = perplexity(model, self.stream(spec), seq_len=a.ppl_seq_len, max_windows=a.ppl_windows, source=spec,
                            batch_size=8)
             out[spec] = {"ppl": r.perplexity, "ci": [r.ci_low, r.ci_high], "nll": r.nll, "tokens": r.num_tokens,
@@ -228,7 +240,8 @@ class Bench:
 
     def protocol(self) -> dict[str, Any]:
         a = self.args
-        return {"version": PROTOCOL_VERSION, "seq_len": a.ppl_seq_len, "windows": a.ppl_windows, "spread": True}
+        return {"version": PROTOCOL_VERSION, "seq_len": a.ppl_seq_len, "windows": a.ppl_windows, "spread": True,
+                "splits": a.splits}
 
     # -- training --------------------------------------------------------------------------------
     def train_ids(self, seed: int):
@@ -276,7 +289,8 @@ class Bench:
 
         peer = PEERS[base]
         module = importlib.import_module(peer.module)
-        values = {**peer.settings, "ratio": ratio, "seed": seed, **self.extra}
+        values = {**peer.settings, **peer.by_ratio.get(round(ratio, 4), {}), "ratio": ratio, "seed": seed,
+                  **self.extra}
         cfg = config_from_dict(getattr(module, peer.config), values)
         model = lorashear.load_model(MODEL)
         dense_flops = forward_flops_per_token(model, self.args.seq_len)
