@@ -519,6 +519,34 @@ def test_a_checkpoint_of_another_run_is_still_refused(models, interrupted, tmp_p
     assert_one_line(code, lines, "prune", "belongs to another run", "lr", "--force")
 
 
+def test_a_standalone_prune_knows_its_model_by_content(models, tmp_path, capsys, monkeypatch):
+    """The same model named another way resumes; other weights at the same path are another run."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(models["tiny"], model_dir)
+    out = tmp_path / "p"
+    args = [*PRUNE_MASKED, "--checkpoint-every", "1", "--keep-checkpoints", "2"]
+    from lorashear.cli import build_parser
+    from lorashear.commands._stage import stage_config
+    from lorashear.stages import prune as prune_stage
+    from lorashear.stages.prune import PruneConfig
+
+    parsed = build_parser().parse_args(["prune", str(model_dir), "--out", str(out), *args])
+    assert prune_stage.run(stage_config(PruneConfig, parsed, model=parsed.model, out=parsed.out), stop_after=4) is None
+    spare = tmp_path / "spare"
+    shutil.copytree(out, spare)
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", "prune", "./m/", "--out", str(out), *args, "--resume"]) == 0  # another spelling: resumes
+    assert json.loads((out / "prune_report.json").read_text())["resumed_from"] == 4
+    shutil.rmtree(out)
+    shutil.copytree(spare, out)
+    weights = load_file(str(model_dir / "model.safetensors"))
+    save_file({k: v + 0.01 for k, v in weights.items()}, str(model_dir / "model.safetensors"))  # other weights
+    code, lines = cli(capsys, "prune", model_dir, "--out", out, *args, "--resume")
+    assert_one_line(code, lines, "prune", "belongs to another run", "model", "--force")
+
+
 @pytest.mark.parametrize("damage", ["bad-state-json", "missing-state-json", "truncated-params", "state-without-step",
                                     "rng-wrong-content", "cut-rng-list"])
 def test_a_corrupt_recover_checkpoint_is_one_line(damage, tmp_path):

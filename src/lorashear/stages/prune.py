@@ -171,6 +171,10 @@ def run_settings(config: PruneConfig, data: torch.Tensor) -> dict[str, Any]:
     from ..config import to_flat_dict
 
     settings = {k: v for k, v in to_flat_dict(config).items() if k not in NON_DEFINING}
+    if config.model:  # by content: the same directory named another way resumes, other weights there do not
+        from ..models.identity import model_identity
+
+        settings["model"] = model_identity(config.model)
     settings["data_shape"] = list(data.shape)
     settings["data_checksum"] = int(data[:, :8].long().sum()) if data.numel() else 0
     return settings
