@@ -228,3 +228,68 @@ def test_modelling_file_steps_aside_when_transformers_builds_per_layer(tmp_path,
     done = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True,
                           env=_plain_env(tmp_path), cwd=tmp_path, timeout=300)
     assert "NATIVE True" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- the reference model
+
+_REFERENCE_SCRIPT = r'''
+import sys
+sys.modules["lorashear"] = None
+import torch
+from transformers import AutoModelForCausalLM
+
+torch.set_num_threads(1)
+expected = torch.load(sys.argv[2])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()
+with torch.no_grad():
+    diff = (model(expected["ids"]).logits - expected["logits"]).abs().max().item()
+    out = model.generate(expected["ids"], max_new_tokens=4, do_sample=False)
+print("REFERENCE", type(model).__name__, diff, bool(torch.equal(out, expected["greedy"])))
+'''
+
+#: lm-eval's command line (``lm_eval ...``), run where lorashear cannot be imported
+_LM_EVAL_CLI = "import sys; sys.modules['lorashear'] = None; from lm_eval.__main__ import cli_evaluate; cli_evaluate()"
+
+
+@pytest.mark.integration
+def test_reference_model_pruned_per_layer_loads_and_evaluates_without_lorashear(tmp_path, one_thread) -> None:
+    """SmolLM2 (Llama) pruned differently per layer: plain transformers with ``trust_remote_code=True``
+    gives lorashear's logits, and lm-eval's own command line scores it on an offline task."""
+    from lorashear.evaluation.tasks import prepared_data_dir, read_manifest, write_task_yamls
+
+    model = lorashear.load_model("smollm2-135m-instruct")
+    tokenizer = lorashear.load_tokenizer("smollm2-135m-instruct")
+    prunable = lorashear.discover(model).prunable()
+
+    def pick(kind: str, layer: int, count: int) -> list:
+        return [g for g in prunable if g.kind == kind and g.layer == layer][:count]
+
+    selection = pick("mlp_channel", 3, 256) + pick("mlp_channel", 10, 128) + pick("kv_group", 5, 1)
+    selection += pick("attention_head", 20, 1)
+    out = tmp_path / "pruned"
+    lorashear.save_pretrained(lorashear.compact(model, selection), out, tokenizer=tokenizer)
+    assert json.loads((out / "config.json").read_text())["auto_map"]
+    ids = tokenizer("The capital of France is Paris, and the capital of Italy is", return_tensors="pt").input_ids
+    reloaded = lorashear.load_pretrained(out).eval()
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": reloaded(ids).logits,
+                    "greedy": reloaded.generate(ids, max_new_tokens=4, do_sample=False)}, tmp_path / "expected.pt")
+    done = subprocess.run([sys.executable, "-c", _REFERENCE_SCRIPT, str(out), str(tmp_path / "expected.pt")],
+                          capture_output=True, text=True, env=_plain_env(tmp_path), cwd=tmp_path, timeout=600)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("REFERENCE ")), None)
+    assert line is not None, done.stdout[-2000:] + done.stderr[-3000:]
+    _, name, diff, greedy = line.split()
+    assert name == "LorashearLlamaForCausalLM" and float(diff) <= 1e-5 and greedy == "True"
+
+    if read_manifest(prepared_data_dir()) is None:
+        pytest.skip("offline zero-shot tasks not prepared (prepare_eval_data())")
+    write_task_yamls(tmp_path / "tasks", names=["lorashear_zs_arc_easy"])
+    done = subprocess.run(
+        [sys.executable, "-c", _LM_EVAL_CLI, "--model", "hf",
+         "--model_args", f"pretrained={out},trust_remote_code=True,dtype=float32",
+         "--tasks", "lorashear_zs_arc_easy", "--include_path", str(tmp_path / "tasks"),
+         "--limit", "3", "--device", "cpu", "--batch_size", "4"],
+        capture_output=True, text=True, env={**_plain_env(tmp_path), "HF_DATASETS_OFFLINE": "1"}, cwd=tmp_path,
+        timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "|lorashear_zs_arc_easy|" in done.stdout and "acc" in done.stdout, done.stdout[-2000:]
