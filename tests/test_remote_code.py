@@ -26,9 +26,10 @@ IDS = torch.tensor([[1, 5, 9, 14, 3, 7, 22, 40, 11, 2, 60, 8]])
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _prune(family: str, *, uniform: bool = False) -> torch.nn.Module:
+def _prune(family: str, *, uniform: bool = False, empty_ffn: bool = False) -> torch.nn.Module:
     """A tiny model of ``family`` with different widths per layer: layer 0 loses a KV group and 2 MLP
-    channels, layer 1 a query head slot and 5 MLP channels (``uniform``: both layers lose 4 MLP channels)."""
+    channels, layer 1 a query head slot and 5 MLP channels (``uniform``: both layers lose 4 MLP channels;
+    ``empty_ffn``: layer 1 loses its whole MLP, layer 0 three channels)."""
     model = tiny_model(family)
     graph = lorashear.discover(model)
     prunable = graph.prunable()
@@ -38,6 +39,8 @@ def _prune(family: str, *, uniform: bool = False) -> torch.nn.Module:
 
     if uniform:
         selection = pick("mlp_channel", 0, 4) + pick("mlp_channel", 1, 4)
+    elif empty_ffn:
+        selection = pick("mlp_channel", 0, 3) + pick("mlp_channel", 1, 10**6)
     else:
         selection = pick("kv_group", 0, 1) + pick("mlp_channel", 0, 2)
         selection += pick("attention_head", 1, 1) + pick("mlp_channel", 1, 5)
@@ -73,8 +76,7 @@ report = {}
 for family, case in cases.items():
     model = AutoModelForCausalLM.from_pretrained(case["dir"], trust_remote_code=True, dtype=torch.float32).eval()
     row = {"class": type(model).__name__,
-           "widths": [[int(p.shape[0]) for n, p in layer.named_parameters() if n.endswith(case["probe"])]
-                      for layer in model.model.layers]}
+           "widths": [sorted(str(tuple(p.shape)) for p in layer.parameters()) for layer in model.model.layers]}
     expected = torch.load(case["expected"])
     with torch.no_grad():
         logits = model(ids).logits
@@ -115,17 +117,16 @@ def _expected(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def test_plain_transformers_loads_every_covered_family_without_lorashear(tmp_path, one_thread) -> None:
     cases: dict[str, object] = {"__ids__": IDS.tolist()}
-    for family in COVERED:
+    for family in (*COVERED, "llama_empty_ffn"):
         out = tmp_path / family
-        lorashear.save_pretrained(_prune(family), out)
+        lorashear.save_pretrained(_prune("llama", empty_ffn=True) if family == "llama_empty_ffn" else _prune(family), out)
         config = json.loads((out / "config.json").read_text())
         assert config["per_layer_config"], family
         assert config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_lorashear."), family
         assert (out / REMOTE_CODE_FILE).read_text() == remote_code_source()  # copied verbatim
         torch.save(_expected(lorashear.load_pretrained(out).eval()), tmp_path / f"{family}.pt")
-        probe = "qkv_proj.weight" if family == "phi3" else "q_proj.weight"
         cases[family] = {"dir": str(out), "expected": str(tmp_path / f"{family}.pt"),
-                         "resaved": str(tmp_path / f"{family}-resaved"), "probe": probe}
+                         "resaved": str(tmp_path / f"{family}-resaved")}
     uniform = tmp_path / "uniform"
     lorashear.save_pretrained(_prune("llama", uniform=True), uniform)
 
@@ -135,9 +136,9 @@ def test_plain_transformers_loads_every_covered_family_without_lorashear(tmp_pat
     assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-4000:]
     report = json.loads(lines[-1].removeprefix("REPORT "))
     assert report.pop("__plain_class__") == "LlamaForCausalLM"
-    for family in COVERED:
+    for family in (*COVERED, "llama_empty_ffn"):
         row = report[family]
-        stem = REMOTE_CODE_FAMILIES[family]
+        stem = REMOTE_CODE_FAMILIES[family.removesuffix("_empty_ffn")]
         assert row["class"] == row["resaved_class"] == f"Lorashear{stem}ForCausalLM", (family, row)
         assert len(set(map(tuple, row["widths"]))) > 1, (family, row)  # the layers really differ
         assert row["max_diff"] <= 1e-5, (family, row)
