@@ -84,6 +84,14 @@ for family, case in cases.items():
     with torch.no_grad():
         out = model.generate(ids[:, :6], max_new_tokens=5, do_sample=False, pad_token_id=0)
     row["generate_equal"] = bool(torch.equal(out, expected["greedy"]))
+    # built from the config alone: the same shapes, the family's own init (normal, initializer_range)
+    from transformers import AutoConfig
+    fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(case["dir"], trust_remote_code=True),
+                                             trust_remote_code=True)
+    row["fresh_shapes_equal"] = {n: p.shape for n, p in fresh.named_parameters()} == {
+        n: p.shape for n, p in model.named_parameters()}
+    matrices = [p.flatten() for p in fresh.model.layers.parameters() if p.dim() == 2 and p.numel()]
+    row["fresh_std"] = torch.cat(matrices).std().item()
     # save + reload round trip (the modelling file travels with it)
     model.save_pretrained(case["resaved"])
     again = AutoModelForCausalLM.from_pretrained(case["resaved"], trust_remote_code=True, dtype=torch.float32).eval()
@@ -142,6 +150,7 @@ def test_plain_transformers_loads_every_covered_family_without_lorashear(tmp_pat
         assert row["class"] == row["resaved_class"] == f"Lorashear{stem}ForCausalLM", (family, row)
         assert len(set(map(tuple, row["widths"]))) > 1, (family, row)  # the layers really differ
         assert row["max_diff"] <= 1e-5, (family, row)
+        assert row["fresh_shapes_equal"] and abs(row["fresh_std"] - 0.02) < 0.004, (family, row)
         assert row["generate_equal"], (family, row)
         assert row["resaved_diff"] <= 1e-5, (family, row)
         assert row["lora_modules"] > 0 and row["lora_moved"] and row["loss_finite"], (family, row)

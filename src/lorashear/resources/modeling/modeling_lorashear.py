@@ -96,6 +96,8 @@ class _PerLayerWidths:
         for module in self.modules():
             if getattr(module, "config", None) is global_config:
                 module.config = config
+        # the family's own weight init for the new layers (only modules not initialised yet; nothing on meta)
+        self.init_weights()
 
 
 class LorashearLlamaConfig(LlamaConfig):
