@@ -370,33 +370,25 @@ def _run(config: PruneConfig, out: Path, *, model: Any, tokenizer: Any, data: to
             outcome.compaction_logit_diff, optimizer = _compact_in_training(peft_model, lh, data, config.verify,
                                                                             accelerator.device)
     rounds = None
-    if mid and recovers:
+    if mid:  # the small model trains for the rest of the budget
         if not _post_pruning_needs_teacher(config):
             loss_fn = lm_loss  # the teacher is no longer needed: let it go
-        if optimizer is None:  # resumed after the compaction: the checkpoint fills its state
-            from ..lhspg.optimizer import lora_parameters, make_optimizer
+        common: dict[str, Any] = {
+            "loss_fn": loss_fn, "hooks": [*hooks, PrunedLogFields(outcome)], "accelerator": accelerator,
+            "stop_after": stop_after, "run_settings": settings, "extra_params": _base_weight_names(peft_model),
+            "extra_state": {"pruning": outcome.to_dict()}}
+        if recovers:
+            if optimizer is None:  # resumed after the compaction: the checkpoint fills its state
+                from ..lhspg.optimizer import lora_parameters, make_optimizer
 
-            optimizer = make_optimizer(lora_parameters(peft_model), train.optimizer, train.lr, train.weight_decay)
-        rounds = train_rounds(peft_model, sources, dense_losses, config.post, train_config=train,
-                              start=outcome.compact_step, optimizer=optimizer, checkpoint_root=small_dir,
-                              resume=config.resume, loss_fn=loss_fn, hooks=[*hooks, PrunedLogFields(outcome)],
-                              accelerator=accelerator, stop_after=stop_after, run_settings=settings,
-                              extra_params=_base_weight_names(peft_model), extra_state={"pruning": outcome.to_dict()})
-        if rounds.stopped_early:
-            return None
-        log = (log or outcome.log) + rounds.log
-        resumed_from = rounds.resumed_from if rounds.resumed_from is not None else resumed_from
-        steps_done, tokens_seen = rounds.steps_done, rounds.tokens_seen
-        train_wall = outcome.train_wall_time_s + rounds.wall_time_s
-    elif mid:
-        if not _post_pruning_needs_teacher(config):
-            loss_fn = lm_loss  # the teacher is no longer needed: let it go
-        after_hooks = [*hooks, PrunedLogFields(outcome)]
-        second = train_loop(peft_model, data, config=train, loss_fn=loss_fn, hooks=after_hooks, accelerator=accelerator,
-                            checkpoint_dir=small_dir, resume=config.resume and optimizer is None, stop_after=stop_after,
-                            desc="train pruned", run_settings=settings, optimizer=optimizer,
-                            start_step=outcome.compact_step, extra_params=_base_weight_names(peft_model),
-                            extra_state={"pruning": outcome.to_dict()})
+                optimizer = make_optimizer(lora_parameters(peft_model), train.optimizer, train.lr, train.weight_decay)
+            second = rounds = train_rounds(peft_model, sources, dense_losses, config.post, train_config=train,
+                                           start=outcome.compact_step, optimizer=optimizer, checkpoint_root=small_dir,
+                                           resume=config.resume, **common)
+        else:
+            second = train_loop(peft_model, data, config=train, checkpoint_dir=small_dir, desc="train pruned",
+                                resume=config.resume and optimizer is None, optimizer=optimizer,
+                                start_step=outcome.compact_step, **common)
         if second.stopped_early:
             return None
         log = (log or outcome.log) + second.log
