@@ -72,6 +72,8 @@ def test_run_pipeline_end_to_end(tiny_dir, tmp_path, capsys) -> None:
     kept = report["kept_per_layer"]["mlp_channel"]["1"]
     assert "| 1 | " in run_report and f"{kept['kept']} / {kept['total']}" in run_report
     assert "## Load and serve" in run_report and f"lorashear export {out / 'pruned'}" in run_report
+    non_uniform = "per_layer_config" in json.loads((out / "pruned" / "config.json").read_text())
+    assert ("trust_remote_code=True" in run_report) == non_uniform
     # the saved config reproduces the run's settings when read back with --config
     saved = yaml.safe_load((out / pipeline.CONFIG_FILE).read_text())
     again = config_from_dict(pipeline.PipelineConfig, saved)

@@ -253,9 +253,11 @@ def _serving(model_dir: str | None, non_uniform: bool) -> list[str]:
     rel = model_dir  # as the run was given it: relative to where the run was started
     out = ["## Load and serve", "", "In Python:", "", "```python"]
     if non_uniform:
-        out += ["import lorashear", "",
-                f"model = lorashear.load_pretrained(\"{rel}\")   # layers of different widths (per_layer_config)",
-                f"tokenizer = lorashear.load_tokenizer(\"{rel}\")"]
+        out += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                "# layers of different widths (per_layer_config): the directory carries its own modelling file",
+                f"model = AutoModelForCausalLM.from_pretrained(\"{rel}\", trust_remote_code=True)",
+                f"tokenizer = AutoTokenizer.from_pretrained(\"{rel}\")",
+                f"# or, with lorashear installed: model = lorashear.load_pretrained(\"{rel}\")"]
     else:
         out += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                 f"model = AutoModelForCausalLM.from_pretrained(\"{rel}\")   # every layer has the same widths",
@@ -267,10 +269,11 @@ def _serving(model_dir: str | None, non_uniform: bool) -> list[str]:
             "```", "", "or from Python with llama-cpp-python: "
             "`llama_cpp.Llama(model_path=\"model-q8_0.gguf\")(\"Hello\", max_tokens=64)`.", ""]
     if non_uniform:
-        out += ["vLLM and transformers' own Llama class build every layer at one width, so they cannot load this "
-                "model (its layers differ: the knowledge analysis protects some blocks, and the recipe may give "
-                "layers different shares). For a model they can load, prune every layer alike: "
-                "`--uniform-per-layer` without the knowledge analysis (`--stages prune,eval`).", ""]
+        out += ["Its layers differ (the knowledge analysis protects some blocks, and the recipe gives layers "
+                "different shares), so plain transformers needs `trust_remote_code=True` (lm-eval: "
+                "`--model_args pretrained=DIR,trust_remote_code=True`), and vLLM cannot load it. For a model every "
+                "engine loads as it is, prune every layer alike: `--uniform-per-layer` without the knowledge "
+                "analysis (`--stages prune,eval`).", ""]
     return out
 
 
