@@ -204,3 +204,12 @@ def test_run_prune_stage_under_accelerate_launch(tiny_dir, tmp_path) -> None:
     assert report["params"]["after"] < report["params"]["before"]
     result = json.loads((out / pipeline.RESULT_FILE).read_text())
     assert result["stages_run"] == ["prune"] and (out / "report.md").is_file()
+
+
+def test_zero_shot_rows_within_their_standard_errors_say_so() -> None:
+    from lorashear.stages.report import _within_stderr
+
+    dense = {"acc": 0.30, "acc_stderr": 0.065}  # 50 items
+    assert _within_stderr(dense, {"acc": 0.38, "acc_stderr": 0.069}) == "same within s.e."  # 1.27x, but noise
+    assert _within_stderr(dense, {"acc": 0.60, "acc_stderr": 0.069}) is None  # 2x: shown as a ratio
+    assert _within_stderr(dense, {"acc": 0.38}) is None  # no standard error: no claim

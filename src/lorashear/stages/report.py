@@ -70,6 +70,15 @@ def _ratio(a: Any, b: Any) -> str:
     return f"{a / b:.3f}"
 
 
+def _within_stderr(dense: dict[str, Any] | None, pruned: dict[str, Any] | None) -> str | None:
+    """``"same within s.e."`` when two accuracies differ by no more than their standard errors combined (a ratio
+    of two scores on 50 items would otherwise read as a real 1.27x or 0.57x); None otherwise."""
+    if not dense or not pruned or dense.get("acc_stderr") is None or pruned.get("acc_stderr") is None:
+        return None
+    combined = math.hypot(dense["acc_stderr"], pruned["acc_stderr"])
+    return "same within s.e." if abs(pruned["acc"] - dense["acc"]) <= combined else None
+
+
 def _before_after(ev: dict[str, Any], layout: RunLayout) -> list[str]:
     models = {m["role"]: m for m in ev.get("models", [])}
     base, model = models.get("baseline"), models.get("model")
@@ -113,16 +122,18 @@ def _before_after(ev: dict[str, Any], layout: RunLayout) -> list[str]:
             if t["task"] not in tasks:
                 tasks.append(t["task"])
 
-    def task_acc(task: str):
-        def get(m: dict[str, Any]) -> Any:
-            for t in (m.get("tasks") or {}).get("tasks", []):
-                if t["task"] == task and t.get("error") is None and t.get("acc") is not None:
-                    return 100 * t["acc"]
-            return None
-        return get
+    def task_result(m: dict[str, Any], task: str) -> dict[str, Any] | None:
+        for t in (m.get("tasks") or {}).get("tasks", []):
+            if t["task"] == task and t.get("error") is None and t.get("acc") is not None:
+                return t
+        return None
 
     for task in tasks:
-        rows.append(row(f"zero-shot acc, `{task}` (%)", task_acc(task), ".1f"))
+        cells = row(f"zero-shot acc, `{task}` (%)",
+                    lambda m, task=task: 100 * t["acc"] if (t := task_result(m, task)) else None, ".1f")
+        if base and model:
+            cells[-1] = _within_stderr(task_result(base, task), task_result(model, task)) or cells[-1]
+        rows.append(cells)
     batch_sizes = sorted({b["batch_size"] for m in cols for b in (m.get("speed") or {}).get("batches", [])})
     for bs in batch_sizes:
         rows.append(row(f"decode, batch {bs} (tok/s)", lambda m, bs=bs: batch(m, bs, "decode_tokens_per_s"), ".1f"))
