@@ -199,7 +199,9 @@ def _kept_widths(prune: dict[str, Any]) -> list[str]:
     kinds = [k for k in ("attention_head", "kv_group", "mlp_channel") if k in kept]
     if not kinds:
         return []
-    labels = {"attention_head": "query heads", "kv_group": "KV groups", "mlp_channel": "MLP channels"}
+    # an attention_head group is a query-head slot: one query head of every KV group (9 heads = 3 slots x 3 groups)
+    labels = {"attention_head": "query-head slots (per KV group)", "kv_group": "KV groups",
+              "mlp_channel": "MLP channels"}
     layers = sorted({int(i) for k in kinds for i in kept[k]})
     rows = []
     for i in layers:
@@ -208,7 +210,9 @@ def _kept_widths(prune: dict[str, Any]) -> list[str]:
             c = kept[k].get(str(i))
             row.append("-" if c is None else f"{c['kept']} / {c['total']}")
         rows.append(row)
-    return ["Kept width per layer (kept / original):", "", *_table(["layer", *(labels[k] for k in kinds)], rows)]
+    return ["Kept width per layer (kept / original). A query-head slot is one query head from every KV group (the "
+            "heads that share keys and values keep equal numbers): k slots are k x (KV groups) query heads, e.g. "
+            "`2 / 3` with 3 KV groups is 6 of 9.", "", *_table(["layer", *(labels[k] for k in kinds)], rows)]
 
 
 def _pruning(prune: dict[str, Any] | None, layout: RunLayout) -> list[str]:
