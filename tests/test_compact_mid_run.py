@@ -208,3 +208,13 @@ def test_recovery_after_pruning_needs_the_compaction():
 
     with pytest.raises(ConfigError, match="compact-at prune_end"):
         _stage_cfg("x", post_pruning="recover", compact_at="end")
+
+
+def test_the_log_keeps_cross_entropy_and_kl_apart(tmp_path):
+    """The mixed objective 0.5 CE + 0.5 KL jumps to CE when pruning ends; the log keeps CE comparable throughout."""
+    result = _run(tmp_path / "p", distill_weight=0.5, distill_after_pruning=0.0)
+    log = result.report["log"]
+    end = result.report["schedule"]["prune_end"]
+    for r in log[:end]:
+        assert r["loss"] == pytest.approx(0.5 * r["ce"] + 0.5 * r["kl"], rel=1e-5)
+    assert all("kl" not in r for r in log[end:])  # no teacher after pruning: the loss is the cross-entropy

@@ -44,11 +44,11 @@ from ..models.lora import LoraSettings, attach_lora
 from ..models.params import count_params, embedding_params
 from ..recipes import DEFAULT_RECIPE, RECIPES
 from ..recovery.rounds import RoundsConfig, train_rounds
-from ..training.hooks import KLShareSwitch
+from ..training.hooks import KLShareSwitch, LossPartsLog
 from ..training.checkpoint import latest_checkpoint
 from ..training.loop import StepHook, TrainConfig, checkpoint_root, make_accelerator, train_lhspg
 from ..training.loop import train as train_loop
-from ..training.losses import DistillConfig, KLShare, distillation_loss, lm_loss, make_teacher
+from ..training.losses import DistillConfig, KLShare, LossParts, distillation_loss, lm_loss, make_teacher
 from ..training.report import kept_per_layer, plot_prune
 
 logger = logging.getLogger(__name__)
@@ -339,7 +339,7 @@ def _run(config: PruneConfig, out: Path, *, model: Any, tokenizer: Any, data: to
     if config.force and ckpt_dir.is_dir():
         logger.info("--force: removing the checkpoints of an earlier run in %s", ckpt_dir)
         shutil.rmtree(ckpt_dir)
-    share = KLShare(config.distill.weight)
+    share = KLShare(config.distill.weight, parts=LossParts())
     loss_fn, hooks = _loss_and_hooks(config, teacher, data, lcfg, share, accelerator)
     del teacher
     settings = run_settings(config, data)
@@ -617,6 +617,7 @@ def _loss_and_hooks(config: PruneConfig, teacher: Any, data: torch.Tensor, lcfg:
         cache = build_topk_cache(teacher, data, rows, k=config.distill.topk, batch_size=train.batch_size)
         return topk_distillation_loss(cache, share, config.distill.temperature), hooks
     if teacher is not None:
+        hooks.append(LossPartsLog(share.parts))
         return distillation_loss(teacher, config.distill, share), hooks
     return lm_loss, hooks
 

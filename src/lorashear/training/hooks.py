@@ -97,6 +97,20 @@ class LHSPGHook(StepHook):
         self.lhspg.load_state_dict(state)
 
 
+class LossPartsLog(StepHook):
+    """Cross-entropy and KL of each step (from :class:`~lorashear.training.losses.LossParts`) in the step log."""
+
+    def __init__(self, parts: Any) -> None:
+        self.parts = parts
+
+    def before_micro_batch(self, step: int, micro: int) -> None:
+        if micro == 0:
+            self.parts.reset()
+
+    def log_fields(self) -> dict[str, Any]:
+        return self.parts.fields()
+
+
 class KLShareSwitch(StepHook):
     """Sets a distillation loss's KL share by the step: ``before`` until step ``at``, ``after`` from it on.
 

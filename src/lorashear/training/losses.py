@@ -67,10 +67,42 @@ class DistillConfig:
 
 
 @dataclass
+class LossParts:
+    """The two terms of a distillation loss over one optimizer step's micro-batches (for the step log: the mixed
+    objective changes meaning when the KL share does, cross-entropy alone stays comparable)."""
+
+    ce_sum: float = 0.0
+    kl_sum: float = 0.0
+    ce_count: int = 0
+    kl_count: int = 0
+
+    def reset(self) -> None:
+        self.ce_sum = self.kl_sum = 0.0
+        self.ce_count = self.kl_count = 0
+
+    def add(self, ce: torch.Tensor, kl: torch.Tensor | None) -> None:
+        self.ce_sum += float(ce.detach())
+        self.ce_count += 1
+        if kl is not None:
+            self.kl_sum += float(kl.detach())
+            self.kl_count += 1
+
+    def fields(self) -> dict[str, float]:
+        out = {}
+        if self.ce_count:
+            out["ce"] = self.ce_sum / self.ce_count
+        if self.kl_count:
+            out["kl"] = self.kl_sum / self.kl_count
+        return out
+
+
+@dataclass
 class KLShare:
-    """The KL term's share ``w`` in a distillation loss, read at every call; a step hook may change it."""
+    """The KL term's share ``w`` in a distillation loss, read at every call; a step hook may change it.
+    ``parts``, when set, receives each call's cross-entropy and KL."""
 
     value: float
+    parts: LossParts | None = None
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
@@ -103,10 +135,14 @@ def distillation_loss(teacher: torch.nn.Module, config: DistillConfig, share: KL
         w = mix.value
         out = model(input_ids=batch, labels=batch, use_cache=False)
         if w == 0.0:
+            if mix.parts is not None:
+                mix.parts.add(out.loss, None)
             return out.loss
         with torch.no_grad():
             t_logits = teacher(input_ids=batch, use_cache=False).logits
         kl = kl_to_teacher(out.logits, t_logits, temp)
+        if mix.parts is not None:
+            mix.parts.add(out.loss, kl)
         return kl if w == 1.0 else (1.0 - w) * out.loss + w * kl
 
     return loss

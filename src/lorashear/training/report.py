@@ -35,16 +35,22 @@ def plot_prune(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     log = report.get("log", [])
     fig, (ax1, ax3) = plt.subplots(1, 2, figsize=(12, 4.5))
     steps = [r["step"] for r in log]
-    ax1.plot(steps, [r["loss"] for r in log], color="tab:blue", lw=1, label="loss")
+    # cross-entropy throughout (the mixed objective changes meaning when the KL share switches), KL apart
+    ax1.plot(steps, [r.get("ce", r["loss"]) for r in log], color="tab:blue", lw=1, label="cross-entropy")
+    kl = [(r["step"], r["kl"]) for r in log if "kl" in r]
+    if kl:
+        ax1.plot([k[0] for k in kl], [k[1] for k in kl], color="tab:green", lw=1, ls="--",
+                 label="KL to the dense model")
+        ax1.legend(loc="upper right")
     ax1.set_xlabel("optimizer step")
-    ax1.set_ylabel("training loss", color="tab:blue")
+    ax1.set_ylabel("training loss (cross-entropy; KL dashed)", color="tab:blue")
     ax2 = ax1.twinx()
     ax2.plot(steps, [r["group_sparsity"] for r in log], color="tab:red", lw=1.5, label="group sparsity")
     ax2.set_ylabel("committed / candidate groups", color="tab:red")
     sched = report.get("schedule", {})
     for b in sched.get("period_boundaries", []):
         ax1.axvline(b, color="0.85", lw=0.8, zorder=0)
-    ax1.set_title("LHSPG: loss and sparsity (grey: period boundaries)")
+    ax1.set_title("LHSPG: cross-entropy, KL and sparsity (grey: period boundaries)")
     kept = report.get("kept_per_layer", {})
     labels = {"attention_head": "query-head slots", "kv_group": "KV groups", "mlp_channel": "MLP channels",
               "hidden_channel": "hidden channels"}
