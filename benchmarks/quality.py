@@ -345,14 +345,16 @@ class Bench:
         dense = lorashear.load_model(MODEL)
         f_dense = forward_flops_per_token(dense, a.seq_len)
         per_step = a.batch_size * a.seq_len
-        compute = Compute()
-        compute.train(rep["steps"] * per_step, f_dense)
-        s = rep["settings"]
-        distill = s["distill"]
-        if distill["weight"] > 0:
-            after = distill.get("after_pruning")
-            teacher_steps = rep["steps"] if after is None or after > 0 else rep["schedule"]["prune_end"]
-            compute.teacher(teacher_steps * per_step, f_dense)
+        if "compute" in rep:  # the prune stage counts its passes at the width of every step (since b1a2455)
+            compute = Compute(**rep["compute"])
+        else:  # earlier prune reports: the masked model at full width for every step
+            compute = Compute()
+            compute.train(rep["steps"] * per_step, f_dense)
+            distill = rep["settings"]["distill"]
+            if distill["weight"] > 0:
+                after = distill.get("after_pruning")
+                teacher_steps = rep["steps"] if after is None or after > 0 else rep["schedule"]["prune_end"]
+                compute.teacher(teacher_steps * per_step, f_dense)
         if values.get("knowledge"):
             k = json.loads(Path(values["knowledge"]).read_text())
             kc = k["config"]
