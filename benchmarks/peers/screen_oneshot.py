@@ -104,6 +104,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _to_plain(value: Any) -> Any:
+    """FLAP's moment objects as plain dicts of tensors (``weights_only`` loading accepts nothing else)."""
+    if isinstance(value, flap.ChannelMoments):
+        return {"__moments__": True, "n": value.n, "sum": value.sum, "sumsq": value.sumsq}
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
+
+
+def _from_plain(value: Any) -> Any:
+    if isinstance(value, dict) and value.get("__moments__"):
+        moments = flap.ChannelMoments(value["sum"].numel())
+        moments.n, moments.sum, moments.sumsq = value["n"], value["sum"], value["sumsq"]
+        return moments
+    if isinstance(value, dict):
+        return {k: _from_plain(v) for k, v in value.items()}
+    return value
+
+
 class Screen:
     def __init__(self, args: argparse.Namespace) -> None:
         import lorashear
@@ -139,12 +158,12 @@ class Screen:
     # -- calibration -----------------------------------------------------------------------------
     def _cached(self, name: str, make):
         path = self.work / f"{name}_{self.tag}.pt"
-        if path.is_file():
-            return torch.load(path, weights_only=False)
+        if path.is_file():  # tensors and plain containers only: no pickled object is ever loaded
+            return _from_plain(torch.load(path, weights_only=True))
         t0 = time.perf_counter()
         value = make()
         value["seconds"] = time.perf_counter() - t0
-        torch.save(value, path)
+        torch.save(_to_plain(value), path)
         return value
 
     def forward_stats(self) -> dict[str, Any]:
@@ -335,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("forward", "gradients"):
         path = screen.work / f"{name}_{screen.tag}.pt"
         if path.is_file():
-            saved = torch.load(path, weights_only=False)
+            saved = torch.load(path, weights_only=True)
             seconds[name] = float(saved.get("seconds", 0.0))
             seqs[name] = int(saved["ids_shape"][0])
     command = shlex.join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", ""), "python",
