@@ -75,3 +75,16 @@ def test_compaction_on_reference_matches_masking(reference) -> None:
     with torch.no_grad():
         assert (small(ids).logits - masked).abs().max().item() <= 1e-4
     assert before - sum(p.numel() for p in small.parameters()) == graph.removed_params(selection)
+
+
+def test_recall_probe_dense_knows_its_facts(reference) -> None:
+    """The probe's headroom: the dense reference model answers most questions (measured 30 / 48 on
+    2026-12-05), so a pruned model's lost facts show, and every reply is recorded."""
+    from lorashear.evaluation.recall import recall_probe
+
+    model, tokenizer = reference
+    result = recall_probe(model, tokenizer)
+    assert result.chat_template and result.num_questions == len(result.replies) == 48
+    assert 0.5 <= result.accuracy < 1.0, [r["reply"] for r in result.replies]
+    paris = next(r for r in result.replies if "Japan" in r["question"])
+    assert paris["correct"] and "Tokyo" in paris["reply"]

@@ -41,6 +41,9 @@ class EvalConfig:
         "tokens between perplexity window starts (default: seq_len, disjoint windows)"))
     ppl_max_windows: int | None = field(default=64, metadata=_h(
         "perplexity windows, spread evenly over the whole text (none: every window)"))
+    recall: bool = field(default=True, metadata=_h(
+        "ask the factual-recall probe (48 questions of common fact with one-word answers, written for lorashear; "
+        "greedy replies, about 20 s for a 135M model on one CPU core)"))
     speed: bool = field(default=True, metadata=_h("measure size, latency, throughput and peak memory"))
     speed_prompt_len: int = field(default=128, metadata=_h("prompt length for the speed runs"))
     speed_new_tokens: int = field(default=32, metadata=_h("tokens generated per sequence in the speed runs"))

@@ -17,6 +17,7 @@ from ..errors import LorashearError
 from .config import EvalConfig
 from .harness import evaluate_tasks
 from .perplexity import load_eval_texts, perplexity, token_stream
+from .recall import recall_probe
 from .results import ModelEval
 from .speed import SpeedResult, measure_speed
 
@@ -88,6 +89,12 @@ def evaluate_model(
             except LorashearError as exc:
                 logger.warning("%s: perplexity on %s skipped: %s", name, source, exc)
                 result.errors[f"perplexity {source}"] = str(exc)
+    if config.recall:
+        try:
+            result.recall = recall_probe(model, tokenizer)
+        except LorashearError as exc:
+            logger.warning("%s: recall probe skipped: %s", name, exc)
+            result.errors["recall"] = str(exc)
     if config.tasks:
         try:
             result.tasks = evaluate_tasks(model, tokenizer, config.tasks, limit=config.limit,

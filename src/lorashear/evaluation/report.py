@@ -208,6 +208,7 @@ def _summary_rows(report: EvalReport) -> list[tuple[str, list[str], str]]:
     for source in report.config.ppl_more_sources:
         row(f"perplexity, {source}", [_fmt(m.more_perplexity[source].perplexity, ".3f")
                                       if source in m.more_perplexity else "-" for m in models])
+    row("factual recall (%)", [_pct(m.recall.accuracy) if m.recall else "-" for m in models], "recall")
     row("mean acc (%)", [_pct(m.tasks.mean("acc")) if m.tasks else "-" for m in models], "mean_acc")
     row("mean acc_norm (%)", [_pct(m.tasks.mean("acc_norm")) if m.tasks else "-" for m in models], "mean_acc_norm")
     batch_sizes = sorted({b.batch_size for m in models if m.speed for b in m.speed.batches})
@@ -300,6 +301,8 @@ def render_markdown(report: EvalReport, plots: dict[str, bool]) -> str:
                     "converted by `prepare_eval_data()`; documents shuffled once with a fixed seed, so a limit "
                     "scores the same random sample every run. BIG-bench canary: evaluation only.", ""]
 
+    out += _recall_section(models)
+
     ppl_models = [m for m in models if m.perplexity is not None]
     if ppl_models:
         p = ppl_models[0].perplexity
@@ -343,6 +346,38 @@ def render_markdown(report: EvalReport, plots: dict[str, bool]) -> str:
     out += ["## Reproduce", "", "```", _command(report), "```", "",
             "Raw numbers, the full configuration and library versions: `eval.json`.", ""]
     return "\n".join(out)
+
+
+def _recall_section(models: list[ModelEval]) -> list[str]:
+    """The recall probe: each model's score and, beside a baseline, the questions whose outcome differs."""
+    probed = [m for m in models if m.recall is not None]
+    if not probed:
+        return []
+    r0 = probed[0].recall
+    out = ["## Factual recall", "",
+           f"`{r0.probe}`: {r0.num_questions} questions of common fact with one-word answers, written for "  # type: ignore[union-attr]
+           "lorashear (`resources/probes/recall.json`), each asked once "
+           f"{'through the chat template ' if r0.chat_template else ''}with greedy decoding of at most "  # type: ignore[union-attr]
+           f"{r0.max_new_tokens} tokens; a reply scores when an accepted answer appears in it as a word. "  # type: ignore[union-attr]
+           "Evaluation only.", ""]
+    out += [_table(["model", "answered", "recall (%)"],
+                   [[_label(m), f"{m.recall.num_correct} / {m.recall.num_questions}",  # type: ignore[union-attr]
+                     f"{_pct(m.recall.accuracy)} ± {_pct(m.recall.stderr)}"] for m in probed]), ""]  # type: ignore[union-attr]
+    if len(probed) == 2:
+        (a, b) = probed
+        changed = [(x, y) for x, y in zip(a.recall.replies, b.recall.replies)  # type: ignore[union-attr]
+                   if x["question"] == y["question"] and x["correct"] != y["correct"]]
+        if changed:
+            out += [f"Questions whose outcome differs ({len(changed)}):", ""]
+            out += [_table(["question", _label(a), _label(b)],
+                           [[x["question"], _reply_cell(x), _reply_cell(y)] for x, y in changed[:20]],
+                           ["---", "---", "---"]), ""]
+    return out
+
+
+def _reply_cell(reply: dict[str, Any]) -> str:
+    text = reply["reply"].replace("|", "\\|").replace("\n", " ")
+    return f"{'✓' if reply['correct'] else '✗'} {text[:80]}"
 
 
 def _command(report: EvalReport) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 from .config import EvalConfig
 from .harness import TaskEvalResult
 from .perplexity import PerplexityResult
+from .recall import RecallResult
 from .speed import SpeedResult
 
 
@@ -27,6 +28,7 @@ class ModelEval:
     errors: dict[str, str] = field(default_factory=dict)  #: stage -> why it failed
     #: perplexity on each of ``ppl_more_sources``, by source
     more_perplexity: dict[str, PerplexityResult] = field(default_factory=dict)
+    recall: RecallResult | None = None  #: the factual-recall probe
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -37,6 +39,7 @@ class ModelEval:
             "speed": self.speed.to_dict() if self.speed else None,
             "errors": dict(self.errors),
             "more_perplexity": {k: v.to_dict() for k, v in self.more_perplexity.items()},
+            "recall": self.recall.to_dict() if self.recall else None,
         }
 
 
@@ -91,6 +94,8 @@ def ratios(report: EvalReport) -> dict[str, float]:
                 pairs[f"decode_tokens_per_s_bs{b.batch_size}"] = (m.decode_tokens_per_s, b.decode_tokens_per_s)
     if base.perplexity and model.perplexity:
         pairs["perplexity"] = (model.perplexity.perplexity, base.perplexity.perplexity)
+    if base.recall and model.recall:
+        pairs["recall"] = (model.recall.accuracy, base.recall.accuracy)
     if base.tasks and model.tasks:
         pairs["mean_acc"] = (model.tasks.mean("acc"), base.tasks.mean("acc"))
         pairs["mean_acc_norm"] = (model.tasks.mean("acc_norm"), base.tasks.mean("acc_norm"))

@@ -116,6 +116,8 @@ def _before_after(ev: dict[str, Any], layout: RunLayout) -> list[str]:
     for source in ev.get("config", {}).get("ppl_more_sources", []):
         rows.append(row(f"perplexity ({source})",
                         lambda m, s=source: ((m.get("more_perplexity") or {}).get(s) or {}).get("perplexity"), ".2f"))
+    rows.append(row("factual recall (%)", lambda m: 100 * m["recall"]["accuracy"] if m.get("recall") else None,
+                    ".1f"))
     tasks: list[str] = []
     for m in cols:
         for t in (m.get("tasks") or {}).get("tasks", []):

@@ -1,0 +1,141 @@
+"""A factual-recall probe: does the model still answer simple questions of fact?
+
+Perplexity on running text can stay close to dense while a pruned model has lost facts (asked "the
+capital of France", a pruned model named an invented city). The probe asks the questions in
+``resources/probes/recall.json`` (written for lorashear, one-word answers), each once, greedily,
+through the tokenizer's chat template when it has one, and scores a question when one of its accepted
+answers appears as a word in the first ``max_new_tokens`` tokens of the reply.
+
+Evaluation only: nothing trains or calibrates on these questions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from ..errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+PROBE_RESOURCE = "probes/recall.json"
+#: the instruction put before every question
+INSTRUCTION = ""
+
+
+@dataclass(frozen=True)
+class RecallQuestion:
+    question: str
+    answers: tuple[str, ...]  #: accepted answers, any one counts
+
+    def scores(self, reply: str) -> bool:
+        """An accepted answer appears in ``reply`` as a whole word (case and punctuation ignored)."""
+        words = _words(reply)
+        return any(_contains(words, _words(a)) for a in self.answers if _words(a))
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[0-9a-z]+(?:-[0-9a-z]+)*", text.lower())
+
+
+def _contains(words: list[str], phrase: list[str]) -> bool:
+    n = len(phrase)
+    return any(words[i:i + n] == phrase for i in range(len(words) - n + 1))
+
+
+@dataclass
+class RecallResult:
+    """The probe's outcome for one model."""
+
+    probe: str
+    num_questions: int
+    num_correct: int
+    max_new_tokens: int
+    chat_template: bool  #: questions were put through the tokenizer's chat template
+    replies: list[dict[str, Any]] = field(default_factory=list)  #: question, reply, correct
+
+    @property
+    def accuracy(self) -> float:
+        return self.num_correct / self.num_questions if self.num_questions else math.nan
+
+    @property
+    def stderr(self) -> float:
+        p, n = self.accuracy, self.num_questions
+        return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"probe": self.probe, "num_questions": self.num_questions, "num_correct": self.num_correct,
+                "accuracy": self.accuracy, "stderr": self.stderr, "max_new_tokens": self.max_new_tokens,
+                "chat_template": self.chat_template, "replies": list(self.replies)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RecallResult:
+        return cls(probe=d["probe"], num_questions=int(d["num_questions"]), num_correct=int(d["num_correct"]),
+                   max_new_tokens=int(d["max_new_tokens"]), chat_template=bool(d["chat_template"]),
+                   replies=list(d.get("replies", [])))
+
+
+def load_questions() -> tuple[str, list[RecallQuestion]]:
+    """The probe's name and questions, from the package's resources."""
+    text = resources.files("lorashear.resources").joinpath(PROBE_RESOURCE).read_text(encoding="utf-8")
+    data = json.loads(text)
+    questions = [RecallQuestion(q["q"], tuple(q["a"])) for q in data["questions"]]
+    if not questions:
+        raise DataError(f"the recall probe {PROBE_RESOURCE} has no questions")
+    return data["name"], questions
+
+
+def prompt_for(question: str, tokenizer: PreTrainedTokenizerBase) -> tuple[str, bool]:
+    """The text given to the model for ``question`` and whether the chat template made it."""
+    content = f"{INSTRUCTION} {question}".strip()
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+        return str(text), True
+    return f"Question: {content}\nAnswer:", False
+
+
+def recall_probe(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_new_tokens: int = 16,
+                 batch_size: int = 16) -> RecallResult:
+    """Ask every question of the probe greedily and score the replies (batched, left-padded)."""
+    import torch
+
+    name, questions = load_questions()
+    prompts = [prompt_for(q.question, tokenizer) for q in questions]
+    chat = all(used for _, used in prompts)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    replies: list[dict[str, Any]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(questions), batch_size):
+            chunk = prompts[start:start + batch_size]
+            ids = [tokenizer(text, add_special_tokens=not chat)["input_ids"] for text, _ in chunk]
+            width = max(len(i) for i in ids)
+            input_ids = torch.tensor([[pad_id] * (width - len(i)) + i for i in ids], device=device)
+            mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=device)
+            with torch.no_grad():
+                out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                     do_sample=False, pad_token_id=pad_id)
+            for q, row in zip(questions[start:start + batch_size], out[:, width:].tolist()):
+                reply = tokenizer.decode(row, skip_special_tokens=True).strip()
+                replies.append({"question": q.question, "answers": list(q.answers), "reply": reply,
+                                "correct": q.scores(reply)})
+    finally:
+        model.train(was_training)
+    correct = sum(r["correct"] for r in replies)
+    logger.info("recall probe: %d / %d questions answered", correct, len(replies))
+    return RecallResult(probe=name, num_questions=len(replies), num_correct=correct, max_new_tokens=max_new_tokens,
+                        chat_template=chat, replies=replies)
+
+
+__all__ = ["RecallQuestion", "RecallResult", "load_questions", "prompt_for", "recall_probe"]
