@@ -163,6 +163,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--rescore", action="store_true",
                    help="re-evaluate cached rows of --rows whose model is kept (forward passes only)")
+    p.add_argument("--add-recall", action="store_true",
+                   help="ask the factual-recall probe of every cached row of --rows that lacks it (kept models)")
     return p.parse_args(argv)
 
 
@@ -237,6 +239,14 @@ class Bench:
                          "windows": r.num_windows, "stream_tokens": r.stream_tokens,
                          "window_nll": [round(x, 4) for x in r.window_nll]}
         return out
+
+    def recall(self, model) -> dict[str, Any]:
+        """The factual-recall probe of the eval report (greedy replies; correct of asked)."""
+        from lorashear.evaluation.recall import recall_probe
+
+        r = recall_probe(model, self.tokenizer)
+        return {"probe": r.probe, "correct": r.num_correct, "questions": r.num_questions,
+                "wrong": [x["question"] for x in r.replies if not x["correct"]]}
 
     def protocol(self) -> dict[str, Any]:
         a = self.args
@@ -384,23 +394,29 @@ class Bench:
             raise SystemExit(f"unknown row {row!r}; rows: dense, {', '.join(LORASHEAR_ROWS)}, a peer "
                              f"({', '.join(PEERS)}) alone or +{'/+'.join(RETRAININGS)}")
         rec["ppl"] = self.evaluate(model)
+        rec["recall"] = self.recall(model)
         rec.update(row=row, ratio=ratio, seed=seed, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
                    wall_s=time.perf_counter() - t0, extra=self.extra, tag=a.tag, protocol=self.protocol(),
                    machine=machine(), threads=a.threads, command=shlex.join([Path(sys.executable).name, *sys.argv]))
         return rec
 
-    def rescore(self, key: str) -> bool:
+    def rescore(self, key: str, *, recall_only: bool = False) -> bool:
         import lorashear
 
         path = self.row_file(key)
         rec = json.loads(path.read_text())
+        if recall_only and rec.get("recall"):
+            return False
         model_dir = self.models / key
         if key != "dense" and not (model_dir / "config.json").is_file():
             logger.warning("%s: no kept model in %s; cannot rescore", key, model_dir)
             return False
         model = lorashear.load_model(MODEL) if key == "dense" else lorashear.load_pretrained(model_dir)
-        rec["ppl"] = self.evaluate(model)
-        rec["protocol"] = self.protocol()
+        if not recall_only:
+            rec["ppl"] = self.evaluate(model)
+            rec["protocol"] = self.protocol()
+        rec["recall"] = self.recall(model)
+        logger.info("%s: recall %d / %d", key, rec["recall"]["correct"], rec["recall"]["questions"])
         path.write_text(json.dumps(rec, indent=1) + "\n")
         return True
 
@@ -430,10 +446,19 @@ def _summarise(items: list[dict]) -> dict[str, Any]:
             "ci_by_seed": {i["seed"]: i["ppl"][spec]["ci"] for i in items if spec in i.get("ppl", {})}}
     flops = [i["compute"]["flops"] for i in items if i.get("compute")]
     entry["pflops"] = statistics.mean(flops) / 1e15 if flops else None
+    recalls = [i["recall"]["correct"] for i in items if i.get("recall")]
+    entry["recall"] = statistics.mean(recalls) if recalls else None
+    entry["recall_of"] = next((i["recall"]["questions"] for i in items if i.get("recall")), None)
     walls = [i["wall_s"] for i in items if i.get("wall_s")]
     entry["wall_min"] = statistics.mean(walls) / 60 if walls else None
     entry["compute"] = items[0].get("compute")
     return entry
+
+
+def _recall_cell(e: dict[str, Any]) -> str:
+    if e.get("recall") is None:
+        return "—"
+    return f"{e['recall']:.1f} / {e['recall_of']}".replace(".0 /", " /")
 
 
 def _cell(e: dict[str, Any], spec: str) -> str:
@@ -464,13 +489,14 @@ def write_report(work: Path, out: Path) -> None:
     val = [EVAL_SOURCES[s][0] for s in EVAL_SOURCES]
     test = [EVAL_SOURCES[s][1] for s in EVAL_SOURCES]
     lines = ["| row | ratio | steps | tag | seeds | params | " + " | ".join(f"**test** `{s}`" for s in test) + " | "
-             + " | ".join(f"validation `{s}`" for s in val) + " | PFLOPs | wall (min) |",
-             "|---|---|---|---|---|---:|" + "---:|" * (len(test) + len(val)) + "---:|---:|"]
+             + " | ".join(f"validation `{s}`" for s in val) + " | recall | PFLOPs | wall (min) |",
+             "|---|---|---|---|---|---:|" + "---:|" * (len(test) + len(val)) + "---:|---:|---:|"]
     for e in summary:
         ratio_s = "—" if e["ratio"] is None else f"{e['ratio']:.0%}"
         lines.append(f"| {e['row']} | {ratio_s} | {e['steps'] or '—'} | {e['tag']} | "
                      f"{','.join(map(str, e['seeds']))} | {e['params']:,} | "
                      + " | ".join(_cell(e, s) for s in test + val)
+                     + f" | {_recall_cell(e)}"
                      + f" | {fmt(e['pflops']) if e['pflops'] is not None else '—'} | {fmt(e['wall_min'])} |")
     seed_lines = ["\nEvery seed with its 95 % bootstrap interval over windows (test split):\n",
                   "| row | ratio | steps | tag | seed | " + " | ".join(f"`{s}`" for s in test) + " |",
@@ -559,13 +585,13 @@ def main(argv: list[str] | None = None) -> int:
         for row, ratio, seed in expand(args):
             key = bench.key(row, ratio, seed)
             if bench.row_file(key).is_file():
-                if args.rescore:
+                if args.rescore or args.add_recall:
                     logger.info("%s: rescoring", key)
-                    bench.rescore(key)
+                    bench.rescore(key, recall_only=not args.rescore)
                 else:
                     logger.info("%s: cached", key)
                 continue
-            if args.rescore:
+            if args.rescore or args.add_recall:
                 continue
             logger.info("%s: running", key)
             rec = bench.run_row(row, ratio, seed)
