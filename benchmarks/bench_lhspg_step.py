@@ -129,12 +129,12 @@ def main(argv=None) -> int:
     period = 2 * n + 1  # every interleaved LHSPG step of the timed phase falls in period 1
     fisher = None
     if args.fisher:
-        from lorashear.training.hooks import ActivationFisher
+        from lorashear.lhspg.hooks import ActivationFisher
 
         fisher = ActivationFisher(model, [g for g in graph.prunable() if g.kind in plan.counts])
     grams = None
     if args.transfer:
-        from lorashear.training.hooks import ActivationGram
+        from lorashear.lhspg.hooks import ActivationGram
 
         grams = ActivationGram.for_groups(model, [g for g in graph.prunable() if g.kind in plan.counts],
                                           token_stride=args.transfer_token_stride)

@@ -352,3 +352,24 @@ def test_cli_empty_data_exits_2(tmp_path, capsys):
     assert code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_new_proxy_is_one_registered_factory(model, graph, tokens):
+    """The analysis' proxies are a registry: a registered factory is a name KnowledgeConfig accepts."""
+    from lorashear.knowledge import proxies
+
+    with pytest.raises(ConfigError, match="unknown proxy 'last_first'"):
+        KnowledgeConfig(proxy="last_first")
+
+    @proxies.register_proxy("last_first")
+    def _last_first(context):
+        assert context.tokens is not None and len(context.groups) > 0
+        return lambda group, params: -group.index
+
+    try:
+        res = analyze_knowledge(model, graph, tokens, KnowledgeConfig(ratios=(0.5,), proxy="last_first"),
+                                progress=False)
+        assert res.node_groups[1].pruned["0.5"] == list(range(12, 24))
+        assert res.config["proxy"] == "last_first"
+    finally:
+        del proxies.PROXIES["last_first"]

@@ -20,12 +20,13 @@ from lorashear.lhspg import (
     effective_weights,
     find_loras,
     group_statistics,
-    make_optimizer,
     plan_targets,
     saliency,
     split_quota,
 )
+from lorashear.errors import ConfigError
 from lorashear.lhspg.targets import layer_rounding
+from lorashear.training.optim import make_optimizer
 from tiny_models import tiny_model
 
 # ----------------------------------------------------------------------------- tiny model helpers
@@ -127,7 +128,7 @@ def lhspg_run(ratio, train_config, lhspg_config, *, seed=11, dropout=0.1, data=N
     """A tiny LoRA model pruned to ``ratio`` by ``train_lhspg``: ``(model, graph, plan, result)``;
     ``kw`` goes to ``train_lhspg`` (loss_fn, checkpoint_dir, resume, stop_after, ...)."""
     from lorashear.graph.discover import discover
-    from lorashear.training import train_lhspg
+    from lorashear.lhspg.train import train_lhspg
 
     model = tiny_lora_model(seed=seed, dropout=dropout)
     graph = discover(model)
@@ -426,3 +427,27 @@ def test_max_removable_rounds_channels_only():
     layers = {g.layer for g in mlp}
     # only the MLP keeps 8 channels instead of 1 per layer; heads keep one slot either way
     assert one - eight == pytest.approx(7 * len(layers) * mlp[0].base_params)
+
+
+def test_a_new_weight_criterion_is_one_registered_function():
+    """The saliency criteria are a registry: registering one makes it a name LHSPG's config accepts and
+    saliency sums, with no other change."""
+    import importlib
+
+    from lorashear.lhspg.optimizer import parse_saliency
+
+    sal = importlib.import_module("lorashear.lhspg.saliency")  # the package exports a function of that name
+
+    with pytest.raises(ConfigError, match="unknown saliency criterion 'update_norm'"):
+        parse_saliency(["update_norm"])
+    sal.weight_criterion("update_norm")(lambda stats: stats.update_norm_sq.sqrt())
+    try:
+        assert parse_saliency(["update_norm=2"]) == {"update_norm": 2.0}
+        w, u = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 2.0])
+        assert criteria_from_tensors(w, u)["update_norm"] == pytest.approx(2.0)
+        raw = {"update_norm": torch.tensor([1.0, 3.0], dtype=torch.float64)}
+        assert torch.allclose(saliency(raw, {"update_norm": 1.0}),
+                              torch.tensor([1.0, 3.0], dtype=torch.float64) / 10 ** 0.5)
+    finally:
+        del sal.WEIGHT_CRITERIA["update_norm"]
+    assert "update_norm" not in sal.known_criteria() and "fisher" in sal.known_criteria()

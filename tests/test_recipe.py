@@ -13,7 +13,7 @@ from lorashear.lhspg.optimizer import parse_saliency
 from lorashear.lhspg.schedule import period_quotas, split_quota
 from lorashear.stages.prune import PruneConfig
 from lorashear.training import TrainConfig
-from lorashear.training.hooks import ActivationFisher
+from lorashear.lhspg.hooks import ActivationFisher
 from lorashear.training.losses import DistillConfig, distillation_loss, kl_to_teacher, lm_loss, make_teacher
 from test_lhspg import lhspg_run, random_batches, tiny_lora_model
 
@@ -25,7 +25,7 @@ def _fisher_by_weight_gradients(model, groups, batch) -> torch.Tensor:
     """Reference: per sequence, the first-order Taylor term of removing a group is <W_eff, dL/dW_eff> over
     its consumer columns (o_proj / down_proj), squared and summed over sequences."""
     from lorashear.lhspg.tables import find_loras
-    from lorashear.training.hooks import consumer_columns
+    from lorashear.lhspg.hooks import consumer_columns
 
     params = dict(model.named_parameters())
     loras = find_loras(model)
@@ -247,7 +247,8 @@ def test_new_recipe_run_prunes_exactly_keeps_min_width_and_resumes_bit_identical
 
 
 def test_fisher_proxy_of_the_knowledge_analysis_leaves_the_model_as_it_was():
-    from lorashear.knowledge.analysis import analyze_knowledge, fisher_proxy
+    from lorashear.knowledge.analysis import analyze_knowledge
+    from lorashear.knowledge.proxies import fisher_proxy
     from lorashear.knowledge.config import KnowledgeConfig
     from tiny_models import tiny_model
 

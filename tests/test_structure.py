@@ -175,6 +175,18 @@ def test_components_do_not_import_commands_or_the_package_root():
     assert not bad, "components must not import lorashear.commands or the package root:\n" + "\n".join(bad)
 
 
+def test_training_is_general_and_lhspg_builds_on_it():
+    """``training`` (loop, losses, hooks interface, optimizer, checkpoints) imports nothing of ``lhspg``;
+    ``lhspg`` brings its own hooks and ``train_lhspg`` on top of it."""
+    graph = import_graph()
+    training = {m: t for m, t in graph.items() if m == "lorashear.training" or m.startswith("lorashear.training.")}
+    assert "lorashear.training.loop" in training
+    bad = [f"{m} -> {t}" for m, targets in sorted(training.items()) for t in sorted(targets)
+           if t == "lorashear.lhspg" or t.startswith("lorashear.lhspg.")]
+    assert not bad, "training must not import lhspg:\n" + "\n".join(bad)
+    assert "lorashear.training.loop" in graph["lorashear.lhspg.train"]
+
+
 # ----------------------------------------------------------------------------- family facts
 
 @pytest.mark.parametrize("family, expected", [

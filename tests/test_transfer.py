@@ -8,10 +8,11 @@ import torch
 from lorashear.compaction import compact
 from lorashear.errors import ConfigError
 from lorashear.graph.discover import discover
-from lorashear.lhspg import LHSPG, LHSPGConfig, TargetConfig, make_optimizer, plan_targets
+from lorashear.lhspg import LHSPG, LHSPGConfig, TargetConfig, plan_targets
+from lorashear.training.optim import make_optimizer
 from lorashear.lhspg.transfer import kept_columns, transfer_matrix
 from lorashear.training import TrainConfig
-from lorashear.training.hooks import ActivationGram
+from lorashear.lhspg.hooks import ActivationGram
 from test_lhspg import base_param_count, embedding_count, lhspg_run, random_batches, tiny_lora_model
 
 

@@ -23,8 +23,7 @@ import contextlib
 import logging
 import math
 import time
-import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,14 +33,13 @@ from ..errors import ConfigError, DataError
 from ..graph.groups import Group, GroupKind, StructureGraph, removal_plan, zero_groups
 from ..progress import progress_disabled
 from .config import KnowledgeConfig, num_to_prune, num_unprunable
+from .proxies import Proxy, ProxyContext, make_proxy
 from .result import KnowledgeResult, NodeGroupResult, ratio_key
 
 logger = logging.getLogger(__name__)
 
 Block = Literal["attention", "mlp"]
 
-#: ``proxy(group, params) -> importance``; the lowest-scored structures are pruned first.
-Proxy = Callable[[Group, Mapping[str, torch.Tensor]], float]
 
 
 @dataclass
@@ -77,91 +75,6 @@ def node_groups(graph: StructureGraph, attention_structure: GroupKind = "attenti
     if not nodes:
         raise ConfigError("the structure graph has no prunable attention or MLP structures to analyse")
     return nodes
-
-
-# ----------------------------------------------------------------------------- proxies
-
-def _base_slices(group: Group) -> list:
-    base = [s for s in group.slices if "lora_" not in s.name]
-    return base or list(group.slices)
-
-
-@torch.no_grad()
-def magnitude_proxy(group: Group, params: Mapping[str, torch.Tensor]) -> float:
-    """L2 norm of the group's base-weight slices (LoRA factors excluded)."""
-    total = 0.0
-    for s in _base_slices(group):
-        p = params[s.name]
-        total += float(p.index_select(s.dim, s.index_tensor(p.device)).double().pow(2).sum())
-    return math.sqrt(total)
-
-
-@torch.no_grad()
-def avg_magnitude_proxy(group: Group, params: Mapping[str, torch.Tensor]) -> float:
-    """:func:`magnitude_proxy` divided by the number of base weights in the group."""
-    size = 0
-    for s in _base_slices(group):
-        shape = params[s.name].shape
-        size += len(s.indices) * math.prod(d for i, d in enumerate(shape) if i != s.dim)
-    return magnitude_proxy(group, params) / max(size, 1)
-
-
-def random_proxy(seed: int = 0) -> Proxy:
-    """A reproducible random order (a baseline for the magnitude proxy)."""
-
-    def proxy(group: Group, params: Mapping[str, torch.Tensor]) -> float:
-        return zlib.crc32(f"{seed}:{group.kind}:{group.layer}:{group.index}".encode()) / 2**32
-
-    return proxy
-
-
-def fisher_proxy(model: torch.nn.Module, groups: Sequence[Group], tokens: torch.Tensor,
-                 batch_size: int = 4) -> Proxy:
-    """The activation Fisher of each structure on ``tokens`` (one forward and backward pass per batch,
-    no update), the same score LHSPG's ``fisher`` saliency uses; the model is left unchanged."""
-    from ..training.hooks import ActivationFisher
-    from ..training.losses import lm_loss
-
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    model.eval()
-    fisher = ActivationFisher(model, list(groups))
-    try:
-        # gradients must reach every consumer's input: let the embeddings' output require grad
-        handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
-        for p in model.parameters():
-            p.requires_grad_(False)
-        try:
-            for start in range(0, tokens.shape[0], batch_size):
-                loss = lm_loss(model, tokens[start:start + batch_size])
-                loss.backward()
-        finally:
-            handle.remove()
-    finally:
-        fisher.close()
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
-            p.grad = None
-        model.train(was_training)
-    values = dict(zip((g.id for g in groups), fisher.scores(groups).tolist()))
-
-    def proxy(group: Group, params: Mapping[str, torch.Tensor]) -> float:
-        return values[group.id]
-
-    proxy.__name__ = "fisher"
-    return proxy
-
-
-def resolve_proxy(name: str, seed: int = 0) -> Proxy:
-    if name == "magnitude":
-        return magnitude_proxy
-    if name == "avg_magnitude":
-        return avg_magnitude_proxy
-    if name == "random":
-        return random_proxy(seed)
-    if name == "fisher":
-        raise ConfigError("the fisher proxy needs the model and tokens: use fisher_proxy(model, groups, tokens)")
-    raise ConfigError(f"unknown proxy {name!r}; use magnitude, avg_magnitude, fisher or random")
 
 
 # ----------------------------------------------------------------------------- masking
@@ -301,9 +214,9 @@ def analyze_knowledge(
     config = config or KnowledgeConfig()
     tokens = check_tokens(tokens)
     nodes = node_groups(graph, config.attention_structure)
-    if proxy is None and config.proxy == "fisher":
-        proxy = fisher_proxy(model, [g for n in nodes for g in n.structures], tokens, config.batch_size)
-    proxy_fn = proxy or resolve_proxy(config.proxy, config.seed)
+    proxy_fn = proxy or make_proxy(config.proxy, ProxyContext(
+        model=model, groups=[g for n in nodes for g in n.structures], tokens=tokens, seed=config.seed,
+        batch_size=config.batch_size))
     proxy_name = config.proxy if proxy is None else getattr(proxy, "__name__", "custom")
     params = dict(model.named_parameters(remove_duplicate=False))
     missing = sorted({s.name for n in nodes for g in n.structures for s in g.slices} - set(params))

@@ -75,8 +75,9 @@ class KnowledgeConfig:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.attention_structure not in ("attention_head", "kv_group"):
             raise ConfigError(f"attention_structure must be attention_head or kv_group, got {self.attention_structure!r}")
-        if self.proxy not in ("magnitude", "avg_magnitude", "fisher", "random"):
-            raise ConfigError(f"proxy must be magnitude, avg_magnitude, fisher or random, got {self.proxy!r}")
+        from .proxies import check_proxy_name
+
+        check_proxy_name(self.proxy)
         if self.metric not in ("relative_ppl", "loss_increase"):
             raise ConfigError(f"metric must be relative_ppl or loss_increase, got {self.metric!r}")
 

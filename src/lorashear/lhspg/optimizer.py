@@ -61,7 +61,7 @@ import torch
 
 from ..errors import ConfigError
 from ..graph.groups import Group
-from .saliency import CRITERIA, DATA_CRITERIA, criteria, group_statistics, saliency
+from .saliency import CRITERIA, DATA_CRITERIA, criteria, group_statistics, known_criteria, saliency
 from .schedule import PruningSchedule, period_quotas
 from .tables import LoraInfo, SliceTable, find_loras, gather, lora_rows, scatter
 from .targets import TargetPlan, kind_multiple, layer_rounding
@@ -76,7 +76,7 @@ PAPER_SALIENCY: SaliencySpec = CRITERIA  # the paper's five criteria, equal weig
 
 def parse_saliency(spec: Sequence[str]) -> dict[str, float]:
     """``("magnitude=1", "fisher")`` -> ``{"magnitude": 1.0, "fisher": 1.0}`` (criteria by name)."""
-    known = CRITERIA + DATA_CRITERIA
+    known = known_criteria()
     out: dict[str, float] = {}
     for item in spec:
         name, _, weight = str(item).partition("=")
@@ -192,7 +192,7 @@ class LHSPGConfig:
 
 
 class DataScores(Protocol):
-    """Per-structure scores measured during training (e.g. :class:`lorashear.training.hooks.ActivationFisher`)."""
+    """Per-structure scores measured during training (e.g. :class:`lorashear.lhspg.hooks.ActivationFisher`)."""
 
     def scores(self, groups: Sequence[Group]) -> torch.Tensor: ...
 
@@ -233,10 +233,10 @@ class LHSPG:
         self.data_scores = data_scores
         if self.config.uses_data and data_scores is None:
             raise ConfigError("the fisher saliency needs activation statistics: pass data_scores "
-                              "(lorashear.training.hooks.ActivationFisher); train_lhspg does this for you")
+                              "(lorashear.lhspg.hooks.ActivationFisher); train_lhspg does this for you")
         if self.config.transfer and grams is None:
             raise ConfigError("explicit transfer needs consumer input statistics: pass grams "
-                              "(lorashear.training.hooks.ActivationGram); train_lhspg does this for you")
+                              "(lorashear.lhspg.hooks.ActivationGram); train_lhspg does this for you")
         self.grams = grams if self.config.transfer else None
         #: per consumer weight being faded: (kept columns, T) of the current period
         self._transfer: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -573,22 +573,6 @@ class LHSPG:
                 device = self.params[name].device
                 self._transfer[name] = (item["kept"].to(device), item["t"].to(device))
         self._rebuild_hold()
-
-
-def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The trainable parameters of a peft model (the LoRA factors)."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def make_optimizer(params: Iterable[torch.nn.Parameter], name: str = "adamw", lr: float = 2e-4,
-                   weight_decay: float = 0.0, momentum: float = 0.9) -> torch.optim.Optimizer:
-    """AdamW or SGD over ``params`` (the inner optimizer of :class:`LHSPG`)."""
-    params = list(params)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ConfigError(f"unknown optimizer {name!r}; use adamw or sgd")
 
 
 def effective_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

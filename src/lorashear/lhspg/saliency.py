@@ -17,20 +17,20 @@ criterion is built from (``||W||^2``, ``size``, ``<W,U>``, ``||U||^2``) for many
 groups at once; :func:`criteria` turns them into the table above and
 :func:`saliency` combines them. :func:`criteria_from_tensors` is the plain
 reference for one group given as flat tensors.
+
+The criteria are registries: a new weight criterion is one ``@weight_criterion("name")`` function of
+:class:`GroupStatistics`; a criterion measured from activations during training is one
+``data_criterion("name", source)`` line plus the step hook that supplies its values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .tables import LoraInfo, SliceTable, gather, lora_rows
-
-CRITERIA: tuple[str, ...] = ("magnitude", "avg_magnitude", "cosine", "taylor_first", "taylor_second")
-#: criteria computed from activations during training (supplied by a step hook, not from the weights)
-DATA_CRITERIA: tuple[str, ...] = ("fisher",)
 
 
 @dataclass
@@ -64,19 +64,68 @@ def group_statistics(table: SliceTable, params: Mapping[str, torch.Tensor],
     return GroupStatistics(norm_sq, size, dot, unorm)
 
 
-def criteria(stats: GroupStatistics) -> dict[str, torch.Tensor]:
-    """The five raw criteria per group (fp64)."""
-    mag = stats.norm_sq.clamp_min(0).sqrt()
-    unorm = stats.update_norm_sq.clamp_min(0).sqrt()
-    denom = mag * unorm
+#: a criterion computed from the weights and the LoRA update: per-group values (fp64) from the sums
+WeightCriterion = Callable[[GroupStatistics], torch.Tensor]
+#: weight criteria by name, in registration order (the order saliency sums them in)
+WEIGHT_CRITERIA: dict[str, WeightCriterion] = {}
+#: criteria computed from activations during training, by name -> what supplies their values
+DATA_CRITERIA: dict[str, str] = {}
+
+
+def weight_criterion(name: str) -> Callable[[WeightCriterion], WeightCriterion]:
+    """Register a weight criterion under ``name``."""
+    def register(fn: WeightCriterion) -> WeightCriterion:
+        WEIGHT_CRITERIA[name] = fn
+        return fn
+    return register
+
+
+def data_criterion(name: str, source: str) -> None:
+    """Register a criterion whose values a step hook measures during training (``source`` names it)."""
+    DATA_CRITERIA[name] = source
+
+
+def known_criteria() -> tuple[str, ...]:
+    """Every criterion a saliency weight may name."""
+    return (*WEIGHT_CRITERIA, *DATA_CRITERIA)
+
+
+@weight_criterion("magnitude")
+def _magnitude(stats: GroupStatistics) -> torch.Tensor:
+    return stats.norm_sq.clamp_min(0).sqrt()
+
+
+@weight_criterion("avg_magnitude")
+def _avg_magnitude(stats: GroupStatistics) -> torch.Tensor:
+    return _magnitude(stats) / stats.size.clamp_min(1)
+
+
+@weight_criterion("cosine")
+def _cosine(stats: GroupStatistics) -> torch.Tensor:
+    denom = _magnitude(stats) * stats.update_norm_sq.clamp_min(0).sqrt()
     cos = torch.where(denom > 0, stats.dot / denom.clamp_min(1e-300), torch.zeros_like(denom))
-    return {
-        "magnitude": mag,
-        "avg_magnitude": mag / stats.size.clamp_min(1),
-        "cosine": cos.clamp(-1, 1) + 1,
-        "taylor_first": stats.dot.abs(),
-        "taylor_second": 0.5 * stats.dot**2,
-    }
+    return cos.clamp(-1, 1) + 1
+
+
+@weight_criterion("taylor_first")
+def _taylor_first(stats: GroupStatistics) -> torch.Tensor:
+    return stats.dot.abs()
+
+
+@weight_criterion("taylor_second")
+def _taylor_second(stats: GroupStatistics) -> torch.Tensor:
+    return 0.5 * stats.dot**2
+
+
+data_criterion("fisher", "lorashear.lhspg.hooks.ActivationFisher (activation Fisher of each structure's removal)")
+
+#: the paper's five criteria (the order of a sequence of weights)
+CRITERIA: tuple[str, ...] = ("magnitude", "avg_magnitude", "cosine", "taylor_first", "taylor_second")
+
+
+def criteria(stats: GroupStatistics) -> dict[str, torch.Tensor]:
+    """Every registered weight criterion per group (fp64)."""
+    return {name: fn(stats) for name, fn in WEIGHT_CRITERIA.items()}
 
 
 def criteria_from_tensors(weight: torch.Tensor, update: torch.Tensor) -> dict[str, float]:
@@ -106,7 +155,7 @@ def saliency(raw: Mapping[str, torch.Tensor], weights: Mapping[str, float] | Seq
     cl = cl.to(next(iter(raw.values())).device)
     num = int(cl.max()) + 1 if n else 0
     score = torch.zeros(n, dtype=torch.float64, device=cl.device)
-    for name in [*CRITERIA, *DATA_CRITERIA]:
+    for name in known_criteria():
         w = float(weights.get(name, 0.0))
         if w == 0.0:
             continue

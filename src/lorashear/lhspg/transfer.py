@@ -21,7 +21,7 @@ import torch
 
 
 class GramSource(Protocol):
-    """Where consumer input Gram matrices come from (``lorashear.training.hooks.ActivationGram``)."""
+    """Where consumer input Gram matrices come from (``lorashear.lhspg.hooks.ActivationGram``)."""
 
     def gram(self, module: str) -> torch.Tensor | None: ...
 

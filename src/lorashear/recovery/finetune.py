@@ -121,7 +121,7 @@ class LoraRun:
     """
 
     def __init__(self, model: PreTrainedModel, lora: LoraSettings, train_config: TrainConfig, *, seed: int) -> None:
-        from ..lhspg.optimizer import lora_parameters, make_optimizer
+        from ..training.optim import lora_parameters, make_optimizer
 
         self._was_training = model.training
         self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}

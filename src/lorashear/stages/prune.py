@@ -46,7 +46,8 @@ from ..recipes import DEFAULT_RECIPE, RECIPES
 from ..recovery.rounds import RoundsConfig, train_rounds
 from ..training.hooks import KLShareSwitch, LossPartsLog
 from ..training.checkpoint import latest_checkpoint
-from ..training.loop import StepHook, TrainConfig, checkpoint_root, make_accelerator, train_lhspg
+from ..lhspg.train import train_lhspg
+from ..training.loop import StepHook, TrainConfig, checkpoint_root, make_accelerator
 from ..training.loop import train as train_loop
 from ..training.losses import DistillConfig, KLShare, LossParts, distillation_loss, lm_loss, make_teacher
 from ..training.report import kept_per_layer, plot_prune
@@ -379,7 +380,7 @@ def _run(config: PruneConfig, out: Path, *, model: Any, tokenizer: Any, data: to
             "extra_state": {"pruning": outcome.to_dict()}}
         if recovers:
             if optimizer is None:  # resumed after the compaction: the checkpoint fills its state
-                from ..lhspg.optimizer import lora_parameters, make_optimizer
+                from ..training.optim import lora_parameters, make_optimizer
 
                 optimizer = make_optimizer(lora_parameters(peft_model), train.optimizer, train.lr, train.weight_decay)
             second = rounds = train_rounds(peft_model, sources, dense_losses, config.post, train_config=train,

@@ -1,8 +1,13 @@
-"""The one training loop (accelerate), its losses and hooks, atomic checkpoints and bit-identical resume."""
+"""The one training loop (accelerate), its losses and hooks, atomic checkpoints and bit-identical resume.
+
+General pieces only: LHSPG's hooks and ``train_lhspg`` are in :mod:`lorashear.lhspg`, which builds on these.
+"""
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .loop import LHSPGHook, StepHook, TrainConfig, TrainResult, batch_indices, train, train_lhspg
+from .hooks import StepHook
 from .losses import lm_loss
+from .loop import TrainConfig, TrainResult, batch_indices, train
+from .optim import lora_parameters, make_optimizer
 
-__all__ = ["LHSPGHook", "StepHook", "TrainConfig", "TrainResult", "batch_indices", "latest_checkpoint",
-           "lm_loss", "load_checkpoint", "save_checkpoint", "train", "train_lhspg"]
+__all__ = ["StepHook", "TrainConfig", "TrainResult", "batch_indices", "latest_checkpoint", "lm_loss",
+           "load_checkpoint", "lora_parameters", "make_optimizer", "save_checkpoint", "train"]

@@ -40,13 +40,11 @@ from typing import Any, Literal
 import torch
 
 from ..errors import CheckpointError, ConfigError, CorruptCheckpointError
-from ..graph.groups import Group
-from ..lhspg.optimizer import LHSPG, LHSPGConfig, lora_parameters, make_optimizer
-from ..lhspg.targets import TargetPlan
 from ..progress import progress_disabled
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from .hooks import ActivationFisher, ActivationGram, LHSPGHook, StepHook
+from .hooks import StepHook
 from .losses import LossFn, lm_loss
+from .optim import lora_parameters, make_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +95,6 @@ class TrainResult:
     wall_time_s: float
     resumed_from: int | None
     stopped_early: bool
-    lhspg: LHSPG | None = None  #: set by :func:`train_lhspg`
 
     @property
     def losses(self) -> list[float]:
@@ -381,74 +378,6 @@ def check_run_settings(checkpoint: Path, settings: dict[str, Any]) -> None:
             raise CheckpointError(f"the checkpoint in {checkpoint.parent} belongs to another run ({key}: "
                                   f"{stored.get(key)!r} there, {settings.get(key)!r} now); start over with --force "
                                   f"or use another --out")
-
-
-def train_lhspg(
-    model: torch.nn.Module,
-    groups: Sequence[Group],
-    plan: TargetPlan,
-    data: torch.Tensor,
-    *,
-    train_config: TrainConfig | None = None,
-    lhspg_config: LHSPGConfig | None = None,
-    exclude: Iterable[int] = (),
-    loss_fn: LossFn = lm_loss,
-    hooks: Sequence[StepHook] = (),
-    checkpoint_dir: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    accelerator: Any = None,
-    stop_after: int | None = None,
-    run_settings: dict[str, Any] | None = None,
-    end_step: int | None = None,
-) -> TrainResult:
-    """Train with LHSPG until ``plan`` is reached (masked model, in place): :func:`train` + :class:`LHSPGHook`.
-
-    ``groups`` are named on ``model``'s parameters; ``exclude`` are group ids never to prune.
-    The committed groups of ``result.lhspg`` are exactly zero in ``model``. ``end_step``: stop there (e.g. when
-    pruning ends, to compact the model and train on at its new width).
-    """
-    from accelerate.utils import broadcast_object_list
-
-    cfg = train_config or TrainConfig()
-    lcfg = (lhspg_config or LHSPGConfig()).resolve(cfg.steps)
-    if lcfg.schedule.prune_end > cfg.steps:
-        raise ConfigError(f"pruning ends at step {lcfg.schedule.prune_end} but only {cfg.steps} steps are planned")
-    if accelerator is None:
-        accelerator = make_accelerator(cfg.mixed_precision)
-    box: dict[str, LHSPG] = {}
-
-    def broadcast(chosen: list[int]) -> list[int]:
-        if accelerator.num_processes == 1:
-            return chosen
-        holder = [chosen]
-        broadcast_object_list(holder, from_process=0)
-        return holder[0]
-
-    excluded = set(exclude)
-
-    def make(unwrapped: torch.nn.Module, optimizer: Any) -> list[StepHook]:
-        made: list[StepHook] = []
-        fisher = None
-        if lcfg.uses_data:
-            scored = [g for g in groups if g.prunable and g.kind in plan.counts and g.id not in excluded]
-            fisher = ActivationFisher(unwrapped, scored, decay=lcfg.fisher_decay)
-            made.append(fisher)
-        grams = None
-        if lcfg.transfer:
-            pruned = [g for g in groups if g.prunable and g.kind in plan.counts and g.id not in excluded]
-            grams = ActivationGram.for_groups(unwrapped, pruned, decay=lcfg.fisher_decay,
-                                              token_stride=lcfg.transfer_token_stride)
-            made.append(grams)
-        box["lhspg"] = LHSPG(unwrapped, groups, optimizer, plan=plan, config=lcfg, exclude=excluded,
-                             broadcast=broadcast, data_scores=fisher, grams=grams)
-        made.append(LHSPGHook(box["lhspg"]))
-        return made
-
-    result = train(model, data, config=cfg, loss_fn=loss_fn, hooks=hooks, make_hooks=make, accelerator=accelerator,
-                   checkpoint_dir=checkpoint_dir, resume=resume, stop_after=stop_after, desc="prune",
-                   run_settings=run_settings, end_step=end_step)
-    result.lhspg = box["lhspg"]
-    return result
 
 
 def checkpoint_root(out_dir: str | os.PathLike[str]) -> Path:
