@@ -338,55 +338,148 @@ def run(config: RecoverConfig, *, model: Any = None, tokenizer: Any = None, teac
                     stop_after_rounds=stop_after_rounds)
 
 
-def _run(config: RecoverConfig, out: Path, *, model: Any, tokenizer: Any, teacher: Any,
-         stop_after_rounds: int | None) -> RecoverResult | None:
-    from ..models.loading import check_tokenizer_fits
-    from ..recovery.finetune import FinetuneConfig, finetune
-    from ..recovery.mixing import degradation, improvement, sample_subset, sampling_weights
-    from ..recovery.sources import load_source, source_losses
-    from ..training.losses import masked_distillation_loss, masked_lm_loss
+@dataclass
+class _Inputs:
+    """What the rounds work on: the model on its device, its tokenizer and the sources of each stage."""
 
-    t_start = time.perf_counter()
-    ckpt_root = out / CHECKPOINTS
+    model: torch.nn.Module
+    tokenizer: Any
+    stages: list[tuple[int, str, list[Source]]]  #: (stage number, label, sources)
+    device: torch.device
+
+    @property
+    def sources(self) -> list[Source]:
+        return [s for _, _, srcs in self.stages for s in srcs]
+
+
+def _load_inputs(config: RecoverConfig, model: Any, tokenizer: Any) -> _Inputs:
+    """The tokenizer, every source (data first: a bad spec fails before any model loads), then the model."""
+    from ..models.loading import check_tokenizer_fits, load_model, load_tokenizer
+    from ..recovery.sources import load_source
+
     if tokenizer is None:
-        from ..models.loading import load_tokenizer
-
         tokenizer = load_tokenizer(config.model or config.teacher)
-    seed = config.train.seed
     plan = [(1, "pretraining", "text", config.data), (2, "instruction", "instruction", config.instruct_data)]
-    stages = [(num, label, [load_source(spec, tokenizer, config.source, kind=kind, seed=seed) for spec in specs])
-              for num, label, kind, specs in plan if specs]  # data first: a bad spec fails before any model loads
+    stages = [(num, label, [load_source(spec, tokenizer, config.source, kind=kind, seed=config.train.seed)
+                            for spec in specs]) for num, label, kind, specs in plan if specs]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if model is None:
-        from ..models.loading import load_model
-
         model = load_model(config.model, dtype=config.dtype)
     check_tokenizer_fits(model, tokenizer, config.model)
     model.to(device)
-    all_sources = [s for _, _, srcs in stages for s in srcs]
-    pools = {s.name: s.train for s in all_sources}
-    batch = config.train.batch_size
+    return _Inputs(model=model, tokenizer=tokenizer, stages=stages, device=device)
 
-    box: dict[str, Any] = {"teacher": teacher}
 
-    def get_teacher() -> torch.nn.Module:
-        if box["teacher"] is None:
-            from ..models.loading import load_model
+class _Teacher:
+    """The dense model, loaded on first use (cached dense losses may make it unnecessary) and frozen."""
 
-            box["teacher"] = load_model(config.teacher, dtype=config.dtype)
-            check_tokenizer_fits(box["teacher"], tokenizer, config.teacher)
-        t = box["teacher"].to(device)
+    def __init__(self, config: RecoverConfig, given: Any, tokenizer: Any, device: torch.device) -> None:
+        self.config, self.model, self.tokenizer, self.device = config, given, tokenizer, device
+        self.given = given is not None
+
+    def get(self) -> torch.nn.Module:
+        if self.model is None:
+            from ..models.loading import check_tokenizer_fits, load_model
+
+            self.model = load_model(self.config.teacher, dtype=self.config.dtype)
+            check_tokenizer_fits(self.model, self.tokenizer, self.config.teacher)
+        t = self.model.to(self.device)
         t.eval()
         for p in t.parameters():
             p.requires_grad_(False)
         return t
 
-    dense = dense_losses(all_sources, get_teacher, teacher_name=config.teacher, dtype=config.dtype,
-                         batch_size=batch, cache=(out / DENSE_FILE) if config.teacher else None)
-    loss_fn = masked_distillation_loss(get_teacher(), config.distill) if config.distill.enabled else masked_lm_loss
-    if not config.distill.enabled and teacher is None:
-        box["teacher"] = None  # not needed any more: free its memory
+    def release(self) -> None:
+        """Free a teacher this stage loaded itself."""
+        if not self.given:
+            self.model = None
 
+
+def _stop_reason(state: dict[str, Any], worst: float, config: RecoverConfig) -> str | None:
+    """Why the current stage stops before another round (``None``: it goes on)."""
+    from ..recovery.mixing import improvement
+
+    if worst == 0:
+        return "recovered"  # no source is worse than under the dense model
+    if state["prev_max"] is not None and improvement(state["prev_max"], worst) < config.tolerance:
+        return "converged"
+    if state["stage_round"] >= config.max_rounds:
+        return "max_rounds"
+    return None
+
+
+def _round_record(state: dict[str, Any], num: int, srcs: list[Source], ft: Any, n_seq: int, seq_len: int, *,
+                  deltas: dict[str, float], weights: dict[str, float], counts: dict[str, int],
+                  after: dict[str, float], dense: dict[str, float]) -> dict[str, Any]:
+    """One round's entry of the report's history."""
+    from ..recovery.mixing import degradation, improvement
+
+    worst = max(deltas.values())
+    after_delta = degradation(after, dense)
+    return {
+        "round": state["round"] + 1, "stage": num, "stage_round": state["stage_round"] + 1,
+        "steps": ft.steps, "sequences": n_seq, "tokens": ft.tokens_seen,
+        "train_loss_first": ft.losses[0], "train_loss_last": ft.losses[-1],
+        "train_loss_mean": sum(ft.losses) / len(ft.losses),
+        "max_delta_before": worst, "max_delta_after": max(after_delta.values()),
+        "improvement": improvement(worst, max(after_delta.values())),
+        "sources": {s.name: {"delta": deltas[s.name], "weight": weights[s.name], "sequences": counts[s.name],
+                             "tokens": counts[s.name] * seq_len, "validation_loss_before": state["losses"][s.name],
+                             "validation_loss_after": after[s.name], "delta_after": after_delta[s.name],
+                             "dense_loss": dense[s.name]} for s in srcs},
+        "wall_time_s": ft.wall_time_s,
+    }
+
+
+def _final_report(config: RecoverConfig, model: torch.nn.Module, state: dict[str, Any], inputs: _Inputs,
+                  dense: dict[str, float], *, wall_time_s: float, resumed_from: int | None) -> dict[str, Any]:
+    n_seq, seq_len = config.sequences_per_round, config.source.seq_len
+    return {
+        "command": "recover",
+        "model": config.model or type(model).__name__,
+        "teacher": config.teacher or "(given in memory)",
+        "stages": state["stages"],
+        "rounds": state["history"],
+        "sources": {s.name: s.describe() for s in inputs.sources},
+        "dense_loss": dense,
+        "final_delta": {k: v for r in state["stages"] for k, v in r["final_delta"].items()},
+        "steps_per_round": config.steps_per_round,
+        "sequences_per_round": n_seq,
+        "tokens_per_round": n_seq * seq_len,
+        "tokens_seen": state["tokens_seen"],
+        "loss": ({"kind": "cross-entropy + KL to the teacher", "distill_weight": config.distill.weight,
+                  "distill_temperature": config.distill.temperature} if config.distill.enabled
+                 else {"kind": "cross-entropy"}),
+        "train_wall_time_s": sum(r["wall_time_s"] for r in state["history"]),
+        "wall_time_s": wall_time_s,
+        "resumed_from_round": resumed_from,
+        "settings": to_json_dict(config),
+    }
+
+
+def _run(config: RecoverConfig, out: Path, *, model: Any, tokenizer: Any, teacher: Any,
+         stop_after_rounds: int | None) -> RecoverResult | None:
+    """The stages of Alg. 5 as named steps: inputs, dense losses, resume, then rounds until each stage stops."""
+    from ..recovery.finetune import FinetuneConfig, finetune
+    from ..recovery.mixing import degradation, sample_subset, sampling_weights
+    from ..recovery.sources import source_losses
+    from ..training.losses import masked_distillation_loss, masked_lm_loss
+
+    t_start = time.perf_counter()
+    ckpt_root = out / CHECKPOINTS
+    seed = config.train.seed
+    inputs = _load_inputs(config, model, tokenizer)
+    model, stages = inputs.model, inputs.stages
+    pools = {s.name: s.train for s in inputs.sources}
+    batch = config.train.batch_size
+    teacher_box = _Teacher(config, teacher, inputs.tokenizer, inputs.device)
+    dense = dense_losses(inputs.sources, teacher_box.get, teacher_name=config.teacher, dtype=config.dtype,
+                         batch_size=batch, cache=(out / DENSE_FILE) if config.teacher else None)
+    if config.distill.enabled:
+        loss_fn = masked_distillation_loss(teacher_box.get(), config.distill)
+    else:
+        loss_fn = masked_lm_loss
+        teacher_box.release()  # not needed any more: free its memory
     settings = _settings(config)
 
     def open_lora(base: torch.nn.Module, stage_index: int) -> LoraRun:
@@ -402,9 +495,7 @@ def _run(config: RecoverConfig, out: Path, *, model: Any, tokenizer: Any, teache
         shutil.rmtree(ckpt_root, ignore_errors=True)
     resumed_from = state["round"] if state is not None else None
     state = state or _fresh_state()
-    steps = config.steps_per_round
-    n_seq = config.sequences_per_round
-    seq_len = config.source.seq_len
+    steps, n_seq, seq_len = config.steps_per_round, config.sequences_per_round, config.source.seq_len
     elapsed_before = state["elapsed_s"]  # seconds spent by earlier invocations of this run
 
     while state["stage_index"] < len(stages):
@@ -418,13 +509,7 @@ def _run(config: RecoverConfig, out: Path, *, model: Any, tokenizer: Any, teache
         record = state["stages"][-1]
         deltas = degradation(state["losses"], dense)
         worst = max(deltas.values())
-        reason = None
-        if worst == 0:
-            reason = "recovered"  # no source is worse than under the dense model
-        elif state["prev_max"] is not None and improvement(state["prev_max"], worst) < config.tolerance:
-            reason = "converged"
-        elif state["stage_round"] >= config.max_rounds:
-            reason = "max_rounds"
+        reason = _stop_reason(state, worst, config)
         if reason is not None:
             if lora_run is not None:  # the stage's factors go into the weights
                 model, lora_run = lora_run.merge(), None
@@ -448,20 +533,8 @@ def _run(config: RecoverConfig, out: Path, *, model: Any, tokenizer: Any, teache
                           loss_fn=loss_fn)
             model = ft.model
         after = source_losses(ft.model, srcs, batch_size=batch)
-        after_delta = degradation(after, dense)
-        state["history"].append({
-            "round": state["round"] + 1, "stage": num, "stage_round": state["stage_round"] + 1,
-            "steps": ft.steps, "sequences": n_seq, "tokens": ft.tokens_seen,
-            "train_loss_first": ft.losses[0], "train_loss_last": ft.losses[-1],
-            "train_loss_mean": sum(ft.losses) / len(ft.losses),
-            "max_delta_before": worst, "max_delta_after": max(after_delta.values()),
-            "improvement": improvement(worst, max(after_delta.values())),
-            "sources": {s.name: {"delta": deltas[s.name], "weight": weights[s.name], "sequences": counts[s.name],
-                                 "tokens": counts[s.name] * seq_len, "validation_loss_before": state["losses"][s.name],
-                                 "validation_loss_after": after[s.name], "delta_after": after_delta[s.name],
-                                 "dense_loss": dense[s.name]} for s in srcs},
-            "wall_time_s": ft.wall_time_s,
-        })
+        state["history"].append(_round_record(state, num, srcs, ft, n_seq, seq_len, deltas=deltas, weights=weights,
+                                              counts=counts, after=after, dense=dense))
         record["rounds"] += 1
         state.update(round=state["round"] + 1, stage_round=state["stage_round"] + 1, prev_max=worst, losses=after,
                      offsets=offsets, tokens_seen=state["tokens_seen"] + ft.tokens_seen,
@@ -471,32 +544,13 @@ def _run(config: RecoverConfig, out: Path, *, model: Any, tokenizer: Any, teache
             return None
 
     model.eval()
-    final_delta = {k: v for r in state["stages"] for k, v in r["final_delta"].items()}
-    report = {
-        "command": "recover",
-        "model": config.model or type(model).__name__,
-        "teacher": config.teacher or "(given in memory)",
-        "stages": state["stages"],
-        "rounds": state["history"],
-        "sources": {s.name: s.describe() for s in all_sources},
-        "dense_loss": dense,
-        "final_delta": final_delta,
-        "steps_per_round": steps,
-        "sequences_per_round": n_seq,
-        "tokens_per_round": n_seq * seq_len,
-        "tokens_seen": state["tokens_seen"],
-        "loss": ({"kind": "cross-entropy + KL to the teacher", "distill_weight": config.distill.weight,
-                  "distill_temperature": config.distill.temperature} if config.distill.enabled
-                 else {"kind": "cross-entropy"}),
-        "train_wall_time_s": sum(r["wall_time_s"] for r in state["history"]),
-        "wall_time_s": elapsed_before + time.perf_counter() - t_start,
-        "resumed_from_round": resumed_from,
-        "settings": to_json_dict(config),
-    }
-    _write_outputs(out, model, tokenizer, report, keep_checkpoints=config.keep_run_checkpoints)
+    report = _final_report(config, model, state, inputs, dense, resumed_from=resumed_from,
+                           wall_time_s=elapsed_before + time.perf_counter() - t_start)
+    _write_outputs(out, model, inputs.tokenizer, report, keep_checkpoints=config.keep_run_checkpoints)
     logger.info("recovered %s in %d rounds -> %s", report["model"], state["round"], out)
-    return RecoverResult(out=str(out), rounds=state["round"], stages=state["stages"], final_delta=final_delta,
-                         tokens_seen=state["tokens_seen"], wall_time_s=report["wall_time_s"], report=report)
+    return RecoverResult(out=str(out), rounds=state["round"], stages=state["stages"],
+                         final_delta=report["final_delta"], tokens_seen=state["tokens_seen"],
+                         wall_time_s=report["wall_time_s"], report=report)
 
 
 def _write_outputs(out: Path, model: torch.nn.Module, tokenizer: Any, report: dict[str, Any], *,
