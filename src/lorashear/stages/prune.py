@@ -273,18 +273,39 @@ def run(config: PruneConfig, *, model: Any = None, tokenizer: Any = None, data: 
                     stop_after=stop_after)
 
 
-def _run(config: PruneConfig, out: Path, *, model: Any, tokenizer: Any, data: torch.Tensor | None,
-         accelerator: Any, stop_after: int | None) -> PruneResult | None:
+@dataclass
+class _Setup:
+    """Everything the training needs, resolved before the first step: the model with LoRA, its data, the
+    structure graph, what must never be pruned and the target plan."""
+
+    model: torch.nn.Module  #: the dense model (LoRA attached in place: the same object as ``peft_model``'s base)
+    tokenizer: Any
+    data: torch.Tensor
+    peft_model: torch.nn.Module
+    graph: Any
+    excluded: set[int]
+    blocks: Any
+    plan: Any
+    lcfg: Any  #: the LHSPG config resolved for the step count
+    params_before: int
+    embedding: int
+    ppl_before: float | None
+    dense_flops: float
+    teacher: Any  #: the frozen dense copy (``None`` without distillation); the training takes it
+    sources: list[Any]  #: recovery sources (post_pruning=recover)
+    dense_losses: dict[str, float]
+
+
+def _setup(config: PruneConfig, accelerator: Any, *, model: Any, tokenizer: Any,
+           data: torch.Tensor | None) -> _Setup:
+    """Load the model (tokenizer first: a missing one fails fast), measure it, pack the data, attach LoRA,
+    discover the graph and plan the targets."""
     from accelerate.utils import set_seed
 
-    from ..compaction import compact
     from ..graph.discover import discover
-    from ..models.saving import write_pretrained
 
     train = config.train
     seq_len = config.data.seq_len
-    t_start = time.perf_counter()
-    main = accelerator.is_main_process
     recovers = config.post_pruning == "recover"
     if tokenizer is None and config.model and (data is None or config.eval_data or recovers):
         from ..models.loading import load_tokenizer
@@ -302,7 +323,7 @@ def _run(config: PruneConfig, out: Path, *, model: Any, tokenizer: Any, data: to
     params_before = count_params(model)
     emb = embedding_params(model)
     ppl_before = None
-    if config.eval_data and main:
+    if config.eval_data and accelerator.is_main_process:
         ppl_before = heldout_perplexity(model, tokenizer, config.eval_data, seq_len, config.eval_windows)
         logger.info("held-out perplexity before: %.3f", ppl_before)
 
@@ -336,166 +357,212 @@ def _run(config: PruneConfig, out: Path, *, model: Any, tokenizer: Any, data: to
     logger.info("target: %s groups (expected %.2f%% of %d params); schedule T_w=%d, P=%d, T_p=%d",
                 plan.counts, 100 * plan.expected_ratio, params_before, lcfg.warmup_steps, lcfg.num_periods,
                 lcfg.period_steps)
+    return _Setup(model=model, tokenizer=tokenizer, data=data, peft_model=peft_model, graph=graph, excluded=excluded,
+                  blocks=blocks, plan=plan, lcfg=lcfg, params_before=params_before, embedding=emb,
+                  ppl_before=ppl_before, dense_flops=dense_flops, teacher=teacher, sources=sources,
+                  dense_losses=dense_losses)
+
+
+@dataclass
+class _Trained:
+    """What the training phases left: the pruning outcome and the counters of the whole budget."""
+
+    outcome: PruningOutcome
+    mid: bool  #: compacted when pruning ended (the model is small already)
+    log: list[dict[str, Any]]
+    steps_done: int
+    tokens_seen: int
+    train_wall_s: float
+    resumed_from: int | None
+    rounds: Any  #: the recovery rounds (post_pruning=recover), else None
+
+
+def _train(config: PruneConfig, s: _Setup, out: Path, accelerator: Any, stop_after: int | None) -> _Trained | None:
+    """The pruning phase (LHSPG on the masked model), then, compacted when pruning ends, the small model for
+    the rest of the budget (continued training or recovery rounds). ``None``: stopped early (``stop_after``)."""
+    from ..compaction import compact
+
+    train, lcfg, peft_model, graph, data = config.train, s.lcfg, s.peft_model, s.graph, s.data
     ckpt_dir = checkpoint_root(out)
     if config.force and ckpt_dir.is_dir():
         logger.info("--force: removing the checkpoints of an earlier run in %s", ckpt_dir)
         shutil.rmtree(ckpt_dir)
     share = KLShare(config.distill.weight, parts=LossParts())
-    loss_fn, hooks = _loss_and_hooks(config, teacher, data, lcfg, share, accelerator)
-    del teacher
+    loss_fn, hooks = _loss_and_hooks(config, s.teacher, data, lcfg, share, accelerator)
+    s.teacher = None  # the loss holds it as long as it needs it
     settings = run_settings(config, data)
     mid = _compacts_mid_run(config, lcfg, accelerator)
     small_dir = ckpt_dir / COMPACTED_DIR
-    outcome: PruningOutcome | None = None
     log: list[dict[str, Any]] = []
+    optimizer = None
     compacted = _compacted_checkpoints(small_dir) if mid and config.resume else None
     if compacted is not None:
         outcome = PruningOutcome.read(compacted)  # the pruning phase is over: rebuild the small model
         compact(peft_model, [graph.groups[i] for i in outcome.selected_ids])
-        optimizer = None
         resumed_from = outcome.resumed_from
     else:
-        first = train_lhspg(peft_model, graph.groups, plan, data, train_config=train, lhspg_config=lcfg,
-                            exclude=excluded, checkpoint_dir=ckpt_dir, resume=config.resume, accelerator=accelerator,
-                            stop_after=stop_after, run_settings=settings, loss_fn=loss_fn, hooks=hooks,
-                            end_step=lcfg.schedule.prune_end if mid else None)
+        first = train_lhspg(peft_model, graph.groups, s.plan, data, train_config=train, lhspg_config=lcfg,
+                            exclude=s.excluded, checkpoint_dir=ckpt_dir, resume=config.resume,
+                            accelerator=accelerator, stop_after=stop_after, run_settings=settings, loss_fn=loss_fn,
+                            hooks=hooks, end_step=lcfg.schedule.prune_end if mid else None)
         if first.stopped_early:
             return None
         lh = first.lhspg
         assert lh is not None
         outcome = PruningOutcome.from_lhspg(lh, peft_model, first, end=lcfg.schedule.prune_end if mid else train.steps)
         log = first.log
-        optimizer = None
         resumed_from = first.resumed_from
         if mid:
             outcome.compaction_logit_diff, optimizer = _compact_in_training(peft_model, lh, data, config.verify,
                                                                             accelerator.device)
-    rounds = None
-    if mid:  # the small model trains for the rest of the budget
-        if not _post_pruning_needs_teacher(config):
-            loss_fn = lm_loss  # the teacher is no longer needed: let it go
-        common: dict[str, Any] = {
-            "loss_fn": loss_fn, "hooks": [*hooks, PrunedLogFields(outcome)], "accelerator": accelerator,
-            "stop_after": stop_after, "run_settings": settings, "extra_params": _base_weight_names(peft_model),
-            "extra_state": {"pruning": outcome.to_dict()}}
-        if recovers:
-            if optimizer is None:  # resumed after the compaction: the checkpoint fills its state
-                from ..training.optim import lora_parameters, make_optimizer
-
-                optimizer = make_optimizer(lora_parameters(peft_model), train.optimizer, train.lr, train.weight_decay)
-            second = rounds = train_rounds(peft_model, sources, dense_losses, config.post, train_config=train,
-                                           start=outcome.compact_step, optimizer=optimizer, checkpoint_root=small_dir,
-                                           resume=config.resume, **common)
         else:
-            second = train_loop(peft_model, data, config=train, checkpoint_dir=small_dir, desc="train pruned",
-                                resume=config.resume and optimizer is None, optimizer=optimizer,
-                                start_step=outcome.compact_step, **common)
-        if second.stopped_early:
-            return None
-        log = (log or outcome.log) + second.log
-        resumed_from = second.resumed_from if second.resumed_from is not None else resumed_from
-        steps_done, tokens_seen = second.steps_done, second.tokens_seen
-        train_wall = outcome.train_wall_time_s + second.wall_time_s
-    else:
-        steps_done, tokens_seen, train_wall = first.steps_done, first.tokens_seen, first.wall_time_s
-    del loss_fn
-    pruned: PruneResult | None = None
-    if main:
-        probe = _probe(data, accelerator.device)
-        masked_logits = None
-        if config.verify and not mid:
-            with torch.no_grad():
-                masked_logits = peft_model(input_ids=probe).logits.float().cpu()
-        selected = [graph.groups[i] for i in outcome.selected_ids]
-        small = compact(peft_model, [] if mid else selected, merge_lora=True)
-        small.eval()
-        logits_diff = outcome.compaction_logit_diff
-        if masked_logits is not None:
-            with torch.no_grad():
-                logits_diff = float((small(input_ids=probe).logits.float().cpu() - masked_logits).abs().max())
-        params_after = count_params(small)
-        ppl_after = None
-        if config.eval_data:
-            ppl_after = heldout_perplexity(small, tokenizer, config.eval_data, seq_len, config.eval_windows)
-            logger.info("held-out perplexity after: %.3f", ppl_after)
-        removed = params_before - params_after
-        kept = kept_per_layer(graph.groups, selected)
-        sched = lcfg.schedule
-        target = config.target
-        compute = _compute(config, dense_flops, small, outcome.compact_step, steps_done, data.shape[1],
-                           sched.prune_end)
-        recovery = None
-        if rounds is not None:
-            from ..recovery.mixing import degradation
+            return _Trained(outcome=outcome, mid=False, log=log, steps_done=first.steps_done,
+                            tokens_seen=first.tokens_seen, train_wall_s=first.wall_time_s,
+                            resumed_from=resumed_from, rounds=None)
+    # the small model trains for the rest of the budget
+    if not _post_pruning_needs_teacher(config):
+        loss_fn = lm_loss  # the teacher is no longer needed: let it go
+    common: dict[str, Any] = {
+        "loss_fn": loss_fn, "hooks": [*hooks, PrunedLogFields(outcome)], "accelerator": accelerator,
+        "stop_after": stop_after, "run_settings": settings, "extra_params": _base_weight_names(peft_model),
+        "extra_state": {"pruning": outcome.to_dict()}}
+    rounds = None
+    if config.post_pruning == "recover":
+        if optimizer is None:  # resumed after the compaction: the checkpoint fills its state
+            from ..training.optim import lora_parameters, make_optimizer
 
-            measured_dense = sum(int(src.validation.numel()) for src in sources)
-            compute.prep(measured_dense, dense_flops)
-            compute.prep(rounds.measured_tokens, forward_flops_per_token(small, data.shape[1]))
-            recovery = {"sources": {src.name: src.describe() for src in sources}, "dense_losses": dense_losses,
-                        "rounds": rounds.history, "final_losses": rounds.final_losses,
-                        "final_deltas": degradation(rounds.final_losses, dense_losses),
-                        "split": "the sources' validation documents (never test)"}
-        report = {
-            "command": "prune",
-            "model": config.model or type(model).__name__,
-            "params": {
-                "before": params_before, "after": params_after, "removed": removed,
-                "ratio_removed": removed / params_before,
-                "target_ratio": target.ratio, "target_params": plan.target_params,
-                "ratio_error_pp": (100 * (removed / params_before - target.ratio)) if target.ratio is not None
-                else None,
-                "embedding_params": emb,
-                "non_embedding_ratio_removed": removed / max(1, params_before - emb),
-            },
-            "plan": plan.to_dict(),
-            "groups": {
-                "candidates": outcome.candidates, "selected": len(selected),
-                "selected_by_kind": {k: sum(1 for g in selected if g.kind == k) for k in plan.counts},
-                "unprunable_blocks": blocks, "unprunable_groups": len(excluded),
-                "selected_ids": outcome.selected_ids,
-                "max_abs_selected": outcome.max_abs_selected,
-            },
-            "kept_per_layer": {k: {str(layer): v for layer, v in d.items()} for k, d in kept.items()},
-            "verify": {"compacted_vs_masked_max_abs_logit_diff": logits_diff},
-            "compaction": {"step": outcome.compact_step, "at": "prune_end" if mid else "end"},
-            "post_pruning": config.post_pruning if mid else None,
-            "recovery": recovery,
-            "compute": compute.to_dict(),
-            "perplexity": {"source": config.eval_data, "before": ppl_before, "after": ppl_after,
-                           "windows": config.eval_windows, "seq_len": seq_len},
-            "schedule": {"warmup_steps": sched.warmup_steps, "num_periods": sched.num_periods,
-                         "period_steps": sched.period_steps, "prune_end": sched.prune_end,
-                         "period_boundaries": [sched.warmup_steps + p * sched.period_steps
-                                               for p in range(sched.num_periods + 1)]},
-            "periods": outcome.history,
-            "log": log,
-            "steps": steps_done,
-            "tokens_seen": tokens_seen,
-            "train_wall_time_s": train_wall,
-            "wall_time_s": time.perf_counter() - t_start,
-            "resumed_from": resumed_from,
-            "world_size": accelerator.num_processes,
-            "mixed_precision": accelerator.mixed_precision,
-            "data": {"spec": config.data.spec, "sequences": int(data.shape[0]), "seq_len": int(data.shape[1])},
-            "settings": to_json_dict(config),
-        }
-        pruned = PruneResult(
-            out=str(out), params_before=params_before, params_after=params_after,
-            ratio_removed=removed / params_before, non_embedding_ratio_removed=removed / max(1, params_before - emb),
-            target_ratio=target.ratio, perplexity_before=ppl_before, perplexity_after=ppl_after,
-            steps=steps_done, tokens_seen=tokens_seen, wall_time_s=report["wall_time_s"],
-            report=report)
-        # the whole result in a temporary sibling, then one swap: the old result (and, unless kept,
-        # the run's checkpoints) goes only once the new one is in place
-        carry = ("checkpoints",) if config.keep_run_checkpoints else ()
-        with atomic_directory(out, carry=carry) as tmp:
-            write_pretrained(small, tmp, tokenizer=tokenizer)
-            plot_prune(report, tmp / PLOT_FILE)
-            atomic_write_json(tmp / RESULT_FILE, pruned.summary())
-            atomic_write_json(tmp / REPORT_FILE, report)
-        logger.info("removed %d of %d parameters (%.2f%%) -> %s", removed, params_before,
-                    100 * removed / params_before, out)
+            optimizer = make_optimizer(lora_parameters(peft_model), train.optimizer, train.lr, train.weight_decay)
+        second = rounds = train_rounds(peft_model, s.sources, s.dense_losses, config.post, train_config=train,
+                                       start=outcome.compact_step, optimizer=optimizer, checkpoint_root=small_dir,
+                                       resume=config.resume, **common)
+    else:
+        second = train_loop(peft_model, data, config=train, checkpoint_dir=small_dir, desc="train pruned",
+                            resume=config.resume and optimizer is None, optimizer=optimizer,
+                            start_step=outcome.compact_step, **common)
+    if second.stopped_early:
+        return None
+    return _Trained(outcome=outcome, mid=True, log=(log or outcome.log) + second.log, steps_done=second.steps_done,
+                    tokens_seen=second.tokens_seen, train_wall_s=outcome.train_wall_time_s + second.wall_time_s,
+                    resumed_from=second.resumed_from if second.resumed_from is not None else resumed_from,
+                    rounds=rounds)
+
+
+def _run(config: PruneConfig, out: Path, *, model: Any, tokenizer: Any, data: torch.Tensor | None,
+         accelerator: Any, stop_after: int | None) -> PruneResult | None:
+    """Set up, train (prune, then the small model), and on the main process compact, report and write."""
+    t_start = time.perf_counter()
+    s = _setup(config, accelerator, model=model, tokenizer=tokenizer, data=data)
+    trained = _train(config, s, out, accelerator, stop_after)
+    if trained is None:
+        return None
+    pruned = _finish(config, s, trained, out, accelerator, t_start) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
+    return pruned
+
+
+def _finish(config: PruneConfig, s: _Setup, t: _Trained, out: Path, accelerator: Any,
+            t_start: float) -> PruneResult:
+    """Compact (unless done already), check against the masked model, measure, and write the result whole."""
+    from ..compaction import compact
+    from ..models.saving import write_pretrained
+
+    seq_len, data, outcome, mid = config.data.seq_len, s.data, t.outcome, t.mid
+    probe = _probe(data, accelerator.device)
+    masked_logits = None
+    if config.verify and not mid:
+        with torch.no_grad():
+            masked_logits = s.peft_model(input_ids=probe).logits.float().cpu()
+    selected = [s.graph.groups[i] for i in outcome.selected_ids]
+    small = compact(s.peft_model, [] if mid else selected, merge_lora=True)
+    small.eval()
+    logits_diff = outcome.compaction_logit_diff
+    if masked_logits is not None:
+        with torch.no_grad():
+            logits_diff = float((small(input_ids=probe).logits.float().cpu() - masked_logits).abs().max())
+    params_after = count_params(small)
+    ppl_after = None
+    if config.eval_data:
+        ppl_after = heldout_perplexity(small, s.tokenizer, config.eval_data, seq_len, config.eval_windows)
+        logger.info("held-out perplexity after: %.3f", ppl_after)
+    params_before, emb = s.params_before, s.embedding
+    removed = params_before - params_after
+    kept = kept_per_layer(s.graph.groups, selected)
+    sched = s.lcfg.schedule
+    target = config.target
+    compute = _compute(config, s.dense_flops, small, outcome.compact_step, t.steps_done, data.shape[1],
+                       sched.prune_end)
+    recovery = None
+    if t.rounds is not None:
+        from ..recovery.mixing import degradation
+
+        rounds = t.rounds
+        compute.prep(sum(int(src.validation.numel()) for src in s.sources), s.dense_flops)
+        compute.prep(rounds.measured_tokens, forward_flops_per_token(small, data.shape[1]))
+        recovery = {"sources": {src.name: src.describe() for src in s.sources}, "dense_losses": s.dense_losses,
+                    "rounds": rounds.history, "final_losses": rounds.final_losses,
+                    "final_deltas": degradation(rounds.final_losses, s.dense_losses),
+                    "split": "the sources' validation documents (never test)"}
+    plan = s.plan
+    report = {
+        "command": "prune",
+        "model": config.model or type(s.model).__name__,
+        "params": {
+            "before": params_before, "after": params_after, "removed": removed,
+            "ratio_removed": removed / params_before,
+            "target_ratio": target.ratio, "target_params": plan.target_params,
+            "ratio_error_pp": (100 * (removed / params_before - target.ratio)) if target.ratio is not None
+            else None,
+            "embedding_params": emb,
+            "non_embedding_ratio_removed": removed / max(1, params_before - emb),
+        },
+        "plan": plan.to_dict(),
+        "groups": {
+            "candidates": outcome.candidates, "selected": len(selected),
+            "selected_by_kind": {k: sum(1 for g in selected if g.kind == k) for k in plan.counts},
+            "unprunable_blocks": s.blocks, "unprunable_groups": len(s.excluded),
+            "selected_ids": outcome.selected_ids,
+            "max_abs_selected": outcome.max_abs_selected,
+        },
+        "kept_per_layer": {k: {str(layer): v for layer, v in d.items()} for k, d in kept.items()},
+        "verify": {"compacted_vs_masked_max_abs_logit_diff": logits_diff},
+        "compaction": {"step": outcome.compact_step, "at": "prune_end" if mid else "end"},
+        "post_pruning": config.post_pruning if mid else None,
+        "recovery": recovery,
+        "compute": compute.to_dict(),
+        "perplexity": {"source": config.eval_data, "before": s.ppl_before, "after": ppl_after,
+                       "windows": config.eval_windows, "seq_len": seq_len},
+        "schedule": {"warmup_steps": sched.warmup_steps, "num_periods": sched.num_periods,
+                     "period_steps": sched.period_steps, "prune_end": sched.prune_end,
+                     "period_boundaries": [sched.warmup_steps + p * sched.period_steps
+                                           for p in range(sched.num_periods + 1)]},
+        "periods": outcome.history,
+        "log": t.log,
+        "steps": t.steps_done,
+        "tokens_seen": t.tokens_seen,
+        "train_wall_time_s": t.train_wall_s,
+        "wall_time_s": time.perf_counter() - t_start,
+        "resumed_from": t.resumed_from,
+        "world_size": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "data": {"spec": config.data.spec, "sequences": int(data.shape[0]), "seq_len": int(data.shape[1])},
+        "settings": to_json_dict(config),
+    }
+    pruned = PruneResult(
+        out=str(out), params_before=params_before, params_after=params_after,
+        ratio_removed=removed / params_before, non_embedding_ratio_removed=removed / max(1, params_before - emb),
+        target_ratio=target.ratio, perplexity_before=s.ppl_before, perplexity_after=ppl_after,
+        steps=t.steps_done, tokens_seen=t.tokens_seen, wall_time_s=report["wall_time_s"],
+        report=report)
+    # the whole result in a temporary sibling, then one swap: the old result (and, unless kept,
+    # the run's checkpoints) goes only once the new one is in place
+    carry = ("checkpoints",) if config.keep_run_checkpoints else ()
+    with atomic_directory(out, carry=carry) as tmp:
+        write_pretrained(small, tmp, tokenizer=s.tokenizer)
+        plot_prune(report, tmp / PLOT_FILE)
+        atomic_write_json(tmp / RESULT_FILE, pruned.summary())
+        atomic_write_json(tmp / REPORT_FILE, report)
+    logger.info("removed %d of %d parameters (%.2f%%) -> %s", removed, params_before,
+                100 * removed / params_before, out)
     return pruned
 
 
