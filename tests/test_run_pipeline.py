@@ -213,3 +213,18 @@ def test_zero_shot_rows_within_their_standard_errors_say_so() -> None:
     assert _within_stderr(dense, {"acc": 0.38, "acc_stderr": 0.069}) == "same within s.e."  # 1.27x, but noise
     assert _within_stderr(dense, {"acc": 0.60, "acc_stderr": 0.069}) is None  # 2x: shown as a ratio
     assert _within_stderr(dense, {"acc": 0.38}) is None  # no standard error: no claim
+
+
+def test_dry_run_lists_the_plan_and_the_prune_budget_and_writes_nothing(tiny_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["run", str(tiny_dir), "--out", str(out), *ARGS, "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert f"plan for {out}" in printed
+    for stage in ("analyze", "prune", "eval"):
+        assert any(line.split()[:2] == [stage, "RUN"] for line in printed.splitlines()), printed
+    assert "recover      SKIP" in printed
+    does = next(line for line in printed.splitlines() if line.strip().startswith("does"))
+    assert "LHSPG over steps" in does and "compacted at step" in does and "to step 12 (builtin:calibration)" in does
+    assert not out.exists()
+    main(["run", str(tiny_dir), "--out", str(out), *ARGS, "--dry-run", "--compact-at", "end"])
+    assert "the masked model at full width to step 12" in capsys.readouterr().out

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from ..config import section
 from ..data.config import DataConfig
@@ -16,12 +17,21 @@ from ..lhspg.optimizer import LHSPGConfig
 from ..lhspg.targets import TargetConfig
 from ..models.lora import LoraSettings
 from ..models.reference import REFERENCE_MODEL_NAME
+from ..recovery.rounds import RoundsConfig
 from ..recipes import DEFAULT_RECIPE, PIPELINE_RECIPES
 from ..training.loop import TrainConfig
 from ..training.losses import DistillConfig
-from . import recover
+from . import prune, recover
 from .export import FORMATS as EXPORT_FORMATS
 from .export import ExportConfig
+
+def _prune_option(name: str) -> Any:
+    """The prune stage's option ``name`` as a pipeline option: its default and help, declared once (there)."""
+    f = next(f for f in dataclasses.fields(prune.PruneConfig) if f.name == name)
+    if f.default_factory is not dataclasses.MISSING:
+        return field(default_factory=f.default_factory, metadata=dict(f.metadata))
+    return field(default=f.default, metadata=dict(f.metadata))
+
 
 STAGES = ("analyze", "prune", "recover", "eval")
 DEFAULT_STAGES = ("analyze", "prune", "eval")
@@ -72,6 +82,12 @@ class PipelineConfig:
     # 180 steps: the whole default run fits 30 minutes on a 2-core CPU (measured; README)
     train: TrainConfig = section(TrainConfig, help="training loop", steps=180, batch_size=2, checkpoint_every=50)
     distill: DistillConfig = section(DistillConfig, prefix="distill_", help="distillation from the dense model")
+    unprunable: tuple[str, ...] = _prune_option("unprunable")
+    compact_at: Literal["prune_end", "end"] = _prune_option("compact_at")
+    post_pruning: Literal["continue", "recover"] = _prune_option("post_pruning")
+    post: RoundsConfig = section(RoundsConfig, prefix="post_", help="the dynamic mix after pruning (prune stage)")
+    verify: bool = _prune_option("verify")
+    keep_run_checkpoints: bool = _prune_option("keep_run_checkpoints")
     recovery: recover.RecoverConfig = section(recover.RecoverConfig, prefix="recover_",
                                               help="dynamic knowledge recovery")
     evaluation: EvalConfig = section(EvalConfig, prefix="eval_", help="evaluation", limit=50, ppl_max_windows=64,

@@ -61,6 +61,7 @@ class StepPlan:
     action: str = "run"          #: run, reuse, resume or skip
     reason: str = ""
     fresh: bool = False          #: start over: an earlier run's checkpoints are deleted
+    does: str = ""               #: the work in one line (printed by --dry-run)
 
     @property
     def runs(self) -> bool:
@@ -96,6 +97,8 @@ class RunPlan:
             fresh = "; starts over, deleting the interrupted run's checkpoints" if s.fresh else ""
             lines.append(f"  {s.step:<12} {s.action.upper():<7} {s.reason}{fresh}")
             if s.action != "skip":
+                if s.does:
+                    lines.append(f"  {'':<12} does   {s.does}")
                 lines.append(f"  {'':<12} reads  {', '.join(s.reads)}")
                 lines.append(f"  {'':<12} writes {', '.join(s.writes)}")
         runs = [s.step for s in self.steps if s.runs]
@@ -126,7 +129,10 @@ def stage_configs(config: PipelineConfig, model: str | None = None) -> tuple[
     p = prune.PruneConfig(model=model, out=str(layout.pruned), data=config.data, dtype=config.dtype,
                           knowledge=str(knowledge) if ("analyze" in config.stages or knowledge.is_file()) else None,
                           lora=config.lora, target=config.target, lhspg=config.lhspg, train=config.train,
-                          distill=config.distill, recipe=config.recipe, force=config.force)
+                          distill=config.distill, recipe=config.recipe, force=config.force,
+                          unprunable=config.unprunable, compact_at=config.compact_at,
+                          post_pruning=config.post_pruning, post=config.post, verify=config.verify,
+                          keep_run_checkpoints=config.keep_run_checkpoints)
     r = dataclasses.replace(config.recovery, model=str(layout.pruned), teacher=model, out=str(layout.recovered),
                             dtype=config.dtype)
     e = dataclasses.replace(config.evaluation, model=str(layout.final_model(config.stages)), baseline=model,
@@ -308,6 +314,20 @@ INPUT_CHECKS: dict[str, Check] = {"analyze": _check_analyze_inputs, "prune": _ch
 
 
 # -- the plan -------------------------------------------------------------------------------------------
+def prune_work(p: Any) -> str:
+    """The prune stage's budget in one line: when pruning happens, when the model is compacted, and what the
+    small model trains on for the rest of the budget."""
+    steps = p.train.steps
+    sched = p.lhspg.resolve(steps).schedule
+    target = f"{p.target.ratio:.0%} of the parameters" if p.target.ratio is not None else "the set ratios"
+    head = f"removes {target} with LHSPG over steps {sched.warmup_steps}-{sched.prune_end} of {steps}"
+    if p.compact_at != "prune_end" or sched.prune_end >= steps:
+        return head + f", the masked model at full width to step {steps}, then compacted"
+    rest = ("recovery rounds on the dynamic mix of " + ", ".join(p.post.sources)
+            if p.post_pruning == "recover" else f"{p.data.spec}")
+    return head + f"; compacted at step {sched.prune_end}, the small model trains on to step {steps} ({rest})"
+
+
 def _steps(config: PipelineConfig, layout: RunLayout, model: str, inputs: Inputs) -> list[StepPlan]:
     """Every step in order, with its planned record, what it reads and writes, and its action."""
     a, p, r, e = stage_configs(config, model)
@@ -324,6 +344,7 @@ def _steps(config: PipelineConfig, layout: RunLayout, model: str, inputs: Inputs
                  reads=(str(final), config.model, *([] if e.skip_ppl else [e.ppl_source]), *e.ppl_more_sources),
                  writes=(e.out,)),
     ]
+    steps[1].does = prune_work(p)
     if config.export is not None:
         steps += [StepPlan(f"export-{x.outtype}", "export", x, sources={"model": final_stage},
                            reads=(str(final),), writes=(x.out, str(Path(x.out).with_suffix(".json"))))
