@@ -10,6 +10,7 @@ Running the file in llama.cpp itself is not part of these tests yet.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -387,3 +388,42 @@ def test_reference_tokenizer_uniform_export(tmp_path, reference_tokenizer) -> No
     assert {f["name"] for f in result.fallbacks} == {n for n, (width, _) in matrices.items() if width % 32}
     assert {n for n, (_, kind) in matrices.items() if kind == "Q8_0"} == {
         f"blk.{i}.{k}" for i in range(3) for k in ("attn_output.weight", "ffn_down.weight")}
+
+
+def test_export_formats_are_a_registry(tmp_path, bpe_tokenizer) -> None:
+    """A format is one registered entry: the stage validates against it and dispatches to its writer."""
+    from lorashear.export import formats
+    from lorashear.stages import export
+    from lorashear.stages.export import ExportConfig
+
+    assert "gguf" in formats.FORMATS and formats.get_format("gguf").suffix == ".gguf"
+    with pytest.raises(ConfigError, match="unknown export format 'plain'"):
+        ExportConfig(model="m", out="x", format="plain")
+    calls = []
+
+    class Written:
+        def __init__(self, path):
+            self.path = path
+
+        def to_dict(self):
+            return {"path": self.path}
+
+    def write(model, out, *, tokenizer, outtype, **options):
+        calls.append((outtype, sorted(options)))
+        Path(out).write_text("weights")
+        return Written(str(out))
+
+    formats.register_format(formats.ExportFormat(name="plain", suffix=".txt", outtypes=("f32",), options=(),
+                                                 check=lambda model: None, write=write))
+    try:
+        with pytest.raises(ConfigError, match="outtype 'f16'"):
+            ExportConfig(model="m", out="x", format="plain", outtype="f16")
+        model = _pruned(len(bpe_tokenizer), "per_layer")
+        result = export.run(ExportConfig(out=str(tmp_path / "m.txt"), format="plain", outtype="f32"), model=model,
+                            tokenizer=bpe_tokenizer)
+        assert calls == [("f32", [])] and result.llama_cpp is None
+        assert result.to_dict()["plain"] == {"path": str(tmp_path / "m.txt")}
+        with pytest.raises(AttributeError):
+            result.gguf
+    finally:
+        del formats.FORMATS["plain"]

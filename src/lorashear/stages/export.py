@@ -5,9 +5,9 @@ Recipe::
     export_gguf(config.model, config.out, outtype=config.outtype, empty_ffn=config.empty_ffn)
     probe_llama_cpp(config.out)   # with check_llama_cpp: does the installed llama.cpp run it here?
 
-``format="gguf"`` is the one format so far (llama.cpp: ``llama`` for uniform models, ``deci``
-for models whose layers differ; see :mod:`lorashear.export.gguf`). Hugging Face directories
-are what ``prune`` and ``recover`` already write.
+Formats are a registry (:mod:`lorashear.export.formats`); ``gguf`` is the one so far (llama.cpp:
+``llama`` for uniform models, ``deci`` for models whose layers differ; see :mod:`lorashear.export.gguf`).
+Hugging Face directories are what ``prune`` and ``recover`` already write.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ from typing import Any
 
 from ..atomic import validate_out_file
 from ..errors import ConfigError
-from ..export import llama_cpp_check
-from ..export.gguf import EMPTY_FFN_POLICIES, OUTTYPES, GGUFExport
+from ..export.formats import FORMATS as REGISTRY
+from ..export.formats import get_format
+from ..export.gguf import EMPTY_FFN_POLICIES, OUTTYPES
 from ..export.llama_cpp_check import LlamaCppCheck
 
 logger = logging.getLogger(__name__)
 
-#: formats the stage writes
-FORMATS: tuple[str, ...] = ("gguf",)
+#: formats the stage writes (the registry's names)
+FORMATS: tuple[str, ...] = tuple(REGISTRY)
 
 
 @dataclass
@@ -50,41 +51,51 @@ class ExportConfig:
                 "llama-cpp-python is not installed)"})
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ConfigError(f"unknown export format {self.format!r}; use one of {', '.join(FORMATS)}")
-        if self.outtype not in OUTTYPES:
-            raise ConfigError(f"unknown --outtype {self.outtype!r}; use one of {', '.join(OUTTYPES)}")
+        fmt = get_format(self.format)
+        if self.outtype not in fmt.outtypes:
+            raise ConfigError(f"unknown --outtype {self.outtype!r}; use one of {', '.join(fmt.outtypes)}")
         if self.empty_ffn not in EMPTY_FFN_POLICIES:
             raise ConfigError(f"unknown --empty-ffn {self.empty_ffn!r}; use one of {', '.join(EMPTY_FFN_POLICIES)}")
 
 
 @dataclass
 class ExportResult:
-    """What the export stage wrote (``gguf`` holds every tensor, fallback and per-layer width)."""
+    """What the export stage wrote: ``written`` is the format writer's record (for ``gguf``, a
+    :class:`~lorashear.export.gguf.GGUFExport`: every tensor, fallback and per-layer width)."""
 
     model: str
     format: str
     path: str
     seconds: float
-    gguf: GGUFExport = field(repr=False)
-    llama_cpp: LlamaCppCheck | None = None  #: the llama.cpp check (None: not asked for)
+    written: Any = field(repr=False)
+    llama_cpp: LlamaCppCheck | None = None  #: the engine check (None: not asked for, or the format has none)
+
+    @property
+    def gguf(self) -> Any:
+        if self.format != "gguf":
+            raise AttributeError(f"a {self.format} export has no GGUF record")
+        return self.written
 
     @property
     def arch(self) -> str:
-        return self.gguf.arch
+        return self.written.arch
 
     @property
     def fallbacks(self) -> list[dict[str, Any]]:
-        return self.gguf.fallbacks
+        return self.written.fallbacks
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "format": self.format, "path": self.path, "seconds": self.seconds,
-                "gguf": self.gguf.to_dict(), "llama_cpp": self.llama_cpp.to_dict() if self.llama_cpp else None}
+                self.format: self.written.to_dict(),
+                "llama_cpp": self.llama_cpp.to_dict() if self.llama_cpp else None}
 
 
-def check_llama_cpp(path: str) -> LlamaCppCheck:
-    """Probe ``path`` in the installed llama.cpp; warn in one line when it cannot run the file here."""
-    check = llama_cpp_check.probe_llama_cpp(path)
+def check_llama_cpp(path: str, fmt: str = "gguf") -> LlamaCppCheck | None:
+    """Probe ``path`` in the format's engine; warn in one line when it cannot run the file here."""
+    probe = get_format(fmt).probe
+    if probe is None:
+        return None
+    check = probe(path)
     if check.status in ("crashed", "failed", "timeout"):
         logger.warning("%s", check.message)
     else:
@@ -94,7 +105,6 @@ def check_llama_cpp(path: str) -> LlamaCppCheck:
 
 def run(config: ExportConfig, *, model: Any = None, tokenizer: Any = None) -> ExportResult:
     """Export ``config.model`` (or the loaded ``model`` with ``tokenizer``) to ``config.out``."""
-    from ..export.gguf import check_exportable, export_gguf
     from ..models.loading import check_causal_lm
 
     if model is None and not config.model:
@@ -102,13 +112,14 @@ def run(config: ExportConfig, *, model: Any = None, tokenizer: Any = None) -> Ex
     if not config.out:
         raise ConfigError("no output file given (--out FILE.gguf)")
     validate_out_file(config.out)
+    fmt = get_format(config.format)
     if model is None:
         check_causal_lm(config.model)
-        check_exportable(config.model)
+        fmt.check(config.model)
     start = time.perf_counter()
-    written = export_gguf(model if model is not None else config.model, config.out, tokenizer=tokenizer,
-                          outtype=config.outtype, empty_ffn=config.empty_ffn, tokenizer_pre=config.tokenizer_pre)
+    written = fmt.write(model if model is not None else config.model, config.out, tokenizer=tokenizer,
+                        outtype=config.outtype, **{name: getattr(config, name) for name in fmt.options})
     seconds = time.perf_counter() - start
-    checked = check_llama_cpp(written.path) if config.check_llama_cpp else None
+    checked = check_llama_cpp(written.path, config.format) if config.check_llama_cpp else None
     return ExportResult(model=config.model or type(model).__name__, format=config.format, path=written.path,
-                        seconds=seconds, gguf=written, llama_cpp=checked)
+                        seconds=seconds, written=written, llama_cpp=checked)

@@ -11,7 +11,7 @@ from ..config import section
 from ..data.config import DataConfig
 from ..errors import ConfigError
 from ..evaluation.config import EvalConfig
-from ..export.gguf import OUTTYPES
+from ..export.formats import get_format
 from ..knowledge.config import KnowledgeConfig
 from ..lhspg.optimizer import LHSPGConfig
 from ..lhspg.targets import TargetConfig
@@ -104,9 +104,10 @@ class PipelineConfig:
         if self.export is not None and self.export not in EXPORT_FORMATS:
             raise ConfigError(f"unknown --export {self.export!r}; use one of {', '.join(EXPORT_FORMATS)}")
         self.export_outtypes = tuple(self.export_outtypes)
-        bad = [t for t in self.export_outtypes if t not in OUTTYPES]
+        outtypes = get_format(self.export or "gguf").outtypes
+        bad = [t for t in self.export_outtypes if t not in outtypes]
         if bad or not self.export_outtypes:
-            raise ConfigError(f"unknown --export-outtypes {', '.join(bad) or '(none)'}; use {', '.join(OUTTYPES)}")
+            raise ConfigError(f"unknown --export-outtypes {', '.join(bad) or '(none)'}; use {', '.join(outtypes)}")
 
 
 #: options the pipeline sets itself (hidden from the command line)

@@ -299,9 +299,9 @@ def _check_eval_inputs(plan: RunPlan, step: StepPlan) -> None:
 
 
 def _check_export_inputs(plan: RunPlan, step: StepPlan) -> None:
-    from ..export.gguf import check_exportable
+    from ..export.formats import get_format
 
-    check_exportable(plan.model)
+    get_format(step.config.format).check(plan.model)
 
 
 Check = Callable[[RunPlan, StepPlan], None]
