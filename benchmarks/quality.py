@@ -90,6 +90,11 @@ for _name, _opts in ABLATIONS.items():
 LORASHEAR_ROWS["lorashear-masked"] = {**LORASHEAR_ROWS["lorashear"], "compact_at": "end"}
 #: the steps after pruning on the dynamic mix of paper Alg. 5 (issue 26's row c; row b is the recipe itself)
 LORASHEAR_ROWS["lorashear-recover"] = {**LORASHEAR_ROWS["lorashear"], "post_pruning": "recover"}
+#: a shorter pruning phase (issue 26): pruning over steps 10%..20% instead of 10%..30%, compacted at 20%
+LORASHEAR_ROWS["lorashear-short"] = {**LORASHEAR_ROWS["lorashear"], "prune_end": 0.2}
+#: serve-ready widths (issue 27): every layer's kept MLP width a multiple of 32 or 64 (q8_0 blocks, kernels)
+for _m in (32, 64):
+    LORASHEAR_ROWS[f"lorashear-round{_m}"] = {**LORASHEAR_ROWS["lorashear"], "round_to": _m}
 
 
 @dataclass(frozen=True)
