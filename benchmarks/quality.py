@@ -448,7 +448,10 @@ def _summarise(items: list[dict]) -> dict[str, Any]:
         entry["ppl"][spec] = {
             "mean": statistics.mean(vals) if vals else None, "values": vals, "by_seed": by_seed,
             "half_range": (max(vals) - min(vals)) / 2 if len(vals) > 1 else None,
-            "ci_by_seed": {i["seed"]: i["ppl"][spec]["ci"] for i in items if spec in i.get("ppl", {})}}
+            "ci_by_seed": {i["seed"]: i["ppl"][spec]["ci"] for i in items if spec in i.get("ppl", {})},
+            # per-window NLL sums and tokens per window, for paired intervals (left out of the JSON summary)
+            "_windows": {i["seed"]: (i["ppl"][spec]["window_nll"], i["ppl"][spec]["tokens"] / i["ppl"][spec]["windows"])
+                         for i in items if "window_nll" in i.get("ppl", {}).get(spec, {})}}
     flops = [i["compute"]["flops"] for i in items if i.get("compute")]
     entry["pflops"] = statistics.mean(flops) / 1e15 if flops else None
     recalls = [i["recall"]["correct"] for i in items if i.get("recall")]
@@ -516,7 +519,9 @@ def write_report(work: Path, out: Path) -> None:
             ratio_s = "—" if e["ratio"] is None else f"{e['ratio']:.0%}"
             seed_lines.append(f"| {e['row']} | {ratio_s} | {e['steps'] or '—'} | {e['tag']} | {seed} | "
                               + " | ".join(cells) + " |")
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+    public = [{**e, "ppl": {k: {f: v for f, v in p.items() if not f.startswith("_")} for k, p in e["ppl"].items()}}
+              for e in summary]
+    out.with_suffix(".json").write_text(json.dumps(public, indent=1) + "\n")
     table = "\n".join(lines) + "\n" + "\n".join(seed_lines) + "\n" + margin_table(summary)
     replace_table(out.with_suffix(".md"), table, "# Quality benchmark (v2)")
     print(table)
@@ -545,18 +550,35 @@ def margin_table(summary: list[dict], ours: str = "lorashear", split: int = 1) -
                 margin = b["mean"] - a["mean"]
                 spread = (a["half_range"] or 0.0) + (b["half_range"] or 0.0)
                 times = f"{margin / spread:.1f}x" if spread > 0 else "—"
-                paired = [f"{seed}: {b['by_seed'][seed] - v:+.2f}" for seed, v in sorted(a["by_seed"].items())
-                          if seed in b["by_seed"]]
+                paired = [f"{seed}: {b['by_seed'][seed] - v:+.2f}{_paired_ci(a, b, seed)}"
+                          for seed, v in sorted(a["by_seed"].items()) if seed in b["by_seed"]]
                 lines.append(f"| {ratio:.0%} | {steps} | {peer} | {s} | {','.join(map(str, sorted(a['by_seed'])))} "
                              f"/ {','.join(map(str, sorted(b['by_seed'])))} | {margin:+.2f} | {spread:.2f} | {times} "
                              f"| {'; '.join(paired)} |")
     if not lines:
         return ""
     head = [f"\nMargins of `{ours}` on the test split (peer mean - ours; positive: ours is lower; spread: the two "
-            "half-ranges added; paired: peer - ours in each seed both ran):\n",
-            "| ratio | steps | peer | source | seeds (ours / peer) | margin | spread | margin / spread | paired |",
+            "half-ranges added; paired: peer - ours in each seed both ran, with a 95 % bootstrap interval over the "
+            "same windows resampled in pairs):\n",
+            "| ratio | steps | peer | source | seeds (ours / peer) | margin | spread | margin / spread | paired "
+            "[95 % interval over windows] |",
             "|---|---|---|---|---|---:|---:|---:|---|"]
     return "\n".join(head + lines) + "\n"
+
+
+def _paired_ci(a: dict[str, Any], b: dict[str, Any], seed: Any, samples: int = 2000) -> str:
+    """`` [lo, hi]``: the 95 % interval of (peer - ours) perplexity on the same windows, resampled in pairs
+    (empty when either row lacks its per-window NLLs)."""
+    import numpy as np
+
+    wa, wb = a.get("_windows", {}).get(seed), b.get("_windows", {}).get(seed)
+    if not wa or not wb or len(wa[0]) != len(wb[0]) or wa[1] != wb[1]:
+        return ""
+    nll = np.array([wa[0], wb[0]], dtype=np.float64)
+    idx = np.random.default_rng(0).integers(0, nll.shape[1], size=(samples, nll.shape[1]))
+    ppl = np.exp(nll[:, idx].sum(-1) / (wa[1] * nll.shape[1]))
+    lo, hi = np.quantile(ppl[1] - ppl[0], [0.025, 0.975])
+    return f" [{lo:+.2f}, {hi:+.2f}]"
 
 
 def replace_table(md: Path, table: str, title: str) -> None:

@@ -73,3 +73,32 @@ def test_no_margin_table_without_a_peer(quality, tmp_path: Path) -> None:
     out = tmp_path / "report.md"
     quality.write_report(work, out)
     assert "Margins" not in out.read_text()
+
+
+def test_paired_interval_over_the_same_windows(quality, tmp_path: Path) -> None:
+    """With per-window NLLs, each paired seed gets a bootstrap interval of (peer - ours) over the same windows:
+    a peer worse on every window has an interval above zero; rows scored on other windows get none."""
+    import math
+
+    work = tmp_path / "rows"
+    work.mkdir()
+    ours_nll = [100.0 + (i % 7) for i in range(32)]
+
+    def with_windows(row: dict, nll: list[float]) -> dict:
+        p = row["ppl"]["builtin:heldout-test"]
+        p.update(window_nll=nll, tokens=25 * len(nll), windows=len(nll), ppl=math.exp(sum(nll) / (25 * len(nll))))
+        return row
+
+    rows = [with_windows(_row("lorashear", 0, 0, 31.0), ours_nll),
+            with_windows(_row("flap+lora", 0, 0, 40.0), [x + 1.0 for x in ours_nll])]
+    for i, r in enumerate(rows):
+        (work / f"r{i}.json").write_text(json.dumps(r))
+    out = tmp_path / "report.md"
+    quality.write_report(work, out)
+    heldout = next(line for line in _margin_lines(out.read_text()) if line[3] == "builtin:heldout-test")
+    diff, interval = heldout[8].split(": ")[1].split(" [")
+    lo, hi = (float(x) for x in interval.rstrip("]").split(", "))
+    assert 0 < lo <= float(diff) <= hi
+    docs = next(line for line in _margin_lines(out.read_text()) if line[3] == "builtin:heldout-docs-test")
+    assert "[" not in docs[8]
+    assert "_windows" not in out.with_suffix(".json").read_text()
