@@ -111,7 +111,7 @@ def recall_probe(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, 
     name, questions = load_questions()
     prompts = [prompt_for(q.question, tokenizer) for q in questions]
     chat = all(used for _, used in prompts)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
     device = next(model.parameters()).device
     replies: list[dict[str, Any]] = []
     was_training = model.training
