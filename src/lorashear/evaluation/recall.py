@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PROBE_RESOURCE = "probes/recall.json"
-#: the instruction put before every question
-INSTRUCTION = ""
 
 
 @dataclass(frozen=True)
@@ -39,7 +37,7 @@ class RecallQuestion:
     def scores(self, reply: str) -> bool:
         """An accepted answer appears in ``reply`` as a whole word (case and punctuation ignored)."""
         words = _words(reply)
-        return any(_contains(words, _words(a)) for a in self.answers if _words(a))
+        return any(phrase and _contains(words, phrase) for phrase in map(_words, self.answers))
 
 
 def _words(text: str) -> list[str]:
@@ -93,14 +91,13 @@ def load_questions() -> tuple[str, list[RecallQuestion]]:
     return data["name"], questions
 
 
-def prompt_for(question: str, tokenizer: PreTrainedTokenizerBase) -> tuple[str, bool]:
-    """The text given to the model for ``question`` and whether the chat template made it."""
-    content = f"{INSTRUCTION} {question}".strip()
+def prompt_for(question: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    """The text given to the model for ``question``: the tokenizer's chat template with the assistant's turn
+    opened, else a plain ``Question: ... Answer:``."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
-        return str(text), True
-    return f"Question: {content}\nAnswer:", False
+        return str(tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                                 add_generation_prompt=True))
+    return f"Question: {question}\nAnswer:"
 
 
 def recall_probe(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_new_tokens: int = 16,
@@ -110,7 +107,7 @@ def recall_probe(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, 
 
     name, questions = load_questions()
     prompts = [prompt_for(q.question, tokenizer) for q in questions]
-    chat = all(used for _, used in prompts)
+    chat = bool(getattr(tokenizer, "chat_template", None))
     pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
     device = next(model.parameters()).device
     replies: list[dict[str, Any]] = []
@@ -119,7 +116,7 @@ def recall_probe(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, 
     try:
         for start in range(0, len(questions), batch_size):
             chunk = prompts[start:start + batch_size]
-            ids = [tokenizer(text, add_special_tokens=not chat)["input_ids"] for text, _ in chunk]
+            ids = [tokenizer(text, add_special_tokens=not chat)["input_ids"] for text in chunk]
             width = max(len(i) for i in ids)
             input_ids = torch.tensor([[pad_id] * (width - len(i)) + i for i in ids], device=device)
             mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=device)

@@ -60,9 +60,6 @@ def make_proxy(name: str, context: ProxyContext) -> Proxy:
 
 def resolve_proxy(name: str, seed: int = 0) -> Proxy:
     """A proxy that needs no model or data, by name (``fisher`` needs them: use :func:`make_proxy`)."""
-    check_proxy_name(name)
-    if name == "fisher":
-        raise ConfigError("the fisher proxy needs the model and tokens: use fisher_proxy(model, groups, tokens)")
     return make_proxy(name, ProxyContext(seed=seed))
 
 

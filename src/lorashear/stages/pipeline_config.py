@@ -11,6 +11,7 @@ from ..config import section
 from ..data.config import DataConfig
 from ..errors import ConfigError
 from ..evaluation.config import EvalConfig
+from ..export.formats import FORMATS as EXPORT_REGISTRY
 from ..export.formats import get_format
 from ..knowledge.config import KnowledgeConfig
 from ..lhspg.optimizer import LHSPGConfig
@@ -101,8 +102,8 @@ class PipelineConfig:
             raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
         if not self.stages:
             raise ConfigError(f"no stage to run; choose from {', '.join(STAGES)}")
-        if self.export is not None and self.export not in EXPORT_FORMATS:
-            raise ConfigError(f"unknown --export {self.export!r}; use one of {', '.join(EXPORT_FORMATS)}")
+        if self.export is not None and self.export not in EXPORT_REGISTRY:
+            raise ConfigError(f"unknown --export {self.export!r}; use one of {', '.join(EXPORT_REGISTRY)}")
         self.export_outtypes = tuple(self.export_outtypes)
         outtypes = get_format(self.export or "gguf").outtypes
         bad = [t for t in self.export_outtypes if t not in outtypes]

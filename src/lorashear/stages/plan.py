@@ -117,6 +117,13 @@ def canonical_model(name: str) -> str:
     return os.path.abspath(path)
 
 
+#: the prune stage's options that ``lorashear run`` declares under the same names (every one of them but the
+#: model, the output and the knowledge file, which the pipeline sets; its ``knowledge`` is the analysis section)
+PRUNE_OPTIONS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(prune.PruneConfig)
+    if f.name in {g.name for g in dataclasses.fields(PipelineConfig)} and f.name not in ("model", "out", "knowledge"))
+
+
 def stage_configs(config: PipelineConfig, model: str | None = None) -> tuple[
         analyze.AnalyzeConfig, prune.PruneConfig, recover.RecoverConfig, EvalConfig]:
     """The stage configs the pipeline runs, all derived from ``config`` (``model``: the model as the stages
@@ -126,13 +133,9 @@ def stage_configs(config: PipelineConfig, model: str | None = None) -> tuple[
     knowledge = layout.knowledge
     a = analyze.AnalyzeConfig(model=model, out=str(layout.stage_dir("analyze")), dtype=config.dtype,
                               recipe=config.recipe, knowledge=config.knowledge)
-    p = prune.PruneConfig(model=model, out=str(layout.pruned), data=config.data, dtype=config.dtype,
+    p = prune.PruneConfig(model=model, out=str(layout.pruned),
                           knowledge=str(knowledge) if ("analyze" in config.stages or knowledge.is_file()) else None,
-                          lora=config.lora, target=config.target, lhspg=config.lhspg, train=config.train,
-                          distill=config.distill, recipe=config.recipe, force=config.force,
-                          unprunable=config.unprunable, compact_at=config.compact_at,
-                          post_pruning=config.post_pruning, post=config.post, verify=config.verify,
-                          keep_run_checkpoints=config.keep_run_checkpoints)
+                          **{name: getattr(config, name) for name in PRUNE_OPTIONS})
     r = dataclasses.replace(config.recovery, model=str(layout.pruned), teacher=model, out=str(layout.recovered),
                             dtype=config.dtype)
     e = dataclasses.replace(config.evaluation, model=str(layout.final_model(config.stages)), baseline=model,
