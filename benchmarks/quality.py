@@ -566,18 +566,15 @@ def margin_table(summary: list[dict], ours: str = "lorashear", split: int = 1) -
     return "\n".join(head + lines) + "\n"
 
 
-def _paired_ci(a: dict[str, Any], b: dict[str, Any], seed: Any, samples: int = 2000) -> str:
+def _paired_ci(a: dict[str, Any], b: dict[str, Any], seed: Any) -> str:
     """`` [lo, hi]``: the 95 % interval of (peer - ours) perplexity on the same windows, resampled in pairs
     (empty when either row lacks its per-window NLLs)."""
-    import numpy as np
+    from lorashear.evaluation.perplexity import paired_window_interval
 
     wa, wb = a.get("_windows", {}).get(seed), b.get("_windows", {}).get(seed)
     if not wa or not wb or len(wa[0]) != len(wb[0]) or wa[1] != wb[1]:
         return ""
-    nll = np.array([wa[0], wb[0]], dtype=np.float64)
-    idx = np.random.default_rng(0).integers(0, nll.shape[1], size=(samples, nll.shape[1]))
-    ppl = np.exp(nll[:, idx].sum(-1) / (wa[1] * nll.shape[1]))
-    lo, hi = np.quantile(ppl[1] - ppl[0], [0.025, 0.975])
+    _, lo, hi = paired_window_interval(wa[0], wb[0], [wa[1]] * len(wa[0]))
     return f" [{lo:+.2f}, {hi:+.2f}]"
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -130,12 +131,20 @@ def bootstrap_interval(window_nll: list[float], window_tokens: list[int], *, sam
 def paired_interval(a: PerplexityResult, b: PerplexityResult, *, samples: int = 2000, level: float = 0.95,
                     seed: int = 0) -> tuple[float, float, float]:
     """``(difference, lo, hi)`` of perplexity ``b - a`` on the same windows, windows resampled in pairs."""
-    import torch
-
     if a.window_tokens != b.window_tokens or not a.window_tokens:
         raise ConfigError("paired_interval needs two results scored on the same windows")
-    nll = torch.tensor([a.window_nll, b.window_nll], dtype=torch.float64)  # (2, W)
-    tok = torch.tensor(a.window_tokens, dtype=torch.float64)
+    return paired_window_interval(a.window_nll, b.window_nll, a.window_tokens, samples=samples, level=level,
+                                  seed=seed)
+
+
+def paired_window_interval(nll_a: Sequence[float], nll_b: Sequence[float], tokens: Sequence[float], *,
+                           samples: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """:func:`paired_interval` from per-window NLL sums of two models on the same windows and the tokens each
+    window scores (as row files keep them)."""
+    import torch
+
+    nll = torch.tensor([list(nll_a), list(nll_b)], dtype=torch.float64)  # (2, W)
+    tok = torch.tensor(list(tokens), dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed)
     draw = torch.randint(tok.numel(), (samples, tok.numel()), generator=gen)
     ppl = torch.exp(nll[:, draw].sum(-1) / tok[draw].sum(-1))  # (2, S)
