@@ -1,0 +1,109 @@
+"""Wall time of the prune stage with and without compaction at the end of pruning (issue 26, rows a and b).
+
+Reads rows that ``quality.py`` trained in one process, one after the other, under the same load
+(``--rows lorashear-masked,lorashear``), and their kept prune reports. For every ratio and seed it prints the
+prune stage's train-loop wall time of the masked run (a: full width to the last step) and of the compacted run
+(b: compacted when the last pruning period ends), their ratio, the FLOPs of each, the throughput before and
+after the compaction step, and the validation perplexities (the two runs differ only in dropout's draws after
+compaction).
+
+    python benchmarks/quality.py --rows lorashear-masked,lorashear --ratios 0.2,0.5 --seeds 0 --steps 100 \\
+        --threads 1 --splits validation --ppl-windows 32 --work benchmarks/results/quality/speed100 \\
+        --models ~/.cache/lorashear/speed100 --out benchmarks/results/compaction_speed100_rows
+    python benchmarks/compaction_speed.py --work benchmarks/results/quality/speed100 \\
+        --models ~/.cache/lorashear/speed100 --out benchmarks/results/compaction_speed100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+MASKED, COMPACTED = "lorashear-masked", "lorashear"
+
+
+def _report(models: Path, key: str) -> dict[str, Any] | None:
+    path = models / key / "prune_report.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _throughput(report: dict[str, Any], compacted: bool) -> float | None:
+    """Mean logged tokens/s of the phase after compaction (or after pruning, for a masked run)."""
+    after = [e["tokens_per_s"] for e in report["log"]
+             if e.get("phase") == ("compacted" if compacted else "post") and e.get("tokens_per_s")]
+    if not after and not compacted:  # a masked run names its post-pruning phase by the step
+        end = report["schedule"]["prune_end"]
+        after = [e["tokens_per_s"] for e in report["log"] if e["step"] > end and e.get("tokens_per_s")]
+    return statistics.mean(after) if after else None
+
+
+def rows(work: Path, models: Path) -> list[dict[str, Any]]:
+    found = {}
+    for path in sorted(work.glob("*.json")):
+        rec = json.loads(path.read_text())
+        if rec.get("row") in (MASKED, COMPACTED):
+            found[(rec["row"], rec["ratio"], rec["seed"], rec["steps"])] = (path.stem, rec)
+    out = []
+    for (row, ratio, seed, steps), (key, rec) in sorted(found.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+        if row != COMPACTED or (MASKED, ratio, seed, steps) not in found:
+            continue
+        pair = {}
+        for name, (k, r) in (("a", found[(MASKED, ratio, seed, steps)]), ("b", (key, rec))):
+            rep = _report(models, k)
+            pair[name] = {
+                "key": k, "train_s": rep["train_wall_time_s"] if rep else r["train_s"],
+                "stage_s": r["train_s"], "pflops": r["compute"]["flops"] / 1e15,
+                "compaction_step": (rep or {}).get("compaction", {}).get("step"),
+                "tokens_per_s_after": _throughput(rep, name == "b") if rep else None,
+                "ppl": {s: v["ppl"] for s, v in r["ppl"].items()}}
+        pair.update(ratio=ratio, seed=seed, steps=steps,
+                    speedup=pair["a"]["train_s"] / pair["b"]["train_s"],
+                    stage_speedup=pair["a"]["stage_s"] / pair["b"]["stage_s"])
+        out.append(pair)
+    return out
+
+
+def table(pairs: list[dict[str, Any]]) -> str:
+    specs = sorted({s for p in pairs for s in p["a"]["ppl"]})
+    head = ("| ratio | seed | steps | row | compacted at | train loop (s) | prune stage (s) | tokens/s after pruning "
+            "| PFLOPs | " + " | ".join(f"`{s}`" for s in specs) + " |")
+    lines = [head, "|---|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(specs)]
+    for p in pairs:
+        for name, label in (("a", "(a) masked to the last step"), ("b", "(b) compacted at the end of pruning")):
+            r = p[name]
+            tps = "—" if r["tokens_per_s_after"] is None else f"{r['tokens_per_s_after']:.1f}"
+            lines.append(f"| {p['ratio']:.0%} | {p['seed']} | {p['steps']} | {label} | {r['compaction_step'] or '—'} | "
+                         f"{r['train_s']:.0f} | {r['stage_s']:.0f} | {tps} | {r['pflops']:.3f} | "
+                         + " | ".join(f"{r['ppl'].get(s, float('nan')):.2f}" for s in specs) + " |")
+        lines.append(f"| {p['ratio']:.0%} | {p['seed']} | {p['steps']} | **a / b** | | **{p['speedup']:.2f}x** | "
+                     f"{p['stage_speedup']:.2f}x | | {p['a']['pflops'] / p['b']['pflops']:.2f}x |" + " |" * len(specs))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", required=True, help="quality.py's --work with both rows")
+    p.add_argument("--models", required=True, help="quality.py's --models (the kept prune reports)")
+    p.add_argument("--out", default=None, help="path without suffix for the pairs as JSON (the table goes to stdout)")
+    a = p.parse_args(argv)
+    pairs = rows(Path(a.work).expanduser(), Path(a.models).expanduser())
+    if not pairs:
+        print(f"no (masked, compacted) pair of rows in {a.work}; run quality.py with "
+              f"--rows {MASKED},{COMPACTED} first", file=sys.stderr)
+        return 2
+    text = table(pairs)
+    print(text)
+    if a.out:
+        out = Path(a.out)
+        tmp = out.with_name(out.name + ".json.tmp")
+        tmp.write_text(json.dumps(pairs, indent=1) + "\n")
+        tmp.replace(out.with_name(out.name + ".json"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
