@@ -92,6 +92,9 @@ LORASHEAR_ROWS["lorashear-masked"] = {**LORASHEAR_ROWS["lorashear"], "compact_at
 LORASHEAR_ROWS["lorashear-recover"] = {**LORASHEAR_ROWS["lorashear"], "post_pruning": "recover"}
 #: a shorter pruning phase (issue 26): pruning over steps 10%..20% instead of 10%..30%, compacted at 20%
 LORASHEAR_ROWS["lorashear-short"] = {**LORASHEAR_ROWS["lorashear"], "prune_end": 0.2}
+#: FLAP's fluctuation metric as LHSPG's data saliency (issue 24's 20 % gap; candidates, chosen on validation only)
+LORASHEAR_ROWS["lorashear-fluctuation"] = {**LORASHEAR_ROWS["lorashear"], "saliency": ["fluctuation"]}
+LORASHEAR_ROWS["lorashear-fisher+fluctuation"] = {**LORASHEAR_ROWS["lorashear"], "saliency": ["fisher", "fluctuation"]}
 #: serve-ready widths (issue 27): every layer's kept MLP width a multiple of 32 or 64 (q8_0 blocks, kernels)
 for _m in (32, 64):
     LORASHEAR_ROWS[f"lorashear-round{_m}"] = {**LORASHEAR_ROWS["lorashear"], "round_to": _m}

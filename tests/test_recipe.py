@@ -13,7 +13,7 @@ from lorashear.lhspg.optimizer import parse_saliency
 from lorashear.lhspg.schedule import period_quotas, split_quota
 from lorashear.stages.prune import PruneConfig
 from lorashear.training import TrainConfig
-from lorashear.lhspg.hooks import ActivationFisher
+from lorashear.lhspg.hooks import ActivationFisher, ActivationFluctuation
 from lorashear.training.losses import DistillConfig, distillation_loss, kl_to_teacher, lm_loss, make_teacher
 from test_lhspg import lhspg_run, random_batches, tiny_lora_model
 
@@ -98,6 +98,61 @@ def test_roll_smooths_periods():
     fisher.current[:] = 1.0
     assert torch.allclose(fisher.scores(groups), torch.tensor([1.25, 1.5, 1.75, 2.0, 2.25], dtype=torch.float64))
     fisher.close()
+
+
+def test_activation_fluctuation_equals_flap_metric_of_the_consumer_inputs():
+    """Var over tokens of each consumer input column times its weight column's squared norm, summed per group
+    (FLAP's fluctuation), from two micro-batches; forward passes under no_grad are not counted."""
+    from lorashear.lhspg.hooks import consumer_slices
+
+    model = tiny_lora_model(seed=3, random_b=True)
+    groups = [g for g in discover(model).prunable() if g.kind in ("attention_head", "kv_group", "mlp_channel")]
+    batches = [random_batches(n=2, seq=12, seed=s) for s in (5, 6)]
+    modules = dict(model.named_modules())
+    inputs: dict[str, list[torch.Tensor]] = {}
+    handles = [modules[m].register_forward_hook(lambda mod, args, out, m=m: inputs.setdefault(m, []).append(
+        args[0].detach().reshape(-1, args[0].shape[-1]).double()))
+        for m in {m for g in groups for m, _, _ in consumer_slices(g)}]
+    fluct = ActivationFluctuation(model, groups, decay=0.5)
+    for b in batches:
+        lm_loss(model, b).backward()
+    with torch.no_grad():
+        model(input_ids=batches[0])  # not a training step: ignored by the scorer, seen by the reference hooks
+    got = fluct.scores(groups)
+    fluct.close()
+    for h in handles:
+        h.remove()
+    params = dict(model.named_parameters())
+    want = torch.zeros(len(groups), dtype=torch.float64)
+    for i, g in enumerate(groups):
+        for module, weight, cols in consumer_slices(g):
+            h = torch.cat(inputs[module][:2])  # the two training micro-batches
+            var = h.var(dim=0, unbiased=False)[list(cols)]
+            want[i] += float((var * params[weight].detach().double()[:, list(cols)].pow(2).sum(0)).sum())
+    assert torch.isfinite(got).all() and float(want.min()) > 0
+    assert torch.allclose(got, want, rtol=1e-6)
+
+
+def test_fluctuation_saliency_prunes_exactly_and_resumes_bit_identically(tmp_path):
+    """The fluctuation criterion alone and mixed with the Fisher: the plan is reached exactly, the selection
+    differs from the Fisher's, and kill + resume reproduces the run (its moments are in the checkpoint)."""
+    def run(out, saliency, **kw):
+        return lhspg_run(0.15, TrainConfig(steps=12, batch_size=2, progress=False, lr=5e-3, checkpoint_every=3),
+                         LHSPGConfig(num_periods=3, saliency=saliency, quota="front", prune_end=0.5,
+                                     merge_at_period_end=False),
+                         checkpoint_dir=out, **kw)
+
+    _, _, plan, res = run(tmp_path / "f", ("fluctuation",))
+    assert len(res.lhspg.committed_groups) == sum(plan.counts.values())
+    _, _, _, fisher = run(tmp_path / "fisher", ("fisher",))
+    assert {g.id for g in res.lhspg.committed_groups} != {g.id for g in fisher.lhspg.committed_groups}
+    _, _, _, mixed = run(tmp_path / "m", ("fisher", "fluctuation=0.5"))
+    assert set(mixed.lhspg.data_scores) == {"fisher", "fluctuation"}
+    run(tmp_path / "r", ("fluctuation",), stop_after=5)
+    _, _, _, resumed = run(tmp_path / "r", ("fluctuation",), resume=True)
+    assert resumed.resumed_from == 3
+    assert [r["loss"] for r in res.log] == [r["loss"] for r in resumed.log]
+    assert [g.id for g in res.lhspg.committed_groups] == [g.id for g in resumed.lhspg.committed_groups]
 
 
 @pytest.mark.parametrize("total, periods", [(0, 3), (7, 10), (12497, 10), (24, 10), (5, 1)])

@@ -64,13 +64,47 @@ class LHSPGHook(StepHook):
         self.lhspg.load_state_dict(state)
 
 
+def consumer_slices(group: Group) -> list[tuple[str, str, tuple[int, ...]]]:
+    """``(module name, weight name, input columns)`` of the consumer layers the group's output enters."""
+    return [(consumer_module(s.name), s.name, s.indices) for s in group.slices
+            if s.dim == 1 and not is_lora_name(s.name) and s.name.endswith("weight")]
+
+
 def consumer_columns(group: Group) -> list[tuple[str, tuple[int, ...]]]:
     """``(module name, input columns)`` of the consumer layers the group's output enters."""
-    out = []
-    for s in group.slices:
-        if s.dim == 1 and not is_lora_name(s.name) and s.name.endswith("weight"):
-            out.append((consumer_module(s.name), s.indices))
-    return out
+    return [(module, indices) for module, _, indices in consumer_slices(group)]
+
+
+#: per consumer module: ``(input column indices, local owner index, owners' positions)`` per group kind
+ColumnMaps = dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+
+
+def column_maps(model: torch.nn.Module, groups: Sequence[Group]) -> tuple[torch.Tensor, ColumnMaps, dict[str, str]]:
+    """Which input columns of which consumer module belong to which group.
+
+    Returns whether each group has a consumer column, the maps (``index_add`` of per-column values by
+    ``local`` into ``uniq`` positions sums them per group), and each consumer module's weight name.
+    """
+    has = torch.zeros(len(groups), dtype=torch.bool)
+    cols: dict[str, dict[str, tuple[list[int], list[int]]]] = defaultdict(dict)
+    weights: dict[str, str] = {}
+    for pos, g in enumerate(groups):
+        for module, weight, indices in consumer_slices(g):
+            weights[module] = weight
+            idx, owner = cols[module].setdefault(g.kind, ([], []))
+            idx.extend(indices)
+            owner.extend([pos] * len(indices))
+            has[pos] = True
+    modules = dict(model.named_modules())
+    maps: ColumnMaps = {}
+    for module, by_kind in cols.items():
+        if module not in modules:
+            raise ValueError(f"consumer module {module} not found in the model")
+        maps[module] = []
+        for idx, owner in by_kind.values():
+            uniq, local = torch.unique(torch.tensor(owner, dtype=torch.long), return_inverse=True)
+            maps[module].append((torch.tensor(idx, dtype=torch.long), local, uniq))
+    return has, maps, weights
 
 
 class ActivationFisher(StepHook):
@@ -92,26 +126,8 @@ class ActivationFisher(StepHook):
         n = len(self.groups)
         self.current = torch.zeros(n, dtype=torch.float64)
         self.smoothed = torch.zeros(n, dtype=torch.float64)
-        self.has_score = torch.zeros(n, dtype=torch.bool)
-        # per consumer module: list of (column index tensor, local group ids, global positions)
-        cols: dict[str, dict[str, tuple[list[int], list[int]]]] = defaultdict(dict)
-        for pos, g in enumerate(self.groups):
-            for module, indices in consumer_columns(g):
-                idx, owner = cols[module].setdefault(g.kind, ([], []))
-                idx.extend(indices)
-                owner.extend([pos] * len(indices))
-                self.has_score[pos] = True
+        self.has_score, self._maps, _ = column_maps(model, self.groups)
         modules = dict(model.named_modules())
-        self._maps: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-        for module, by_kind in cols.items():
-            if module not in modules:
-                raise ValueError(f"consumer module {module} not found in the model")
-            maps = []
-            for idx, owner in by_kind.values():
-                owner_t = torch.tensor(owner, dtype=torch.long)
-                uniq, local = torch.unique(owner_t, return_inverse=True)
-                maps.append((torch.tensor(idx, dtype=torch.long), local, uniq))
-            self._maps[module] = maps
         self._handles = [modules[name].register_forward_hook(self._make_forward_hook(name))
                          for name in self._maps]
         self.enabled = True
@@ -167,6 +183,102 @@ class ActivationFisher(StepHook):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.current.copy_(state["current"])
         self.smoothed.copy_(state["smoothed"])
+
+
+class ActivationFluctuation(StepHook):
+    """FLAP's fluctuation metric per structure, gathered by forward hooks during training steps.
+
+    For a structure whose output enters consumer input columns ``J``, the score is
+    ``sum_{j in J} Var_t(h_tj) * ||W[:, j]||^2`` (An et al., FLAP, 2024): how much the consumer's output
+    moves when column ``j`` is replaced by its mean, which bias compensation makes the removal's error.
+    The per-column moments (token count, sum, sum of squares) accumulate per period and are smoothed across
+    periods by ``decay`` like :class:`ActivationFisher`; the weight norms are read at scoring time from the
+    consumer's base weight (the LoRA update is left out). Forward passes only: no gradient hook.
+    """
+
+    state_name = "activation_fluctuation"
+
+    def __init__(self, model: torch.nn.Module, groups: Sequence[Group], *, decay: float = 0.5) -> None:
+        self.groups = list(groups)
+        self.decay = float(decay)
+        self._pos = {g.id: i for i, g in enumerate(self.groups)}
+        self.has_score, self._maps, weight_names = column_maps(model, self.groups)
+        params = dict(model.named_parameters())
+        self._weights = {module: params[name] for module, name in weight_names.items()}
+        self.current = {m: torch.zeros(w.shape[1] * 2 + 1, dtype=torch.float64) for m, w in self._weights.items()}
+        self.smoothed = {m: torch.zeros_like(t) for m, t in self.current.items()}
+        modules = dict(model.named_modules())
+        self._handles = [modules[name].register_forward_hook(self._make_forward_hook(name))
+                         for name in self._maps]
+        self.enabled = True
+
+    def _make_forward_hook(self, name: str):
+        def forward_hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            # training steps only (as the Fisher): evaluation passes run under no_grad
+            if not self.enabled or not torch.is_grad_enabled() or not args or not isinstance(args[0], torch.Tensor):
+                return
+            with torch.no_grad():
+                self._accumulate(name, args[0])
+
+        return forward_hook
+
+    def _accumulate(self, name: str, x: torch.Tensor) -> None:
+        h = x.detach().float().reshape(-1, x.shape[-1])
+        moments = self.current[name]
+        if moments.device != h.device:  # kept where the activations are: no copy per layer and step
+            moments = self.current[name] = moments.to(h.device)
+        width = h.shape[1]
+        moments[0] += h.shape[0]
+        moments[1:width + 1] += h.sum(0).double()
+        moments[width + 1:] += (h * h).sum(0).double()
+
+    def roll(self) -> None:
+        """Fold the moments gathered since the last roll into the smoothed ones."""
+        for m, cur in self.current.items():
+            self.smoothed[m] = self.smoothed[m].to(cur.device).mul_(self.decay).add_(cur)
+            cur.zero_()
+
+    def column_scores(self, module: str) -> torch.Tensor:
+        """``Var(h_j) * ||W[:, j]||^2`` of every input column of ``module`` (zeros before any step)."""
+        cur = self.current[module]
+        moments = (self.smoothed[module].to(cur.device) * self.decay + cur).cpu()
+        width = (moments.numel() - 1) // 2
+        n = moments[0].clamp_min(1.0)
+        mean = moments[1:width + 1] / n
+        var = (moments[width + 1:] / n - mean * mean).clamp_min(0.0)
+        return var * self._weights[module].detach().double().pow(2).sum(0).cpu()
+
+    def scores(self, groups: Iterable[Group] | None = None) -> torch.Tensor:
+        """Fluctuation per group, ``nan`` if it has no consumer column."""
+        total = torch.zeros(len(self.groups), dtype=torch.float64)
+        for module, maps in self._maps.items():
+            col = self.column_scores(module)
+            for idx, local, uniq in maps:
+                per_group = torch.zeros(uniq.numel(), dtype=torch.float64)
+                per_group.index_add_(0, local.cpu(), col.index_select(0, idx.cpu()))
+                total.index_add_(0, uniq, per_group)
+        total = torch.where(self.has_score, total, torch.full_like(total, float("nan")))
+        if groups is None:
+            return total
+        return total[[self._pos[g.id] for g in groups]]
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"current": {m: t.clone() for m, t in self.current.items()},
+                "smoothed": {m: t.clone() for m, t in self.smoothed.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for m in self.current:
+            self.current[m].copy_(state["current"][m])
+            self.smoothed[m].copy_(state["smoothed"][m])
+
+
+#: the step hook that measures each data criterion (``lorashear.lhspg.saliency.DATA_CRITERIA``), by name
+DATA_SCORERS: dict[str, type[StepHook]] = {"fisher": ActivationFisher, "fluctuation": ActivationFluctuation}
 
 
 class ActivationGram(StepHook):
@@ -245,4 +357,5 @@ class ActivationGram(StepHook):
         self.grams = {name: g.clone() for name, g in state.get("grams", {}).items()}
 
 
-__all__ = ["ActivationFisher", "ActivationGram", "LHSPGHook", "consumer_columns"]
+__all__ = ["ActivationFisher", "ActivationFluctuation", "ActivationGram", "DATA_SCORERS", "LHSPGHook",
+           "column_maps", "consumer_columns", "consumer_slices"]

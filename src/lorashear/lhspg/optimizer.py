@@ -53,7 +53,7 @@ import dataclasses
 import logging
 import math
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -115,10 +115,12 @@ class LHSPGConfig:
         "help": "half-space projection threshold: zero a fading group once <x~,x> < epsilon ||x||^2"})
     saliency: tuple[str, ...] = field(default=PAPER_SALIENCY, metadata={
         "help": "saliency criteria as NAME or NAME=WEIGHT: magnitude, avg_magnitude, cosine, taylor_first, "
-                "taylor_second (weights and LoRA update) and fisher (activation Taylor/Fisher from the "
-                "training steps' own forward and backward passes)"})
+                "taylor_second (weights and LoRA update), fisher (activation Taylor/Fisher from the "
+                "training steps' own forward and backward passes) and fluctuation (FLAP's input-variance x "
+                "weight-norm metric from their forward passes)"})
     fisher_decay: float = field(default=0.5, metadata={
-        "help": "fisher saliency: weight of earlier periods' statistics at each selection (0 = newest only)"})
+        "help": "data saliency (fisher, fluctuation): weight of earlier periods' statistics at each selection "
+                "(0 = newest only)"})
     allocation: Literal["global", "layer"] = field(default="global", metadata={
         "help": "global = rank each kind across all layers (paper); layer = divide each score by the mean "
                 "score of its layer first, so every layer loses about the same share"})
@@ -166,9 +168,14 @@ class LHSPGConfig:
         return parse_saliency(self.saliency)
 
     @property
+    def data_criteria(self) -> tuple[str, ...]:
+        """The criteria with a positive weight that need activation statistics from the training steps."""
+        return tuple(name for name in DATA_CRITERIA if self.saliency_weights.get(name, 0.0) > 0)
+
+    @property
     def uses_data(self) -> bool:
         """True when a criterion needs activation statistics from the training steps."""
-        return any(self.saliency_weights.get(name, 0.0) > 0 for name in DATA_CRITERIA)
+        return bool(self.data_criteria)
 
     @property
     def resolved(self) -> bool:
@@ -223,17 +230,22 @@ class LHSPG:
     def __init__(self, model: torch.nn.Module, groups: Iterable[Group], optimizer: Any, *, plan: TargetPlan,
                  config: LHSPGConfig | None = None, exclude: Iterable[int] = (),
                  broadcast: Callable[[list[int]], list[int]] | None = None,
-                 data_scores: DataScores | None = None, grams: GramSource | None = None) -> None:
+                 data_scores: Mapping[str, DataScores] | DataScores | None = None,
+                 grams: GramSource | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.plan = plan
         self.config = config or LHSPGConfig()
         self.schedule = self.config.schedule
         self.broadcast = broadcast
-        self.data_scores = data_scores
-        if self.config.uses_data and data_scores is None:
-            raise ConfigError("the fisher saliency needs activation statistics: pass data_scores "
-                              "(lorashear.lhspg.hooks.ActivationFisher); train_lhspg does this for you")
+        if data_scores is not None and not isinstance(data_scores, Mapping):
+            data_scores = {"fisher": data_scores}  # one scorer: the activation Fisher
+        #: the scorer of every data criterion, by name
+        self.data_scores: dict[str, DataScores] = dict(data_scores or {})
+        missing = [name for name in self.config.data_criteria if name not in self.data_scores]
+        if missing:
+            raise ConfigError(f"the {', '.join(missing)} saliency needs activation statistics: pass data_scores "
+                              "(lorashear.lhspg.hooks.DATA_SCORERS); train_lhspg does this for you")
         if self.config.transfer and grams is None:
             raise ConfigError("explicit transfer needs consumer input statistics: pass grams "
                               "(lorashear.lhspg.hooks.ActivationGram); train_lhspg does this for you")
@@ -392,21 +404,20 @@ class LHSPG:
             kind_id = {k: j for j, k in enumerate(self._kinds)}
             clusters = torch.tensor([kind_id.get(self.candidates[i].kind, 0) for i in cands], dtype=torch.long)
             raw = criteria(stats)
-            if self.config.uses_data:
-                assert self.data_scores is not None
-                fisher = self.data_scores.scores([self.candidates[i] for i in cands]).to(torch.float64)
+            for name in self.config.data_criteria:
+                values = self.data_scores[name].scores([self.candidates[i] for i in cands]).to(torch.float64)
                 # a structure that was never measured must not look unimportant
-                top = fisher[torch.isfinite(fisher)].max() if torch.isfinite(fisher).any() else torch.tensor(1.0)
-                raw["fisher"] = torch.where(torch.isfinite(fisher), fisher, top.to(fisher.dtype)).to(
-                    stats.norm_sq.device)
+                finite = torch.isfinite(values)
+                top = values[finite].max() if finite.any() else torch.tensor(1.0, dtype=torch.float64)
+                raw[name] = torch.where(finite, values, top.to(values.device)).to(stats.norm_sq.device)
             weights = self.config.saliency_weights
             score_t = saliency(raw, weights, clusters)
             if self.config.allocation == "layer":
                 score_t = self._per_layer_normalised(cands, score_t)
             score = score_t.cpu().tolist()
             chosen = self._choose(period, cands, score)
-        if self.data_scores is not None:
-            self.data_scores.roll()
+        for scorer in self.data_scores.values():
+            scorer.roll()
         if self.broadcast is not None:
             chosen = list(self.broadcast(chosen))
         self.redundant = chosen

@@ -118,6 +118,8 @@ def _taylor_second(stats: GroupStatistics) -> torch.Tensor:
 
 
 data_criterion("fisher", "lorashear.lhspg.hooks.ActivationFisher (activation Fisher of each structure's removal)")
+data_criterion("fluctuation", "lorashear.lhspg.hooks.ActivationFluctuation (FLAP's fluctuation: variance of the "
+                              "consumer's input column times its weight column's squared norm)")
 
 #: the paper's five criteria (the order of a sequence of weights)
 CRITERIA: tuple[str, ...] = ("magnitude", "avg_magnitude", "cosine", "taylor_first", "taylor_second")

@@ -16,7 +16,7 @@ from ..graph.groups import Group
 from ..training.hooks import StepHook
 from ..training.loop import TrainConfig, TrainResult, make_accelerator, train
 from ..training.losses import LossFn, lm_loss
-from .hooks import ActivationFisher, ActivationGram, LHSPGHook
+from .hooks import DATA_SCORERS, ActivationGram, LHSPGHook
 from .optimizer import LHSPG, LHSPGConfig
 from .targets import TargetPlan
 
@@ -73,11 +73,12 @@ def train_lhspg(
 
     def make(unwrapped: torch.nn.Module, optimizer: Any) -> list[StepHook]:
         made: list[StepHook] = []
-        fisher = None
+        scorers = {}
         if lcfg.uses_data:
             scored = [g for g in groups if g.prunable and g.kind in plan.counts and g.id not in excluded]
-            fisher = ActivationFisher(unwrapped, scored, decay=lcfg.fisher_decay)
-            made.append(fisher)
+            scorers = {name: DATA_SCORERS[name](unwrapped, scored, decay=lcfg.fisher_decay)
+                       for name in lcfg.data_criteria}
+            made.extend(scorers.values())
         grams = None
         if lcfg.transfer:
             pruned = [g for g in groups if g.prunable and g.kind in plan.counts and g.id not in excluded]
@@ -85,7 +86,7 @@ def train_lhspg(
                                               token_stride=lcfg.transfer_token_stride)
             made.append(grams)
         box["lhspg"] = LHSPG(unwrapped, groups, optimizer, plan=plan, config=lcfg, exclude=excluded,
-                             broadcast=broadcast, data_scores=fisher, grams=grams)
+                             broadcast=broadcast, data_scores=scorers, grams=grams)
         made.append(LHSPGHook(box["lhspg"]))
         return made
 
