@@ -525,7 +525,8 @@ def write_report(work: Path, out: Path) -> None:
     public = [{**e, "ppl": {k: {f: v for f, v in p.items() if not f.startswith("_")} for k, p in e["ppl"].items()}}
               for e in summary]
     out.with_suffix(".json").write_text(json.dumps(public, indent=1) + "\n")
-    table = "\n".join(lines) + "\n" + "\n".join(seed_lines) + "\n" + margin_table(summary)
+    table = ("\n".join(lines) + "\n" + "\n".join(seed_lines) + "\n" + margin_table(summary)
+             + variant_table(summary))
     replace_table(out.with_suffix(".md"), table, "# Quality benchmark (v2)")
     print(table)
 
@@ -566,6 +567,42 @@ def margin_table(summary: list[dict], ours: str = "lorashear", split: int = 1) -
             "| ratio | steps | peer | source | seeds (ours / peer) | margin | spread | margin / spread | paired "
             "[95 % interval over windows] |",
             "|---|---|---|---|---|---:|---:|---:|---|"]
+    return "\n".join(head + lines) + "\n"
+
+
+def variant_table(summary: list[dict], base: str = "lorashear", split: int = 0) -> str:
+    """Every variant of the recipe (``paper``, ``lorashear-*``) against ``base`` at the same ratio and step
+    count, on the validation split (``split=0``) where recipe choices are made: the difference of the means
+    (variant - base; negative: the variant is lower), the seed spread, and the paired differences per seed."""
+    plain = {(e["row"], e["ratio"], e["steps"]): e for e in summary if not e["extra"] and not e["tag"]}
+    lines = []
+    for (row, ratio, steps), variant in sorted(plain.items(), key=lambda kv: (kv[0][1] or 0, kv[0][0])):
+        if row == base or row not in LORASHEAR_ROWS or (base, ratio, steps) not in plain:
+            continue
+        ref = plain[(base, ratio, steps)]
+        for source, specs in EVAL_SOURCES.items():
+            s = specs[split]
+            a, b = ref["ppl"][s], variant["ppl"][s]
+            seeds = sorted(set(a["by_seed"]) & set(b["by_seed"]))
+            if not seeds:
+                continue
+            # both rows over the seeds both ran, so a third seed of one row does not move the comparison
+            va, vb = [a["by_seed"][x] for x in seeds], [b["by_seed"][x] for x in seeds]
+            diff = statistics.mean(vb) - statistics.mean(va)
+            spread = (max(va) - min(va) + max(vb) - min(vb)) / 2
+            paired = [f"{x}: {b['by_seed'][x] - a['by_seed'][x]:+.2f}{_paired_ci(a, b, x)}" for x in seeds]
+            within = "—" if len(seeds) < 2 else ("yes" if abs(diff) <= spread else "no")
+            lines.append(f"| {ratio:.0%} | {steps} | {row} | {s} | {','.join(map(str, seeds))} | "
+                         f"{statistics.mean(vb):.2f} | {statistics.mean(va):.2f} | {diff:+.2f} | {spread:.2f} | "
+                         f"{within} | {'; '.join(paired)} |")
+    if not lines:
+        return ""
+    head = [f"\nVariants of `{base}` on the validation split, where recipe choices are made, over the seeds both "
+            f"rows ran (variant - {base}; negative: the variant is lower; spread: the two half-ranges added; paired: "
+            "variant - base in each seed, with a 95 % bootstrap interval over the same windows):\n",
+            f"| ratio | steps | variant | source | seeds | variant | {base} | difference | spread | within spread "
+            "| paired [95 % interval over windows] |",
+            "|---|---|---|---|---|---:|---:|---:|---:|---|---|"]
     return "\n".join(head + lines) + "\n"
 
 

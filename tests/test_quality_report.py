@@ -102,3 +102,27 @@ def test_paired_interval_over_the_same_windows(quality, tmp_path: Path) -> None:
     docs = next(line for line in _margin_lines(out.read_text()) if line[3] == "builtin:heldout-docs-test")
     assert "[" not in docs[8]
     assert "_windows" not in out.with_suffix(".json").read_text()
+
+
+def test_variants_compare_on_validation_over_common_seeds(quality, tmp_path: Path) -> None:
+    """A recipe variant is set against the recipe on the validation split, over the seeds both rows ran
+    (a third seed of the recipe does not move it); peers are not variants."""
+    work = tmp_path / "rows"
+    work.mkdir()
+    rows = [_row("lorashear", 0, 30.0, 31.0), _row("lorashear", 1, 32.0, 33.0), _row("lorashear", 2, 50.0, 50.0),
+            _row("lorashear-round32", 0, 30.5, 31.0), _row("lorashear-round32", 1, 32.5, 36.0),
+            _row("flap+lora", 0, 35.0, 40.0)]
+    for i, r in enumerate(rows):
+        (work / f"r{i}.json").write_text(json.dumps(r))
+    out = tmp_path / "report.md"
+    quality.write_report(work, out)
+    body = out.read_text().split("| ratio | steps | variant |")[1].splitlines()[2:]
+    lines = [[c.strip() for c in line.strip("|").split("|")] for line in body if line.startswith("|")]
+    assert [line[2] for line in lines] == ["lorashear-round32", "lorashear-round32"]
+    heldout = next(line for line in lines if line[3] == "builtin:heldout-validation")
+    # validation = test + 100: means 131.5 vs 131 over seeds 0,1; half-ranges 1 and 1
+    assert heldout[4] == "0,1" and heldout[5] == "131.50" and heldout[6] == "131.00"
+    assert heldout[7] == "+0.50" and heldout[8] == "2.00" and heldout[9] == "yes"
+    assert heldout[10] == "0: +0.50; 1: +0.50"
+    docs = next(line for line in lines if line[3] == "builtin:heldout-docs-validation")
+    assert docs[7] == "+1.50" and docs[8] == "3.50" and docs[9] == "yes"  # half-ranges 1 and 2.5
