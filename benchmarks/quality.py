@@ -95,6 +95,9 @@ LORASHEAR_ROWS["lorashear-short"] = {**LORASHEAR_ROWS["lorashear"], "prune_end":
 #: FLAP's fluctuation metric as LHSPG's data saliency (issue 24's 20 % gap; candidates, chosen on validation only)
 LORASHEAR_ROWS["lorashear-fluctuation"] = {**LORASHEAR_ROWS["lorashear"], "saliency": ["fluctuation"]}
 LORASHEAR_ROWS["lorashear-fisher+fluctuation"] = {**LORASHEAR_ROWS["lorashear"], "saliency": ["fisher", "fluctuation"]}
+#: self-distilled chat (the dense model's own replies to chat prompts) as a share of the training rows
+for _share in (10, 25):
+    LORASHEAR_ROWS[f"lorashear-chat{_share}"] = {**LORASHEAR_ROWS["lorashear"], "chat_share": _share / 100}
 #: serve-ready widths (issue 27): every layer's kept MLP width a multiple of 32 or 64 (q8_0 blocks, kernels)
 for _m in (32, 64):
     LORASHEAR_ROWS[f"lorashear-round{_m}"] = {**LORASHEAR_ROWS["lorashear"], "round_to": _m}

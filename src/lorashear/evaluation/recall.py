@@ -20,6 +20,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DataError
+from ..models.generation import generate_replies, has_chat_template, prompt_for
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -91,48 +92,18 @@ def load_questions() -> tuple[str, list[RecallQuestion]]:
     return data["name"], questions
 
 
-def prompt_for(question: str, tokenizer: PreTrainedTokenizerBase) -> str:
-    """The text given to the model for ``question``: the tokenizer's chat template with the assistant's turn
-    opened, else a plain ``Question: ... Answer:``."""
-    if getattr(tokenizer, "chat_template", None):
-        return str(tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                                 add_generation_prompt=True))
-    return f"Question: {question}\nAnswer:"
-
-
 def recall_probe(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_new_tokens: int = 16,
                  batch_size: int = 16) -> RecallResult:
     """Ask every question of the probe greedily and score the replies (batched, left-padded)."""
-    import torch
-
     name, questions = load_questions()
-    prompts = [prompt_for(q.question, tokenizer) for q in questions]
-    chat = bool(getattr(tokenizer, "chat_template", None))
-    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-    device = next(model.parameters()).device
-    replies: list[dict[str, Any]] = []
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(questions), batch_size):
-            chunk = prompts[start:start + batch_size]
-            ids = [tokenizer(text, add_special_tokens=not chat)["input_ids"] for text in chunk]
-            width = max(len(i) for i in ids)
-            input_ids = torch.tensor([[pad_id] * (width - len(i)) + i for i in ids], device=device)
-            mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=device)
-            with torch.no_grad():
-                out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     do_sample=False, pad_token_id=pad_id)
-            for q, row in zip(questions[start:start + batch_size], out[:, width:].tolist()):
-                reply = tokenizer.decode(row, skip_special_tokens=True).strip()
-                replies.append({"question": q.question, "answers": list(q.answers), "reply": reply,
-                                "correct": q.scores(reply)})
-    finally:
-        model.train(was_training)
+    texts = generate_replies(model, tokenizer, [q.question for q in questions], max_new_tokens=max_new_tokens,
+                             batch_size=batch_size)
+    replies = [{"question": q.question, "answers": list(q.answers), "reply": reply, "correct": q.scores(reply)}
+               for q, reply in zip(questions, texts)]
     correct = sum(r["correct"] for r in replies)
     logger.info("recall probe: %d / %d questions answered", correct, len(replies))
     return RecallResult(probe=name, num_questions=len(replies), num_correct=correct, max_new_tokens=max_new_tokens,
-                        chat_template=chat, replies=replies)
+                        chat_template=has_chat_template(tokenizer), replies=replies)
 
 
 __all__ = ["RecallQuestion", "RecallResult", "load_questions", "prompt_for", "recall_probe"]

@@ -294,6 +294,25 @@ class _Setup:
     teacher: Any  #: the frozen dense copy (``None`` without distillation); the training takes it
     sources: list[Any]  #: recovery sources (post_pruning=recover)
     dense_losses: dict[str, float]
+    chat_tokens: int = 0  #: tokens of the self-distilled conversations (the dense model's passes over them)
+
+
+def _with_self_chat(config: PruneConfig, model: Any, tokenizer: Any, data: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``data`` with ``--chat-share`` of its rows replaced by the dense model's own chat replies, packed
+    (self-data distillation; cached by the model's content), and the tokens of those conversations."""
+    from ..data import pack_texts
+    from ..data.self_distill import mix_in, self_chat_prompts, self_distilled_texts
+    from ..models.identity import model_identity
+
+    d = config.data
+    prompts = self_chat_prompts(d.chat_prompts)  # one prompt set for every seed: generated once, then cached
+    texts = self_distilled_texts(model, tokenizer, prompts, max_new_tokens=d.chat_max_new_tokens,
+                                 model_id=model_identity(config.model) if config.model else None)
+    chat = pack_texts(texts, tokenizer, data.shape[1], seed=config.train.seed)
+    mixed = mix_in(data, chat, d.chat_share)
+    logger.info("self-distilled chat: %d conversations -> %d sequences, %.0f%% of the %d training rows",
+                len(texts), chat.shape[0], 100 * d.chat_share, data.shape[0])
+    return mixed, sum(len(tokenizer(t)["input_ids"]) for t in texts)
 
 
 def _setup(config: PruneConfig, accelerator: Any, *, model: Any, tokenizer: Any,
@@ -328,11 +347,14 @@ def _setup(config: PruneConfig, accelerator: Any, *, model: Any, tokenizer: Any,
         logger.info("held-out perplexity before: %.3f", ppl_before)
 
     teacher = make_teacher(model) if config.distill.enabled else None
+    chat_tokens = 0
     if data is None:
         from ..data import load_texts, pack_texts
 
         data = pack_texts(load_texts(config.data.spec), tokenizer, seq_len,
                           num_sequences=config.data.num_sequences, seed=train.seed)
+        if config.data.chat_share > 0:
+            data, chat_tokens = _with_self_chat(config, model, tokenizer, data)
     sources, dense_losses = _round_sources(config, model, tokenizer, data) if recovers else ([], {})
     set_seed(train.seed)
     dense_flops = forward_flops_per_token(model, data.shape[1])
@@ -360,7 +382,7 @@ def _setup(config: PruneConfig, accelerator: Any, *, model: Any, tokenizer: Any,
     return _Setup(model=model, tokenizer=tokenizer, data=data, peft_model=peft_model, graph=graph, excluded=excluded,
                   blocks=blocks, plan=plan, lcfg=lcfg, params_before=params_before, embedding=emb,
                   ppl_before=ppl_before, dense_flops=dense_flops, teacher=teacher, sources=sources,
-                  dense_losses=dense_losses)
+                  dense_losses=dense_losses, chat_tokens=chat_tokens)
 
 
 @dataclass
@@ -491,6 +513,7 @@ def _finish(config: PruneConfig, s: _Setup, t: _Trained, out: Path, accelerator:
     target = config.target
     compute = _compute(config, s.dense_flops, small, outcome.compact_step, t.steps_done, data.shape[1],
                        sched.prune_end)
+    compute.prep(s.chat_tokens, s.dense_flops)  # the dense model's replies (self-distilled chat), if any
     recovery = None
     if t.rounds is not None:
         from ..recovery.mixing import degradation
