@@ -429,6 +429,26 @@ def test_max_removable_rounds_channels_only():
     assert one - eight == pytest.approx(7 * len(layers) * mlp[0].base_params)
 
 
+
+def test_round_min_width_leaves_narrow_models_exact():
+    """round_to applies only where every layer of a rounded kind is at least round_min_width wide: a 64-channel
+    toy keeps exact counts (with a note), and its reachability check agrees with the plan."""
+    from lorashear.stages.prune import max_removable
+
+    model = tiny_lora_model(seed=7)
+    graph = hand_groups(model)
+    exact = make_plan(model, graph, 0.3)
+    skipped = make_plan(model, graph, 0.3, round_to=32, round_min_width=512)
+    assert skipped.round_to == 1 and skipped.counts == exact.counts
+    assert any("round_min_width 512" in n for n in skipped.notes)
+    applied = make_plan(model, graph, 0.3, round_to=8, round_min_width=64)  # every layer is 64 wide
+    assert applied.round_to == 8 and not any("round_min_width" in n for n in applied.notes)
+    cands = graph.prunable()
+    assert max_removable(cands, graph.groups, TargetConfig(ratio=0.1, round_to=32, round_min_width=512)) == \
+        max_removable(cands, graph.groups, TargetConfig(ratio=0.1))
+    with pytest.raises(ConfigError):
+        TargetConfig(ratio=0.1, round_min_width=-1)
+
 def test_a_new_weight_criterion_is_one_registered_function():
     """The saliency criteria are a registry: registering one makes it a name LHSPG's config accepts and
     saliency sums, with no other change."""

@@ -24,6 +24,7 @@ was achieved.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -69,6 +70,9 @@ class TargetConfig:
     round_to: int = field(default=1, metadata={
         "help": "keep per-layer MLP widths (and the hidden width) a multiple of this, e.g. 32 so q8_0 "
                 "quantises every tensor; head counts are not rounded"})
+    round_min_width: int = field(default=0, metadata={
+        "help": "apply --round-to only when every layer of each rounded kind being pruned is at least this "
+                "wide (a toy model's 64 channels stay exact; 0 = always)"})
     kinds: tuple[str, ...] = field(default=("attention_head", "mlp_channel"), metadata={
         "help": "group kinds to prune: attention_head, kv_group, mlp_channel, hidden_channel"})
 
@@ -82,6 +86,8 @@ class TargetConfig:
             raise ConfigError("give a target: --ratio, or --attention-ratio / --mlp-ratio")
         if self.round_to < 1:
             raise ConfigError(f"round_to must be >= 1, got {self.round_to}")
+        if self.round_min_width < 0:
+            raise ConfigError(f"round_min_width must be >= 0, got {self.round_min_width}")
         if not 0.0 <= self.knowledge_grading <= 4.0:
             raise ConfigError(f"knowledge_grading must be in [0, 4], got {self.knowledge_grading}")
         bad = [k for k in self.kinds if k not in GROUP_KINDS]
@@ -144,6 +150,19 @@ def _layer_widths(all_groups: Sequence[Group], kind: str) -> dict[int, int]:
     return dict(widths)
 
 
+def effective_round_to(config: TargetConfig, all_groups: Sequence[Group]) -> int:
+    """``config.round_to``, or 1 when a rounded kind being pruned has a layer narrower than
+    ``config.round_min_width``."""
+    if config.round_to == 1 or config.round_min_width == 0:
+        return config.round_to
+    for kind in config.kinds:
+        if kind in ROUNDED_KINDS:
+            widths = _layer_widths(all_groups, kind)
+            if widths and min(widths.values()) < config.round_min_width:
+                return 1
+    return config.round_to
+
+
 def plan_targets(
     candidates: Sequence[Group],
     *,
@@ -166,12 +185,17 @@ def plan_targets(
             of equally. Layers without a weight get 1.
     """
     all_groups = list(all_groups if all_groups is not None else candidates)
+    notes: list[str] = []
+    round_to = effective_round_to(config, all_groups)
+    if round_to != config.round_to:
+        notes.append(f"round_to {config.round_to} not applied: a layer is narrower than "
+                     f"round_min_width {config.round_min_width}")
+        config = dataclasses.replace(config, round_to=round_to)
     by_kind: dict[str, list[Group]] = defaultdict(list)
     for g in candidates:
         if g.kind in config.kinds and g.prunable:
             by_kind[g.kind].append(g)
     kinds = [k for k in config.kinds if by_kind.get(k)]
-    notes: list[str] = []
     if not kinds:
         raise ConfigError(f"no prunable groups of kind(s) {', '.join(config.kinds)}")
     size = {k: sum(g.base_params for g in by_kind[k]) / len(by_kind[k]) for k in kinds}

@@ -186,14 +186,15 @@ def max_removable(candidates: list, all_groups: list, target: TargetConfig) -> f
     of each kind, ``round_to`` channels (the rule :func:`~lorashear.lhspg.plan_targets` applies)."""
     from collections import Counter
 
-    from ..lhspg.targets import min_kept
+    from ..lhspg.targets import effective_round_to, min_kept
 
+    round_to = effective_round_to(target, all_groups)
     total = 0.0
     for kind in target.kinds:
         mine = [g for g in candidates if g.kind == kind and g.prunable]
         if not mine:
             continue
-        keep = min_kept(kind, target.round_to)
+        keep = min_kept(kind, round_to)
         size = sum(g.base_params for g in mine) / len(mine)
         widths = Counter(g.layer for g in all_groups if g.kind == kind and g.layer is not None)
         per = Counter(g.layer for g in mine)
