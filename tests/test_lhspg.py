@@ -415,6 +415,22 @@ def test_round_to_rounds_channels_only_so_heads_are_still_pruned(uniform):
     assert abs(sum(g.base_params for g in lh.committed_groups) / plan.total_params - 0.3) <= 0.03
 
 
+
+def test_rounded_global_pruning_lands_on_the_planned_count():
+    """With global allocation the last period rounds every layer's kept width down to a multiple of m; the
+    periods before leave it room, so the channels removed match the plan within half a block (not the plan
+    plus every layer's remainder)."""
+    model = tiny_lora_model(seed=7)
+    graph = hand_groups(model)
+    m = 16
+    plan = make_plan(model, graph, 0.3, round_to=m)
+    lh, _ = _lhspg(model, graph, plan, warmup_steps=1, num_periods=4, period_steps=2, quota="front")
+    _train_steps(model, lh, 10, random_batches())
+    mlp = [g for g in lh.committed_groups if g.kind == "mlp_channel"]
+    assert abs(len(mlp) - plan.counts["mlp_channel"]) <= m // 2, (len(mlp), plan.counts)
+    for layer in {g.layer for g in graph.groups if g.kind == "mlp_channel"}:
+        assert (64 - sum(1 for g in mlp if g.layer == layer)) % m == 0
+
 def test_max_removable_rounds_channels_only():
     from lorashear.stages.prune import max_removable
 

@@ -498,9 +498,20 @@ class LHSPG:
                 for layer, q in take.items():
                     chosen += self._take(layer_items[layer], q, claimed, None)
             else:
-                q = self._quota(self.plan.counts[k], period)
+                # with rounding, the last period removes each layer's remainder to a multiple of m (about m/2
+                # per layer) and then whole blocks of m: the periods before leave that much of the count to it,
+                # so the run lands on the target instead of past it
+                q = self._quota(self.plan.counts[k] - self._rounding_reserve(k, m), period)
                 chosen += self._take(items, q, claimed, cap)
         return chosen
+
+    def _rounding_reserve(self, kind: str, m: int) -> int:
+        """Groups of ``kind`` the periods before the last leave to the last one when widths round to ``m``:
+        three quarters of a block per layer (the expected remainder of half a block, and room for whole
+        blocks to land on the count)."""
+        if m <= 1 or self.plan.per_layer:
+            return 0
+        return min(self.plan.counts[kind], (3 * m * len(self._layer_width[kind])) // 4)
 
     def _kinds_overlap(self) -> bool:
         return "kv_group" in self._kinds and "attention_head" in self._kinds
