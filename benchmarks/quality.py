@@ -72,7 +72,9 @@ KNOWLEDGE_FISHER = HERE / "results" / "knowledge_smollm2_fisher.json"
 #: lorashear rows: PruneConfig options (flat names) on top of a recipe
 LORASHEAR_ROWS: dict[str, dict[str, Any]] = {
     "paper": {"recipe": "paper", "knowledge": str(KNOWLEDGE)},
-    "lorashear": {"recipe": "lorashear", "knowledge": str(KNOWLEDGE_FISHER)},
+    # exact widths: the recipe as its rows were made before 2026-12-05 (their seeds stay comparable); the recipe's
+    # default since then rounds MLP widths to 32 (row lorashear-round32)
+    "lorashear": {"recipe": "lorashear", "knowledge": str(KNOWLEDGE_FISHER), "round_to": 1},
 }
 #: the allocation of the recipe until 2026-12-02 evening: the same share of every unprotected layer
 LORASHEAR_ROWS["lorashear_v3"] = {**LORASHEAR_ROWS["lorashear"], "allocation": "layer", "uniform_per_layer": True}
@@ -529,6 +531,7 @@ def write_report(work: Path, out: Path) -> None:
               for e in summary]
     out.with_suffix(".json").write_text(json.dumps(public, indent=1) + "\n")
     table = ("\n".join(lines) + "\n" + "\n".join(seed_lines) + "\n" + margin_table(summary)
+             + margin_table(summary, ours="lorashear-round32")
              + variant_table(summary))
     replace_table(out.with_suffix(".md"), table, "# Quality benchmark (v2)")
     print(table)

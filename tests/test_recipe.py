@@ -181,8 +181,13 @@ def test_recipes_fill_only_what_is_not_given():
     # ranked across all layers (the paper's allocation): layers keep different widths
     assert default.lhspg.allocation == "global" and not default.target.uniform_per_layer
     assert default.distill.after_pruning == 0.0  # KL only while pruning
+    # serve-ready widths where layers are wide enough; a user's --round-to wins
+    assert default.target.round_to == 32 and default.target.round_min_width == 512
+    exact = config_from_dict(PruneConfig, {"model": "m", "out": "o", "ratio": 0.2, "round_to": 1})
+    assert exact.target.round_to == 1
     paper = config_from_dict(PruneConfig, {"model": "m", "out": "o", "ratio": 0.2, "recipe": "paper"})
     assert paper.recipe == "paper" and paper.lhspg.saliency == LHSPGConfig().saliency
+    assert paper.target.round_to == 1
     assert paper.distill.weight == 0.0 and paper.distill.after_pruning is None and paper.lhspg.merge_at_period_end
     ours = config_from_dict(PruneConfig, {"model": "m", "out": "o", "ratio": 0.2, "recipe": "lorashear",
                                           "distill_weight": 0.25})

@@ -10,8 +10,10 @@ analysis's (``ANALYZE_RECIPES``) are ``lorashear analyze``'s, ``analyze_``-prefi
 - ``lorashear``: our recipe, each change chosen by the side-by-side benchmark
   (``benchmarks/quality.py``): activation-Fisher saliency ranked across all layers (the paper's global
   allocation: layers keep different widths), front-loaded quotas with pruning over 10%..30% of the steps, no merges,
-  0.5 CE + 0.5 KL to the dense model while pruning and plain CE once it has ended, and a knowledge
-  analysis that ranks the structures inside a node group by the same activation Fisher.
+  0.5 CE + 0.5 KL to the dense model while pruning and plain CE once it has ended, a knowledge
+  analysis that ranks the structures inside a node group by the same activation Fisher, and serve-ready
+  widths (every kept MLP width a multiple of 32 where layers are at least 512 wide; ``--round-to 1`` keeps
+  the exact counts).
   Results in ``benchmarks/results/quality_smollm2.md`` (400 steps, two seeds) and
   ``benchmarks/results/quality_dev100.md`` (the 100-step runs that chose each setting).
 """
@@ -31,6 +33,10 @@ RECIPES: dict[str, dict[str, Any]] = {
         "merge_at_period_end": False,
         "distill_weight": 0.5,
         "distill_after_pruning": 0.0,
+        # serve-ready widths: every kept MLP width a multiple of 32 (q8_0 blocks, fast kernels) where layers are
+        # at least 512 wide; within the seed spread of exact widths on validation (quality_smollm2.md)
+        "round_to": 32,
+        "round_min_width": 512,
     },
 }
 #: the knowledge analysis's options in each recipe (flat names of ``lorashear analyze``): the paper ranks the
