@@ -107,7 +107,42 @@ def column_maps(model: torch.nn.Module, groups: Sequence[Group]) -> tuple[torch.
     return has, maps, weights
 
 
-class ActivationFisher(StepHook):
+class _ConsumerScores(StepHook):
+    """What the per-structure data scorers share: the column maps of the groups' consumer layers, one forward
+    hook per consumer (``_make_forward_hook`` of the subclass), and scores returned per group."""
+
+    def __init__(self, model: torch.nn.Module, groups: Sequence[Group], *, decay: float = 0.5) -> None:
+        self.groups = list(groups)
+        self.decay = float(decay)
+        self._pos = {g.id: i for i, g in enumerate(self.groups)}
+        self.has_score, self._maps, self._weight_names = column_maps(model, self.groups)
+        self._setup(model)
+        modules = dict(model.named_modules())
+        self._handles = [modules[name].register_forward_hook(self._make_forward_hook(name))
+                         for name in self._maps]
+        self.enabled = True
+
+    def _setup(self, model: torch.nn.Module) -> None:
+        """Allocate the statistics (before the hooks are registered)."""
+
+    def _make_forward_hook(self, name: str):  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def _for_groups(self, total: torch.Tensor, groups: Iterable[Group] | None) -> torch.Tensor:
+        """``total`` (one value per group of the scorer) with ``nan`` where a group has no consumer column,
+        restricted to ``groups`` in their order."""
+        total = torch.where(self.has_score, total, torch.full_like(total, float("nan")))
+        if groups is None:
+            return total
+        return total[[self._pos[g.id] for g in groups]]
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class ActivationFisher(_ConsumerScores):
     """Per-structure activation Fisher ``sum_seq (sum_t sum_J h * dL/dh)^2``, gathered by hooks.
 
     Args:
@@ -119,18 +154,9 @@ class ActivationFisher(StepHook):
 
     state_name = "activation_fisher"
 
-    def __init__(self, model: torch.nn.Module, groups: Sequence[Group], *, decay: float = 0.5) -> None:
-        self.groups = list(groups)
-        self.decay = float(decay)
-        self._pos = {g.id: i for i, g in enumerate(self.groups)}
-        n = len(self.groups)
-        self.current = torch.zeros(n, dtype=torch.float64)
-        self.smoothed = torch.zeros(n, dtype=torch.float64)
-        self.has_score, self._maps, _ = column_maps(model, self.groups)
-        modules = dict(model.named_modules())
-        self._handles = [modules[name].register_forward_hook(self._make_forward_hook(name))
-                         for name in self._maps]
-        self.enabled = True
+    def _setup(self, model: torch.nn.Module) -> None:
+        self.current = torch.zeros(len(self.groups), dtype=torch.float64)
+        self.smoothed = torch.zeros(len(self.groups), dtype=torch.float64)
 
     # -- hooks ---------------------------------------------------------------------------------
     def _make_forward_hook(self, name: str):
@@ -166,16 +192,7 @@ class ActivationFisher(StepHook):
 
     def scores(self, groups: Iterable[Group] | None = None) -> torch.Tensor:
         """Smoothed Fisher (including what was gathered since the last roll) per group, ``nan`` if unscored."""
-        total = self.smoothed * self.decay + self.current
-        total = torch.where(self.has_score, total, torch.full_like(total, float("nan")))
-        if groups is None:
-            return total
-        return total[[self._pos[g.id] for g in groups]]
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        return self._for_groups(self.smoothed * self.decay + self.current, groups)
 
     def state_dict(self) -> dict[str, Any]:
         return {"current": self.current.clone(), "smoothed": self.smoothed.clone()}
@@ -185,7 +202,7 @@ class ActivationFisher(StepHook):
         self.smoothed.copy_(state["smoothed"])
 
 
-class ActivationFluctuation(StepHook):
+class ActivationFluctuation(_ConsumerScores):
     """FLAP's fluctuation metric per structure, gathered by forward hooks during training steps.
 
     For a structure whose output enters consumer input columns ``J``, the score is
@@ -198,19 +215,11 @@ class ActivationFluctuation(StepHook):
 
     state_name = "activation_fluctuation"
 
-    def __init__(self, model: torch.nn.Module, groups: Sequence[Group], *, decay: float = 0.5) -> None:
-        self.groups = list(groups)
-        self.decay = float(decay)
-        self._pos = {g.id: i for i, g in enumerate(self.groups)}
-        self.has_score, self._maps, weight_names = column_maps(model, self.groups)
+    def _setup(self, model: torch.nn.Module) -> None:
         params = dict(model.named_parameters())
-        self._weights = {module: params[name] for module, name in weight_names.items()}
+        self._weights = {module: params[name] for module, name in self._weight_names.items()}
         self.current = {m: torch.zeros(w.shape[1] * 2 + 1, dtype=torch.float64) for m, w in self._weights.items()}
         self.smoothed = {m: torch.zeros_like(t) for m, t in self.current.items()}
-        modules = dict(model.named_modules())
-        self._handles = [modules[name].register_forward_hook(self._make_forward_hook(name))
-                         for name in self._maps]
-        self.enabled = True
 
     def _make_forward_hook(self, name: str):
         def forward_hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -257,15 +266,7 @@ class ActivationFluctuation(StepHook):
                 per_group = torch.zeros(uniq.numel(), dtype=torch.float64)
                 per_group.index_add_(0, local.cpu(), col.index_select(0, idx.cpu()))
                 total.index_add_(0, uniq, per_group)
-        total = torch.where(self.has_score, total, torch.full_like(total, float("nan")))
-        if groups is None:
-            return total
-        return total[[self._pos[g.id] for g in groups]]
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        return self._for_groups(total, groups)
 
     def state_dict(self) -> dict[str, Any]:
         return {"current": {m: t.clone() for m, t in self.current.items()},
