@@ -138,7 +138,8 @@ def main(argv=None) -> int:
 
         grams = ActivationGram.for_groups(model, [g for g in graph.prunable() if g.kind in plan.counts],
                                           token_stride=args.transfer_token_stride)
-    lh = LHSPG(model, graph.groups, inner, plan=plan, data_scores=fisher, grams=grams,
+    lh = LHSPG(model, graph.groups, inner, plan=plan, data_scores={"fisher": fisher} if fisher is not None else None,
+               grams=grams,
                config=LHSPGConfig(warmup_steps=1, num_periods=2, period_steps=period, transfer=args.transfer,
                                   saliency=("fisher",) if fisher is not None else LHSPGConfig().saliency))
     vocab = model.config.vocab_size

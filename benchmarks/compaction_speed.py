@@ -32,12 +32,11 @@ def _report(models: Path, key: str) -> dict[str, Any] | None:
 
 
 def _throughput(report: dict[str, Any], compacted: bool) -> float | None:
-    """Mean logged tokens/s of the phase after compaction (or after pruning, for a masked run)."""
-    after = [e["tokens_per_s"] for e in report["log"]
-             if e.get("phase") == ("compacted" if compacted else "post") and e.get("tokens_per_s")]
-    if not after and not compacted:  # a masked run names its post-pruning phase by the step
-        end = report["schedule"]["prune_end"]
-        after = [e["tokens_per_s"] for e in report["log"] if e["step"] > end and e.get("tokens_per_s")]
+    """Mean logged tokens/s after pruning: the compacted phase of run b, the steps past the schedule's end of
+    pruning of run a."""
+    end = report["schedule"]["prune_end"]
+    after = [e["tokens_per_s"] for e in report["log"] if e.get("tokens_per_s")
+             and (e.get("phase") == "compacted" if compacted else e["step"] > end)]
     return statistics.mean(after) if after else None
 
 

@@ -230,7 +230,7 @@ class LHSPG:
     def __init__(self, model: torch.nn.Module, groups: Iterable[Group], optimizer: Any, *, plan: TargetPlan,
                  config: LHSPGConfig | None = None, exclude: Iterable[int] = (),
                  broadcast: Callable[[list[int]], list[int]] | None = None,
-                 data_scores: Mapping[str, DataScores] | DataScores | None = None,
+                 data_scores: Mapping[str, DataScores] | None = None,
                  grams: GramSource | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -238,8 +238,6 @@ class LHSPG:
         self.config = config or LHSPGConfig()
         self.schedule = self.config.schedule
         self.broadcast = broadcast
-        if data_scores is not None and not isinstance(data_scores, Mapping):
-            data_scores = {"fisher": data_scores}  # one scorer: the activation Fisher
         #: the scorer of every data criterion, by name
         self.data_scores: dict[str, DataScores] = dict(data_scores or {})
         missing = [name for name in self.config.data_criteria if name not in self.data_scores]
