@@ -94,6 +94,8 @@ LORASHEAR_ROWS["lorashear-masked"] = {**LORASHEAR_ROWS["lorashear"], "compact_at
 LORASHEAR_ROWS["lorashear-recover"] = {**LORASHEAR_ROWS["lorashear"], "post_pruning": "recover"}
 #: a shorter pruning phase (issue 26): pruning over steps 10%..20% instead of 10%..30%, compacted at 20%
 LORASHEAR_ROWS["lorashear-short"] = {**LORASHEAR_ROWS["lorashear"], "prune_end": 0.2}
+#: a cheaper teacher (issue 26): no KL, so no teacher pass, in the warm-up before the first pruning period
+LORASHEAR_ROWS["lorashear-warmkd0"] = {**LORASHEAR_ROWS["lorashear"], "distill_before_pruning": 0.0}
 #: FLAP's fluctuation metric as LHSPG's data saliency (issue 24's 20 % gap; candidates, chosen on validation only)
 LORASHEAR_ROWS["lorashear-fluctuation"] = {**LORASHEAR_ROWS["lorashear"], "saliency": ["fluctuation"]}
 LORASHEAR_ROWS["lorashear-fisher+fluctuation"] = {**LORASHEAR_ROWS["lorashear"], "saliency": ["fisher", "fluctuation"]}

@@ -216,3 +216,23 @@ def test_the_kl_share_switches_when_pruning_ends(tmp_path):
 
     with pytest.raises(ConfigError, match="prune stage only"):
         config_from_dict(RecoverConfig, {"model": "m", "teacher": "t", "out": "o", "distill_after_pruning": 0.0})
+    with pytest.raises(ConfigError, match="prune stage only"):
+        config_from_dict(RecoverConfig, {"model": "m", "teacher": "t", "out": "o", "distill_before_pruning": 0.0})
+
+
+def test_no_teacher_in_the_warm_up_when_its_share_is_zero(tmp_path):
+    """--distill-before-pruning 0: cross-entropy only (no teacher pass) until the first pruning period, the KL
+    while pruning, and the compute column counts the teacher's passes of the pruning periods only."""
+    data = random_batches(n=16, seq=16)
+    cfg = _stage_cfg(tmp_path / "p", distill_weight=0.5, distill_after_pruning=0.0, distill_before_pruning=0.0,
+                     checkpoint_every=0)
+    result = prune_stage.run(cfg, model=plain_tiny_llama(), data=data)
+    sched = result.report["schedule"]
+    start, end = sched["warmup_steps"], sched["prune_end"]
+    log = result.report["log"]
+    assert 0 < start < end < 10
+    for r in log:  # log step k = step index k - 1
+        during = start < r["step"] <= end
+        assert r["kl_share"] == (0.5 if during else 0.0) and ("kl" in r) == during
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * data.shape[1]
+    assert result.report["compute"]["teacher_fwd"] == (end - start) * per_step

@@ -252,7 +252,7 @@ def test_kl_share_is_read_at_every_call_and_a_zero_share_skips_the_teacher():
     teacher = _CountingTeacher(make_teacher(tiny_lora_model(seed=1).base_model.model))
     share = KLShare(0.5)
     loss = distillation_loss(teacher, DistillConfig(weight=0.5), share)
-    switch = KLShareSwitch(share, at=3, before=0.5, after=0.0)
+    switch = KLShareSwitch(share, DistillConfig(weight=0.5, after_pruning=0.0).shares(0, 3))
     with torch.no_grad():
         ce = float(lm_loss(model, batch))
         kl = float(distillation_loss(make_teacher(tiny_lora_model(seed=1).base_model.model),
@@ -267,8 +267,13 @@ def test_kl_share_is_read_at_every_call_and_a_zero_share_skips_the_teacher():
     assert seen[4][1] == pytest.approx(ce, rel=1e-6)
     assert [c for _, _, c in seen] == [1, 2, 3, 3, 3]  # no teacher pass once the share is 0
     assert DistillConfig(weight=0.0, after_pruning=0.5).enabled and not DistillConfig(after_pruning=0.0).enabled
+    assert DistillConfig(weight=0.0, before_pruning=0.5).enabled
     with pytest.raises(ConfigError, match="after_pruning"):
         DistillConfig(after_pruning=2.0)
+    with pytest.raises(ConfigError, match="before_pruning"):
+        DistillConfig(before_pruning=-0.1)
+    with pytest.raises(ValueError, match="step 0"):
+        KLShareSwitch(share, [(1, 0.5)])
 
 
 def _new_recipe_run(tmp_path, stop_after=None, resume=False):

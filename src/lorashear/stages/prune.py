@@ -513,7 +513,7 @@ def _finish(config: PruneConfig, s: _Setup, t: _Trained, out: Path, accelerator:
     sched = s.lcfg.schedule
     target = config.target
     compute = _compute(config, s.dense_flops, small, outcome.compact_step, t.steps_done, data.shape[1],
-                       sched.prune_end)
+                       sched.warmup_steps, sched.prune_end)
     compute.prep(s.chat_tokens, s.dense_flops)  # the dense model's replies (self-distilled chat), if any
     recovery = None
     if t.rounds is not None:
@@ -698,9 +698,9 @@ def _loss_and_hooks(config: PruneConfig, teacher: Any, data: torch.Tensor, lcfg:
     the KL share when pruning ends."""
     train = config.train
     hooks: list[StepHook] = []
-    if config.distill.after_pruning is not None:  # one share while pruning, another once it has ended
-        hooks.append(KLShareSwitch(share, at=lcfg.schedule.prune_end, before=config.distill.weight,
-                                   after=config.distill.after_pruning))
+    d = config.distill
+    if d.after_pruning is not None or d.before_pruning is not None:  # shares by phase: warm-up, pruning, after
+        hooks.append(KLShareSwitch(share, d.shares(lcfg.schedule.warmup_steps, lcfg.schedule.prune_end)))
     if teacher is not None and config.distill.topk:  # the teacher's top-k logits once; then free it
         from ..training.teacher_cache import build_topk_cache, rows_used, topk_distillation_loss
 
@@ -750,7 +750,7 @@ def _base_weight_names(model: torch.nn.Module) -> list[str]:
 
 
 def _compute(config: PruneConfig, dense_flops: float, small: torch.nn.Module, compact_step: int, steps: int,
-             seq_len: int, prune_end: int) -> Compute:
+             seq_len: int, warmup_end: int, prune_end: int) -> Compute:
     """Token-passes and FLOPs of the training: the masked model at full width until the compaction, the small
     one after it, the teacher while its KL share is above zero."""
     per_step = config.train.batch_size * config.train.grad_accum * seq_len
@@ -761,7 +761,7 @@ def _compute(config: PruneConfig, dense_flops: float, small: torch.nn.Module, co
     if d.enabled and d.topk:  # the top-k cache: one teacher pass over every training token
         compute.teacher(steps * per_step, dense_flops)
     elif d.enabled:  # the online teacher runs at the steps whose KL share is above zero
-        after = d.weight if d.after_pruning is None else d.after_pruning
-        teacher_steps = (prune_end if d.weight > 0 else 0) + (steps - prune_end if after > 0 else 0)
+        bounds = [*d.shares(warmup_end, prune_end), (steps, 0.0)]
+        teacher_steps = sum(max(0, min(b[0], steps) - a[0]) for a, b in zip(bounds, bounds[1:]) if a[1] > 0)
         compute.teacher(teacher_steps * per_step, dense_flops)
     return compute

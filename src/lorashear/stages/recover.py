@@ -129,9 +129,10 @@ class RecoverConfig:
         if self.distill.topk:
             raise ConfigError("distill topk applies to the prune stage only: recovery picks each round's data from the "
                               "round before, so its teacher stays online (set it to 0)")
-        if self.distill.after_pruning is not None:
-            raise ConfigError("distill after_pruning applies to the prune stage only (recovery has no pruning steps); "
-                              "drop it and set --distill-weight")
+        for name in ("after_pruning", "before_pruning"):
+            if getattr(self.distill, name) is not None:
+                raise ConfigError(f"distill {name} applies to the prune stage only (recovery has no pruning steps); "
+                                  "drop it and set --distill-weight")
 
     @property
     def steps_per_round(self) -> int:

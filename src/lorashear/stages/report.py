@@ -154,6 +154,7 @@ def _settings(cfg: dict[str, Any], timings: dict[str, float], prune: dict[str, A
             ("batch size", "batch_size"), ("learning rate", "lr"), ("LoRA rank / alpha", None),
             ("saliency", "saliency"), ("allocation", "allocation"), ("quota", "quota"),
             ("pruning ends at (fraction of steps)", "prune_end"), ("distillation weight", "distill_weight"),
+            ("distillation weight before pruning (warm-up)", "distill_before_pruning"),
             ("distillation weight after pruning", "distill_after_pruning"),
             ("knowledge proxy / gamma", None), ("dtype", "dtype")]
     rows = []
@@ -165,7 +166,7 @@ def _settings(cfg: dict[str, Any], timings: dict[str, float], prune: dict[str, A
                 value = f"{cfg.get('analyze_proxy', '?')} / {cfg.get('analyze_gamma', '?')}"
         else:
             value = cfg.get(key, "-")
-        if key == "distill_after_pruning" and value is None:
+        if key in ("distill_after_pruning", "distill_before_pruning") and value is None:
             value = "same as during pruning"
         if isinstance(value, (list, tuple)):
             value = ", ".join(map(str, value))

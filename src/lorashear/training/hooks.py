@@ -6,7 +6,7 @@ scores and transfers by) live in :mod:`lorashear.lhspg.hooks`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .losses import KLShare
@@ -62,16 +62,24 @@ class LossPartsLog(StepHook):
 
 
 class KLShareSwitch(StepHook):
-    """Sets a distillation loss's KL share by the step: ``before`` until step ``at``, ``after`` from it on.
+    """Sets a distillation loss's KL share by the step, piecewise constant: ``shares`` lists
+    ``(first step, share)`` in step order, the first from step 0 (e.g. the warm-up, the pruning periods and
+    the steps after them).
 
     Stateless: the share is a function of the step, so a resumed run sets the same one.
     """
 
-    def __init__(self, share: KLShare, *, at: int, before: float, after: float) -> None:
-        self.share, self.at, self.before, self.after = share, int(at), float(before), float(after)
+    def __init__(self, share: KLShare, shares: Sequence[tuple[int, float]]) -> None:
+        points = [(int(s), float(w)) for s, w in shares]
+        if not points or points[0][0] != 0 or any(a[0] > b[0] for a, b in zip(points, points[1:])):
+            raise ValueError(f"KL shares must start at step 0 and go in step order, got {points}")
+        self.share, self.points = share, points
+
+    def share_at(self, step: int) -> float:
+        return [w for s, w in self.points if s <= step][-1]
 
     def before_micro_batch(self, step: int, micro: int) -> None:
-        self.share.value = self.before if step < self.at else self.after
+        self.share.value = self.share_at(step)
 
     def log_fields(self) -> dict[str, Any]:
         return {"kl_share": self.share.value}

@@ -45,6 +45,9 @@ class DistillConfig:
     after_pruning: float | None = field(default=None, metadata={
         "help": "prune stage only: the KL share once pruning has ended (the steps that only fine-tune); "
                 "default: the same share throughout"})
+    before_pruning: float | None = field(default=None, metadata={
+        "help": "prune stage only: the KL share during the warm-up, before the first pruning period (0 = no "
+                "teacher pass in those steps); default: the same share as while pruning"})
     topk: int = field(default=0, metadata={
         "help": "0 = online teacher (a second copy of the dense model during training); K > 0 = the teacher's "
                 "top-K logits of every training sequence, computed once before training (6 x K bytes per token, "
@@ -53,8 +56,10 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.weight <= 1.0:
             raise ConfigError(f"distill weight must be in [0, 1], got {self.weight}")
-        if self.after_pruning is not None and not 0.0 <= self.after_pruning <= 1.0:
-            raise ConfigError(f"distill after_pruning must be in [0, 1], got {self.after_pruning}")
+        for name in ("after_pruning", "before_pruning"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"distill {name} must be in [0, 1], got {value}")
         if self.topk < 0:
             raise ConfigError(f"distill topk must be >= 0, got {self.topk}")
         if not self.temperature > 0:
@@ -63,7 +68,15 @@ class DistillConfig:
     @property
     def enabled(self) -> bool:
         """Whether a teacher is needed at any step."""
-        return self.weight > 0 or bool(self.after_pruning)
+        return self.weight > 0 or bool(self.after_pruning) or bool(self.before_pruning)
+
+    def shares(self, warmup_end: int, prune_end: int) -> list[tuple[int, float]]:
+        """The prune stage's KL share by the step, piecewise constant: ``(first step, share)`` for the warm-up,
+        the pruning periods and the steps after them."""
+        during = self.weight
+        before = during if self.before_pruning is None else self.before_pruning
+        after = during if self.after_pruning is None else self.after_pruning
+        return [(0, before), (warmup_end, during), (prune_end, after)]
 
 
 @dataclass
