@@ -96,6 +96,8 @@ LORASHEAR_ROWS["lorashear-recover"] = {**LORASHEAR_ROWS["lorashear"], "post_prun
 LORASHEAR_ROWS["lorashear-short"] = {**LORASHEAR_ROWS["lorashear"], "prune_end": 0.2}
 #: a cheaper teacher (issue 26): no KL, so no teacher pass, in the warm-up before the first pruning period
 LORASHEAR_ROWS["lorashear-warmkd0"] = {**LORASHEAR_ROWS["lorashear"], "distill_before_pruning": 0.0}
+#: ... and the teacher in bfloat16 (2.9x faster forward on this CPU's AMX; the KL is taken in float32)
+LORASHEAR_ROWS["lorashear-cheapteacher"] = {**LORASHEAR_ROWS["lorashear-warmkd0"], "distill_teacher_dtype": "bfloat16"}
 #: FLAP's fluctuation metric as LHSPG's data saliency (issue 24's 20 % gap; candidates, chosen on validation only)
 LORASHEAR_ROWS["lorashear-fluctuation"] = {**LORASHEAR_ROWS["lorashear"], "saliency": ["fluctuation"]}
 LORASHEAR_ROWS["lorashear-fisher+fluctuation"] = {**LORASHEAR_ROWS["lorashear"], "saliency": ["fisher", "fluctuation"]}

@@ -218,6 +218,8 @@ def test_the_kl_share_switches_when_pruning_ends(tmp_path):
         config_from_dict(RecoverConfig, {"model": "m", "teacher": "t", "out": "o", "distill_after_pruning": 0.0})
     with pytest.raises(ConfigError, match="prune stage only"):
         config_from_dict(RecoverConfig, {"model": "m", "teacher": "t", "out": "o", "distill_before_pruning": 0.0})
+    with pytest.raises(ConfigError, match="prune stage only"):
+        config_from_dict(RecoverConfig, {"model": "m", "teacher": "t", "out": "o", "distill_teacher_dtype": "auto"})
 
 
 def test_no_teacher_in_the_warm_up_when_its_share_is_zero(tmp_path):
@@ -236,3 +238,41 @@ def test_no_teacher_in_the_warm_up_when_its_share_is_zero(tmp_path):
         assert r["kl_share"] == (0.5 if during else 0.0) and ("kl" in r) == during
     per_step = cfg.train.batch_size * cfg.train.grad_accum * data.shape[1]
     assert result.report["compute"]["teacher_fwd"] == (end - start) * per_step
+
+
+def test_a_bfloat16_teacher_distils_in_float32_within_its_rounding(tmp_path):
+    """--distill-teacher-dtype bfloat16: the teacher's weights are bf16 (the student's stay fp32); the loss it
+    gives is the fp32 teacher's within bf16 rounding, and a prune run with it trains and prunes exactly."""
+    from lorashear.training.losses import DistillConfig, distillation_loss, make_teacher, teacher_dtype
+
+    dense = plain_tiny_llama()
+    t16, t32 = make_teacher(dense, "bfloat16"), make_teacher(dense)
+    assert {p.dtype for p in t16.parameters()} == {torch.bfloat16} and not any(p.requires_grad for p in t16.parameters())
+    assert {p.dtype for p in dense.parameters()} == {torch.float32}
+    student = tiny_lora_model(seed=3, random_b=True)
+    batch = random_batches(n=2, seq=12)
+    with torch.no_grad():
+        l16 = float(distillation_loss(t16, DistillConfig(weight=1.0))(student, batch))
+        l32 = float(distillation_loss(t32, DistillConfig(weight=1.0))(student, batch))
+    assert l32 > 1e-4 and l16 == pytest.approx(l32, rel=0.05, abs=2e-3)
+    assert teacher_dtype(dense.to(torch.bfloat16), "auto") is None  # never changes a half-precision model
+    assert teacher_dtype(dense, "model") is None and teacher_dtype(dense, "bfloat16") == torch.bfloat16
+    data = random_batches(n=16, seq=16)
+    cfg = _stage_cfg(tmp_path / "p", distill_weight=0.5, distill_teacher_dtype="bfloat16", checkpoint_every=0)
+    result = prune_stage.run(cfg, model=plain_tiny_llama(), data=data)
+    assert result is not None and result.report["log"][0]["kl"] > 0
+    from lorashear.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="teacher_dtype"):
+        DistillConfig(teacher_dtype="float16")
+
+
+def test_auto_teacher_dtype_follows_the_device(monkeypatch):
+    from lorashear.training import losses
+
+    dense = plain_tiny_llama()
+    assert isinstance(losses.native_bf16(torch.device("cpu")), bool) and not losses.native_bf16(torch.device("meta"))
+    monkeypatch.setattr(losses, "native_bf16", lambda device: True)
+    assert losses.teacher_dtype(dense, "auto") == torch.bfloat16
+    monkeypatch.setattr(losses, "native_bf16", lambda device: False)
+    assert losses.teacher_dtype(dense, "auto") is None

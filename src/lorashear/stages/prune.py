@@ -347,7 +347,7 @@ def _setup(config: PruneConfig, accelerator: Any, *, model: Any, tokenizer: Any,
         ppl_before = heldout_perplexity(model, tokenizer, config.eval_data, seq_len, config.eval_windows)
         logger.info("held-out perplexity before: %.3f", ppl_before)
 
-    teacher = make_teacher(model) if config.distill.enabled else None
+    teacher = make_teacher(model, config.distill.teacher_dtype) if config.distill.enabled else None
     chat_tokens = 0
     if data is None:
         from ..data import load_texts, pack_texts

@@ -133,6 +133,9 @@ class RecoverConfig:
             if getattr(self.distill, name) is not None:
                 raise ConfigError(f"distill {name} applies to the prune stage only (recovery has no pruning steps); "
                                   "drop it and set --distill-weight")
+        if self.distill.teacher_dtype != "model":
+            raise ConfigError("distill teacher_dtype applies to the prune stage only (recovery's teacher also measures "
+                              "the dense losses, in --dtype); drop it")
 
     @property
     def steps_per_round(self) -> int:

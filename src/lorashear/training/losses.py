@@ -29,6 +29,9 @@ from ..errors import ConfigError
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 
+#: the online teacher's dtype choices (:attr:`DistillConfig.teacher_dtype`)
+TEACHER_DTYPES: tuple[str, ...] = ("model", "bfloat16", "auto")
+
 
 def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy of the model on its own batch (labels = inputs, shifted inside)."""
@@ -48,6 +51,10 @@ class DistillConfig:
     before_pruning: float | None = field(default=None, metadata={
         "help": "prune stage only: the KL share during the warm-up, before the first pruning period (0 = no "
                 "teacher pass in those steps); default: the same share as while pruning"})
+    teacher_dtype: str = field(default="model", metadata={
+        "help": "prune stage only: the online teacher's dtype: model = the model's; bfloat16; auto = bfloat16 where "
+                "the device computes it natively (CUDA with bf16, a CPU with AVX512-BF16/AMX) and the model is "
+                "float32, else the model's (the KL is taken in float32 either way)"})
     topk: int = field(default=0, metadata={
         "help": "0 = online teacher (a second copy of the dense model during training); K > 0 = the teacher's "
                 "top-K logits of every training sequence, computed once before training (6 x K bytes per token, "
@@ -60,6 +67,9 @@ class DistillConfig:
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ConfigError(f"distill {name} must be in [0, 1], got {value}")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ConfigError(f"distill teacher_dtype must be one of {', '.join(TEACHER_DTYPES)}, "
+                              f"got {self.teacher_dtype!r}")
         if self.topk < 0:
             raise ConfigError(f"distill topk must be >= 0, got {self.topk}")
         if not self.temperature > 0:
@@ -169,11 +179,38 @@ def freeze(teacher: torch.nn.Module) -> torch.nn.Module:
     return teacher
 
 
-def make_teacher(model: torch.nn.Module) -> torch.nn.Module:
-    """A frozen copy of ``model`` (before LoRA is attached) to distil from."""
+def make_teacher(model: torch.nn.Module, dtype: str = "model") -> torch.nn.Module:
+    """A frozen copy of ``model`` (before LoRA is attached) to distil from, in ``dtype``
+    (:attr:`DistillConfig.teacher_dtype`)."""
     import copy
 
-    return freeze(copy.deepcopy(model))
+    teacher = freeze(copy.deepcopy(model))
+    target = teacher_dtype(model, dtype)
+    return teacher.to(target) if target is not None else teacher
+
+
+def teacher_dtype(model: torch.nn.Module, choice: str) -> torch.dtype | None:
+    """The dtype the teacher of ``model`` runs in for ``choice``; ``None``: the model's own."""
+    if choice == "model":
+        return None
+    if choice == "bfloat16":
+        return torch.bfloat16
+    param = next(model.parameters())
+    if param.dtype != torch.float32 or not native_bf16(param.device):
+        return None
+    return torch.bfloat16
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 matrix products natively (fast), not by emulation."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and torch.cpu._is_avx512_bf16_supported()
+        except (AttributeError, RuntimeError):  # torch builds without oneDNN or these probes
+            return False
+    return False
 
 
 # -- batches whose prompt tokens carry no loss (instruction data) -------------------------------
