@@ -94,6 +94,8 @@ LORASHEAR_ROWS["lorashear-masked"] = {**LORASHEAR_ROWS["lorashear"], "compact_at
 LORASHEAR_ROWS["lorashear-recover"] = {**LORASHEAR_ROWS["lorashear"], "post_pruning": "recover"}
 #: a shorter pruning phase (issue 26): pruning over steps 10%..20% instead of 10%..30%, compacted at 20%
 LORASHEAR_ROWS["lorashear-short"] = {**LORASHEAR_ROWS["lorashear"], "prune_end": 0.2}
+#: the learning rate decayed to 0 by a cosine over the budget (both the recipe and the peer: flap+lora_cosine)
+LORASHEAR_ROWS["lorashear-cosine"] = {**LORASHEAR_ROWS["lorashear"], "lr_scheduler": "cosine"}
 #: a cheaper teacher (issue 26): no KL, so no teacher pass, in the warm-up before the first pruning period
 LORASHEAR_ROWS["lorashear-warmkd0"] = {**LORASHEAR_ROWS["lorashear"], "distill_before_pruning": 0.0}
 #: ... and the teacher in bfloat16 (2.9x faster forward on this CPU's AMX; the KL is taken in float32)
@@ -147,12 +149,15 @@ class Retraining:
     kl_weight: float  #: share of the KL to the dense teacher (0: cross-entropy only)
     full: bool = False  #: full-parameter training instead of LoRA
     doc: str = ""
+    lr_scheduler: str = "constant"  #: LoRA retrainings: the learning-rate schedule (the training loop's default)
 
 
 RETRAININGS: dict[str, Retraining] = {
     "lora": Retraining(0.0, doc="LoRA, cross-entropy"),
     "lora_kd": Retraining(0.5, doc="LoRA, 0.5 CE + 0.5 KL to the dense model"),
     "lora_kl": Retraining(1.0, doc="LoRA, KL to the dense model only (logit distillation)"),
+    "lora_cosine": Retraining(0.0, doc="LoRA, cross-entropy, learning rate decayed to 0 by a cosine",
+                              lr_scheduler="cosine"),
     "kd": Retraining(1.0, full=True, doc="Minitron's retraining: every parameter, KL to the dense model only, "
                                          "AdamW 1e-4 with cosine decay after 10 warm-up steps"),
 }
@@ -299,7 +304,8 @@ class Bench:
                                   trainable_params=out["record"]["trainable_params"],
                                   wall_time_s=time.perf_counter() - t0, sequences=len(ids))
         cfg = config_from_dict(FinetuneConfig, {"steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
-                                                "seed": seed, "progress": False, "log_every": 10})
+                                                "seed": seed, "progress": False, "log_every": 10,
+                                                "lr_scheduler": how.lr_scheduler})
         compute.train(tokens, forward_flops_per_token(model, a.seq_len))
         loss = lm_loss
         if how.kl_weight > 0:
