@@ -40,15 +40,16 @@ def _throughput(report: dict[str, Any], compacted: bool) -> float | None:
     return statistics.mean(after) if after else None
 
 
-def rows(work: Path, models: Path) -> list[dict[str, Any]]:
+def rows(work: Path, models: Path, compacted: str = COMPACTED) -> list[dict[str, Any]]:
+    """Every (masked, ``compacted``) pair of rows at the same ratio, seed and step count."""
     found = {}
     for path in sorted(work.glob("*.json")):
         rec = json.loads(path.read_text())
-        if rec.get("row") in (MASKED, COMPACTED):
+        if rec.get("row") in (MASKED, compacted):
             found[(rec["row"], rec["ratio"], rec["seed"], rec["steps"])] = (path.stem, rec)
     out = []
     for (row, ratio, seed, steps), (key, rec) in sorted(found.items(), key=lambda kv: (kv[0][1], kv[0][2])):
-        if row != COMPACTED or (MASKED, ratio, seed, steps) not in found:
+        if row != compacted or (MASKED, ratio, seed, steps) not in found:
             continue
         pair = {}
         for name, (k, r) in (("a", found[(MASKED, ratio, seed, steps)]), ("b", (key, rec))):
@@ -72,7 +73,9 @@ def table(pairs: list[dict[str, Any]]) -> str:
             "| PFLOPs | " + " | ".join(f"`{s}`" for s in specs) + " |")
     lines = [head, "|---|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(specs)]
     for p in pairs:
-        for name, label in (("a", "(a) masked to the last step"), ("b", "(b) compacted at the end of pruning")):
+        b_row = p["b"]["key"].rsplit("_r", 1)[0]
+        b_label = "(b) compacted at the end of pruning" + ("" if b_row == COMPACTED else f" (`{b_row}`)")
+        for name, label in (("a", "(a) masked to the last step"), ("b", b_label)):
             r = p[name]
             tps = "—" if r["tokens_per_s_after"] is None else f"{r['tokens_per_s_after']:.1f}"
             lines.append(f"| {p['ratio']:.0%} | {p['seed']} | {p['steps']} | {label} | {r['compaction_step'] or '—'} | "
@@ -87,12 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", required=True, help="quality.py's --work with both rows")
     p.add_argument("--models", required=True, help="quality.py's --models (the kept prune reports)")
+    p.add_argument("--compacted", default=COMPACTED,
+                   help="the row compared with the masked one (a variant of the recipe, e.g. lorashear-cheapteacher)")
     p.add_argument("--out", default=None, help="path without suffix for the pairs as JSON (the table goes to stdout)")
     a = p.parse_args(argv)
-    pairs = rows(Path(a.work).expanduser(), Path(a.models).expanduser())
+    pairs = rows(Path(a.work).expanduser(), Path(a.models).expanduser(), a.compacted)
     if not pairs:
         print(f"no (masked, compacted) pair of rows in {a.work}; run quality.py with "
-              f"--rows {MASKED},{COMPACTED} first", file=sys.stderr)
+              f"--rows {MASKED},{a.compacted} first", file=sys.stderr)
         return 2
     text = table(pairs)
     print(text)
