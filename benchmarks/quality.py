@@ -100,6 +100,8 @@ LORASHEAR_ROWS["lorashear-cosine"] = {**LORASHEAR_ROWS["lorashear"], "lr_schedul
 LORASHEAR_ROWS["lorashear-warmkd0"] = {**LORASHEAR_ROWS["lorashear"], "distill_before_pruning": 0.0}
 #: ... and the teacher in bfloat16 (2.9x faster forward on this CPU's AMX; the KL is taken in float32)
 LORASHEAR_ROWS["lorashear-cheapteacher"] = {**LORASHEAR_ROWS["lorashear-warmkd0"], "distill_teacher_dtype": "bfloat16"}
+#: the teacher in bfloat16 alone (the warm-up keeps its KL)
+LORASHEAR_ROWS["lorashear-bf16teacher"] = {**LORASHEAR_ROWS["lorashear"], "distill_teacher_dtype": "bfloat16"}
 #: FLAP's fluctuation metric as LHSPG's data saliency (issue 24's 20 % gap; candidates, chosen on validation only)
 LORASHEAR_ROWS["lorashear-fluctuation"] = {**LORASHEAR_ROWS["lorashear"], "saliency": ["fluctuation"]}
 LORASHEAR_ROWS["lorashear-fisher+fluctuation"] = {**LORASHEAR_ROWS["lorashear"], "saliency": ["fisher", "fluctuation"]}
