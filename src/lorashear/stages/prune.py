@@ -44,7 +44,7 @@ from ..models.lora import LoraSettings, attach_lora
 from ..models.params import count_params, embedding_params
 from ..recipes import DEFAULT_RECIPE, RECIPES
 from ..recovery.rounds import RoundsConfig, train_rounds
-from ..training.hooks import KLShareSwitch, LossPartsLog
+from ..training.hooks import KLShareSwitch, LossPartsLog, share_at
 from ..training.checkpoint import latest_checkpoint
 from ..lhspg.train import train_lhspg
 from ..training.loop import StepHook, TrainConfig, checkpoint_root, make_accelerator
@@ -761,7 +761,7 @@ def _compute(config: PruneConfig, dense_flops: float, small: torch.nn.Module, co
     if d.enabled and d.topk:  # the top-k cache: one teacher pass over every training token
         compute.teacher(steps * per_step, dense_flops)
     elif d.enabled:  # the online teacher runs at the steps whose KL share is above zero
-        bounds = [*d.shares(warmup_end, prune_end), (steps, 0.0)]
-        teacher_steps = sum(max(0, min(b[0], steps) - a[0]) for a, b in zip(bounds, bounds[1:]) if a[1] > 0)
+        shares = d.shares(warmup_end, prune_end)
+        teacher_steps = sum(1 for step in range(steps) if share_at(shares, step) > 0)
         compute.teacher(teacher_steps * per_step, dense_flops)
     return compute

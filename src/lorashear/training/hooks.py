@@ -61,6 +61,11 @@ class LossPartsLog(StepHook):
         return self.parts.fields()
 
 
+def share_at(points: Sequence[tuple[int, float]], step: int) -> float:
+    """The share of a piecewise-constant schedule ``(first step, share)`` (in step order, from step 0) at ``step``."""
+    return [w for s, w in points if s <= step][-1]
+
+
 class KLShareSwitch(StepHook):
     """Sets a distillation loss's KL share by the step, piecewise constant: ``shares`` lists
     ``(first step, share)`` in step order, the first from step 0 (e.g. the warm-up, the pruning periods and
@@ -75,14 +80,11 @@ class KLShareSwitch(StepHook):
             raise ValueError(f"KL shares must start at step 0 and go in step order, got {points}")
         self.share, self.points = share, points
 
-    def share_at(self, step: int) -> float:
-        return [w for s, w in self.points if s <= step][-1]
-
     def before_micro_batch(self, step: int, micro: int) -> None:
-        self.share.value = self.share_at(step)
+        self.share.value = share_at(self.points, step)
 
     def log_fields(self) -> dict[str, Any]:
         return {"kl_share": self.share.value}
 
 
-__all__ = ["KLShareSwitch", "LossPartsLog", "StepHook"]
+__all__ = ["KLShareSwitch", "LossPartsLog", "StepHook", "share_at"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,8 @@ from ..errors import ConfigError
 LossFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 
 #: the online teacher's dtype choices (:attr:`DistillConfig.teacher_dtype`)
-TEACHER_DTYPES: tuple[str, ...] = ("model", "bfloat16", "auto")
+TeacherDType = Literal["model", "bfloat16", "auto"]
+TEACHER_DTYPES: tuple[str, ...] = get_args(TeacherDType)
 
 
 def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -51,7 +53,7 @@ class DistillConfig:
     before_pruning: float | None = field(default=None, metadata={
         "help": "prune stage only: the KL share during the warm-up, before the first pruning period (0 = no "
                 "teacher pass in those steps); default: the same share as while pruning"})
-    teacher_dtype: str = field(default="model", metadata={
+    teacher_dtype: TeacherDType = field(default="model", metadata={
         "help": "prune stage only: the online teacher's dtype: model = the model's; bfloat16; auto = bfloat16 where "
                 "the device computes it natively (CUDA with bf16, a CPU with AVX512-BF16/AMX) and the model is "
                 "float32, else the model's (the KL is taken in float32 either way)"})
@@ -179,7 +181,7 @@ def freeze(teacher: torch.nn.Module) -> torch.nn.Module:
     return teacher
 
 
-def make_teacher(model: torch.nn.Module, dtype: str = "model") -> torch.nn.Module:
+def make_teacher(model: torch.nn.Module, dtype: TeacherDType = "model") -> torch.nn.Module:
     """A frozen copy of ``model`` (before LoRA is attached) to distil from, in ``dtype``
     (:attr:`DistillConfig.teacher_dtype`)."""
     import copy
@@ -189,7 +191,7 @@ def make_teacher(model: torch.nn.Module, dtype: str = "model") -> torch.nn.Modul
     return teacher.to(target) if target is not None else teacher
 
 
-def teacher_dtype(model: torch.nn.Module, choice: str) -> torch.dtype | None:
+def teacher_dtype(model: torch.nn.Module, choice: TeacherDType) -> torch.dtype | None:
     """The dtype the teacher of ``model`` runs in for ``choice``; ``None``: the model's own."""
     if choice == "model":
         return None
