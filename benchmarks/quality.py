@@ -96,6 +96,8 @@ LORASHEAR_ROWS["lorashear-recover"] = {**LORASHEAR_ROWS["lorashear"], "post_prun
 LORASHEAR_ROWS["lorashear-short"] = {**LORASHEAR_ROWS["lorashear"], "prune_end": 0.2}
 #: the learning rate decayed to 0 by a cosine over the budget (both the recipe and the peer: flap+lora_cosine)
 LORASHEAR_ROWS["lorashear-cosine"] = {**LORASHEAR_ROWS["lorashear"], "lr_scheduler": "cosine"}
+#: twice the learning rate (both the recipe and the peer: flap+lora_lr4e-4): the retrainings looked rate-limited
+LORASHEAR_ROWS["lorashear-lr4e-4"] = {**LORASHEAR_ROWS["lorashear"], "lr": 4e-4}
 #: a cheaper teacher (issue 26): no KL, so no teacher pass, in the warm-up before the first pruning period
 LORASHEAR_ROWS["lorashear-warmkd0"] = {**LORASHEAR_ROWS["lorashear"], "distill_before_pruning": 0.0}
 #: ... and the teacher in bfloat16 (2.97x faster forward on this CPU's AMX, teacher_dtype.py; the KL is taken in float32)
@@ -152,6 +154,7 @@ class Retraining:
     full: bool = False  #: full-parameter training instead of LoRA
     doc: str = ""
     lr_scheduler: str = "constant"  #: LoRA retrainings: the learning-rate schedule (the training loop's default)
+    lr: float = 2e-4  #: LoRA retrainings: the learning rate (the training loop's default)
 
 
 RETRAININGS: dict[str, Retraining] = {
@@ -160,6 +163,7 @@ RETRAININGS: dict[str, Retraining] = {
     "lora_kl": Retraining(1.0, doc="LoRA, KL to the dense model only (logit distillation)"),
     "lora_cosine": Retraining(0.0, doc="LoRA, cross-entropy, learning rate decayed to 0 by a cosine",
                               lr_scheduler="cosine"),
+    "lora_lr4e-4": Retraining(0.0, doc="LoRA, cross-entropy, learning rate 4e-4 (twice the default)", lr=4e-4),
     "kd": Retraining(1.0, full=True, doc="Minitron's retraining: every parameter, KL to the dense model only, "
                                          "AdamW 1e-4 with cosine decay after 10 warm-up steps"),
 }
@@ -307,7 +311,7 @@ class Bench:
                                   wall_time_s=time.perf_counter() - t0, sequences=len(ids))
         cfg = config_from_dict(FinetuneConfig, {"steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
                                                 "seed": seed, "progress": False, "log_every": 10,
-                                                "lr_scheduler": how.lr_scheduler})
+                                                "lr_scheduler": how.lr_scheduler, "lr": how.lr})
         compute.train(tokens, forward_flops_per_token(model, a.seq_len))
         loss = lm_loss
         if how.kl_weight > 0:
