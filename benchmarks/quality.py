@@ -73,8 +73,11 @@ KNOWLEDGE_FISHER = HERE / "results" / "knowledge_smollm2_fisher.json"
 LORASHEAR_ROWS: dict[str, dict[str, Any]] = {
     "paper": {"recipe": "paper", "knowledge": str(KNOWLEDGE)},
     # exact widths: the recipe as its rows were made before 2026-12-05 (their seeds stay comparable); the recipe's
-    # default since then rounds MLP widths to 32 (row lorashear-round32)
-    "lorashear": {"recipe": "lorashear", "knowledge": str(KNOWLEDGE_FISHER), "round_to": 1},
+    # default since then rounds MLP widths to 32 (row lorashear-round32); and
+    # the teacher in float32 (the recipe's default since 2026-12-05 is "auto": bf16 on this CPU; row
+    # lorashear-bf16teacher), as all its seeds were made
+    "lorashear": {"recipe": "lorashear", "knowledge": str(KNOWLEDGE_FISHER), "round_to": 1,
+                  "distill_teacher_dtype": "model"},
 }
 #: the allocation of the recipe until 2026-12-02 evening: the same share of every unprotected layer
 LORASHEAR_ROWS["lorashear_v3"] = {**LORASHEAR_ROWS["lorashear"], "allocation": "layer", "uniform_per_layer": True}
