@@ -75,9 +75,9 @@ LORASHEAR_ROWS: dict[str, dict[str, Any]] = {
     # exact widths: the recipe as its rows were made before 2026-12-05 (their seeds stay comparable); the recipe's
     # default since then rounds MLP widths to 32 (row lorashear-round32); and
     # the teacher in float32 (the recipe's default since 2026-12-05 is "auto": bf16 on this CPU; row
-    # lorashear-bf16teacher), as all its seeds were made
+    # lorashear-bf16teacher) and a learning rate of 2e-4 (the recipe's since then: 4e-4), as all its seeds were made
     "lorashear": {"recipe": "lorashear", "knowledge": str(KNOWLEDGE_FISHER), "round_to": 1,
-                  "distill_teacher_dtype": "model"},
+                  "distill_teacher_dtype": "model", "lr": 2e-4},
 }
 #: the allocation of the recipe until 2026-12-02 evening: the same share of every unprotected layer
 LORASHEAR_ROWS["lorashear_v3"] = {**LORASHEAR_ROWS["lorashear"], "allocation": "layer", "uniform_per_layer": True}
@@ -99,8 +99,9 @@ LORASHEAR_ROWS["lorashear-recover"] = {**LORASHEAR_ROWS["lorashear"], "post_prun
 LORASHEAR_ROWS["lorashear-short"] = {**LORASHEAR_ROWS["lorashear"], "prune_end": 0.2}
 #: the learning rate decayed to 0 by a cosine over the budget (both the recipe and the peer: flap+lora_cosine)
 LORASHEAR_ROWS["lorashear-cosine"] = {**LORASHEAR_ROWS["lorashear"], "lr_scheduler": "cosine"}
-#: twice the learning rate (both the recipe and the peer: flap+lora_lr4e-4): the retrainings looked rate-limited
-LORASHEAR_ROWS["lorashear-lr4e-4"] = {**LORASHEAR_ROWS["lorashear"], "lr": 4e-4}
+#: higher learning rates (the recipe and the peer alike: flap+lora_lr4e-4, ...): the retrainings looked rate-limited
+for _lr in ("4e-4", "8e-4"):
+    LORASHEAR_ROWS[f"lorashear-lr{_lr}"] = {**LORASHEAR_ROWS["lorashear"], "lr": float(_lr)}
 #: a cheaper teacher (issue 26): no KL, so no teacher pass, in the warm-up before the first pruning period
 LORASHEAR_ROWS["lorashear-warmkd0"] = {**LORASHEAR_ROWS["lorashear"], "distill_before_pruning": 0.0}
 #: ... and the teacher in bfloat16 (2.97x faster forward on this CPU's AMX, teacher_dtype.py; the KL is taken in float32)
@@ -166,7 +167,8 @@ RETRAININGS: dict[str, Retraining] = {
     "lora_kl": Retraining(1.0, doc="LoRA, KL to the dense model only (logit distillation)"),
     "lora_cosine": Retraining(0.0, doc="LoRA, cross-entropy, learning rate decayed to 0 by a cosine",
                               lr_scheduler="cosine"),
-    "lora_lr4e-4": Retraining(0.0, doc="LoRA, cross-entropy, learning rate 4e-4 (twice the default)", lr=4e-4),
+    **{f"lora_lr{lr}": Retraining(0.0, doc=f"LoRA, cross-entropy, learning rate {lr}", lr=float(lr))
+       for lr in ("4e-4", "8e-4")},
     "kd": Retraining(1.0, full=True, doc="Minitron's retraining: every parameter, KL to the dense model only, "
                                          "AdamW 1e-4 with cosine decay after 10 warm-up steps"),
 }
