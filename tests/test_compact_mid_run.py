@@ -110,7 +110,7 @@ def test_a_corrupt_newest_checkpoint_after_the_compaction_falls_back(tmp_path):
     resumed = prune_stage.run(_stage_cfg(out, steps=STEPS, keep_checkpoints=2, resume=True),
                               model=plain_tiny_llama(train=False),
                               data=random_batches(n=16, seq=16))
-    whole = _run(tmp_path / "whole")
+    _run(tmp_path / "whole")
     assert resumed.report["resumed_from"] == 10
     a, b = _weights(tmp_path / "whole"), _weights(out)
     assert all(torch.equal(a[n], b[n]) for n in a)

@@ -285,7 +285,7 @@ def flatten_values(cls: type, values: Mapping[str, Any], *, source: str = "confi
 
     def unknown(key: str) -> ConfigError:
         close = difflib.get_close_matches(key, list(opts) + list(secs), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; see `--help` for the options"
+        hint = f"; did you mean {close[0]!r}?" if close else "; see `--help` for the options"
         return ConfigError(f"unknown option {key!r} in {source}{hint}")
 
     def visit(mapping: Mapping[str, Any], path: tuple[str, ...]) -> None:
