@@ -27,6 +27,7 @@ import torch
 from lorashear.atomic import atomic_directory, output_lock
 from lorashear.cli import main
 from lorashear.errors import ConfigError
+from lorashear.recipes import DEFAULT_RECIPE, PIPELINE_RECIPES
 from tiny_models import tiny_model
 
 #: a prune run small enough for a test: about 1% of a tiny model, a few steps
@@ -618,7 +619,8 @@ RERUN_CASES = {
     "other-weights-finished": ("complete", "weights", ["--no-rerun"],
                                ("analyze: its output was made with other settings or inputs", "model: another input")),
     "other-lr-interrupted": ("interrupted", None, ["--lr", "0.001", "--no-rerun"],
-                             ("prune: its checkpoints are of a run with other settings", "lr: 0.0002 -> 0.001")),
+                             ("prune: its checkpoints are of a run with other settings",
+                              f"lr: {PIPELINE_RECIPES[DEFAULT_RECIPE]['lr']} -> 0.001")),
     "other-weights-interrupted": ("interrupted", "weights", ["--no-rerun"], ("model: another input",)),
     "refused-resume-keeps-config-yaml": ("interrupted", "no-record", ["--lr", "0.001"],
                                          ("belongs to another run", "start over with --force")),
