@@ -6,7 +6,7 @@ One process loads the reference model twice (float32, and the bf16 copy ``make_t
 the teacher's forward pass on training sequences of ``builtin:calibration`` (a batch of ``--batch-size`` x
 ``--seq-len`` tokens, the prune stage's), interleaved: fp32, bf16, fp32, bf16, ... after one warm-up pass each.
 It also reports how far the bf16 teacher's next-token distribution is from the fp32 one (mean per-token
-KL(fp32 || bf16), in nats) and how often their top-1 tokens agree, over the same tokens.
+KL(fp32 || bf16) over the next-token positions, in nats, by the training loss's own ``kl_to_teacher``) and how often their top-1 tokens agree, over the same tokens.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import lorashear
     from lorashear.data import load_texts, pack_texts
-    from lorashear.training.losses import make_teacher, native_bf16
+    from lorashear.training.losses import kl_to_teacher, make_teacher, native_bf16
 
     model = lorashear.load_model(a.model)
     tokenizer = lorashear.load_tokenizer(a.model)
@@ -54,9 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 logits[name] = t(input_ids=batch, use_cache=False).logits.float()
                 times[name].append(time.perf_counter() - t0)
-            lp32 = torch.log_softmax(logits["float32"], -1)
-            lp16 = torch.log_softmax(logits["bfloat16"], -1)
-            kls.append(float((lp32.exp() * (lp32 - lp16)).sum(-1).mean()))
+            kls.append(float(kl_to_teacher(logits["bfloat16"], logits["float32"])))  # KL(fp32 || bf16)
             agree.append(float((logits["float32"].argmax(-1) == logits["bfloat16"].argmax(-1)).float().mean()))
     med = {name: statistics.median(v) for name, v in times.items()}
     result = {
