@@ -73,9 +73,9 @@ KNOWLEDGE_FISHER = HERE / "results" / "knowledge_smollm2_fisher.json"
 LORASHEAR_ROWS: dict[str, dict[str, Any]] = {
     "paper": {"recipe": "paper", "knowledge": str(KNOWLEDGE)},
     # exact widths: the recipe as its rows were made before 2026-12-05 (their seeds stay comparable); the recipe's
-    # default since then rounds MLP widths to 32 (row lorashear-round32); and
-    # the teacher in float32 (the recipe's default since 2026-12-05 is "auto": bf16 on this CPU; row
-    # lorashear-bf16teacher) and a learning rate of 2e-4 (the recipe's since then: 4e-4), as all its seeds were made
+    # default since then rounds MLP widths to 32 (row lorashear-round32); the teacher in float32 (the recipe's since
+    # then: "auto", bf16 on this CPU; row lorashear-bf16teacher) and a learning rate of 2e-4 (the recipe's since then:
+    # 8e-4; row lorashear-1205), as all its seeds were made
     "lorashear": {"recipe": "lorashear", "knowledge": str(KNOWLEDGE_FISHER), "round_to": 1,
                   "distill_teacher_dtype": "model", "lr": 2e-4},
 }
@@ -106,11 +106,10 @@ for _lr in LEARNING_RATES:
 #: the recipe's defaults as of 2026-12-05, pinned (the headline row from then on): MLP widths rounded to 32, the
 #: teacher in bf16 where the device has it natively, learning rate 8e-4
 HEADLINE = "lorashear-1205"
-LORASHEAR_ROWS[HEADLINE] = {**LORASHEAR_ROWS["lorashear"], "round_to": 32, "distill_teacher_dtype": "auto",
-                                    "lr": 8e-4}
+LORASHEAR_ROWS[HEADLINE] = {**LORASHEAR_ROWS["lorashear"], "round_to": 32, "distill_teacher_dtype": "auto", "lr": 8e-4}
 #: a cheaper teacher (issue 26): no KL, so no teacher pass, in the warm-up before the first pruning period
 LORASHEAR_ROWS["lorashear-warmkd0"] = {**LORASHEAR_ROWS["lorashear"], "distill_before_pruning": 0.0}
-#: ... and the teacher in bfloat16 (3.05x faster forward on this CPU's AMX, teacher_dtype.py; the KL is taken in float32)
+#: ... and the teacher in bfloat16 (3.05x faster forward on this CPU, teacher_dtype.py; the KL is taken in float32)
 LORASHEAR_ROWS["lorashear-cheapteacher"] = {**LORASHEAR_ROWS["lorashear-warmkd0"], "distill_teacher_dtype": "bfloat16"}
 #: the teacher in bfloat16 alone (the warm-up keeps its KL)
 LORASHEAR_ROWS["lorashear-bf16teacher"] = {**LORASHEAR_ROWS["lorashear"], "distill_teacher_dtype": "bfloat16"}
@@ -164,7 +163,7 @@ class Retraining:
     full: bool = False  #: full-parameter training instead of LoRA
     doc: str = ""
     lr_scheduler: str = "constant"  #: LoRA retrainings: the learning-rate schedule (the training loop's default)
-    lr: float = 2e-4  #: LoRA retrainings: the learning rate (the training loop's default)
+    lr: float = 2e-4  #: LoRA retrainings: the learning rate (pinned: the rate the cached peer rows were made with)
 
 
 RETRAININGS: dict[str, Retraining] = {
