@@ -126,3 +126,30 @@ def test_variants_compare_on_validation_over_common_seeds(quality, tmp_path: Pat
     assert heldout[10] == "0: +0.50; 1: +0.50"
     docs = next(line for line in lines if line[3] == "builtin:heldout-docs-validation")
     assert docs[7] == "+1.50" and docs[8] == "3.50" and docs[9] == "yes"  # half-ranges 1 and 2.5
+
+
+def test_a_variant_of_the_headline_is_set_against_the_headline(quality, tmp_path: Path) -> None:
+    """``lorashear-1205-*`` rows are candidates on top of the headline recipe: their table compares them with the
+    headline row (whose own line stays in the table of ``lorashear``'s variants), never with ``lorashear``."""
+    head = quality.HEADLINE
+    assert f"{head}-kdafter" in quality.LORASHEAR_ROWS
+    assert quality.LORASHEAR_ROWS[f"{head}-kdafter"]["lr"] == quality.LORASHEAR_ROWS[head]["lr"]
+    work = tmp_path / "rows"
+    work.mkdir()
+    rows = [_row("lorashear", 0, 40.0, 41.0), _row(head, 0, 30.0, 31.0), _row(f"{head}-kdafter", 0, 29.0, 33.0)]
+    for i, r in enumerate(rows):
+        (work / f"r{i}.json").write_text(json.dumps(r))
+    out = tmp_path / "report.md"
+    quality.write_report(work, out)
+    tables = out.read_text().split("| ratio | steps | variant |")[1:]
+    assert len(tables) == 2
+
+    def variants(table: str) -> list[list[str]]:
+        return [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]
+                if line.startswith("|")]
+
+    assert {line[2] for line in variants(tables[0])} == {head}
+    kd = variants(tables[1])
+    assert {line[2] for line in kd} == {f"{head}-kdafter"}
+    heldout = next(line for line in kd if line[3] == "builtin:heldout-validation")
+    assert heldout[5] == "129.00" and heldout[6] == "130.00" and heldout[7] == "-1.00"
