@@ -108,12 +108,11 @@ for _lr in LEARNING_RATES:
 HEADLINE = "lorashear-1205"
 LORASHEAR_ROWS[HEADLINE] = {**LORASHEAR_ROWS["lorashear"], "round_to": 32, "distill_teacher_dtype": "auto", "lr": 8e-4}
 #: candidates on top of the headline recipe (each set against it on validation, ``lorashear-1205-*``): the teacher's KL
-#: kept after pruning (the warm-up's KL was what mattered at 50%; more teacher FLOPs), a longer pruning phase (the
-#: shorter one lost), the learning-rate screen's next step
+#: kept after pruning (the warm-up's KL was what mattered at 50%; more teacher FLOPs) and a longer pruning phase (the
+#: shorter one lost); the learning-rate screen's next step stays on its own base (lorashear-lr1.6e-3)
 HEADLINE_VARIANTS: dict[str, dict[str, Any]] = {
     "kdafter": {"distill_after_pruning": 0.5},
     "long": {"prune_end": 0.5},
-    "lr1.6e-3": {"lr": 1.6e-3},
 }
 for _name, _opts in HEADLINE_VARIANTS.items():
     LORASHEAR_ROWS[f"{HEADLINE}-{_name}"] = {**LORASHEAR_ROWS[HEADLINE], **_opts}
