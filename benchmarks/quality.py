@@ -75,9 +75,10 @@ LORASHEAR_ROWS: dict[str, dict[str, Any]] = {
     # exact widths: the recipe as its rows were made before 2026-12-05 (their seeds stay comparable); the recipe's
     # default since then rounds MLP widths to 32 (row lorashear-round32); the teacher in float32 (the recipe's since
     # then: "auto", bf16 on this CPU; row lorashear-bf16teacher) and a learning rate of 2e-4 (the recipe's since then:
-    # 8e-4; row lorashear-1205), as all its seeds were made
+    # 8e-4; row lorashear-1205), and pruning ending at 30% of the steps (the recipe's since 2026-12-05 evening: 50%;
+    # row lorashear-1205-long), as all its seeds were made
     "lorashear": {"recipe": "lorashear", "knowledge": str(KNOWLEDGE_FISHER), "round_to": 1,
-                  "distill_teacher_dtype": "model", "lr": 2e-4},
+                  "distill_teacher_dtype": "model", "lr": 2e-4, "prune_end": 0.3},
 }
 #: the allocation of the recipe until 2026-12-02 evening: the same share of every unprotected layer
 LORASHEAR_ROWS["lorashear_v3"] = {**LORASHEAR_ROWS["lorashear"], "allocation": "layer", "uniform_per_layer": True}
@@ -103,11 +104,12 @@ LORASHEAR_ROWS["lorashear-cosine"] = {**LORASHEAR_ROWS["lorashear"], "lr_schedul
 LEARNING_RATES = ("4e-4", "8e-4", "1.6e-3")
 for _lr in LEARNING_RATES:
     LORASHEAR_ROWS[f"lorashear-lr{_lr}"] = {**LORASHEAR_ROWS["lorashear"], "lr": float(_lr)}
-#: the recipe's defaults as of 2026-12-05, pinned (the headline row from then on): MLP widths rounded to 32, the
+#: the recipe's defaults as of 2026-12-05, pinned (the headline row until the evening): MLP widths rounded to 32, the
 #: teacher in bf16 where the device has it natively, learning rate 8e-4
-HEADLINE = "lorashear-1205"
-LORASHEAR_ROWS[HEADLINE] = {**LORASHEAR_ROWS["lorashear"], "round_to": 32, "distill_teacher_dtype": "auto", "lr": 8e-4}
-#: candidates on top of the headline recipe (each set against it on validation, ``lorashear-1205-*``): the teacher's KL
+VARIANT_BASE = "lorashear-1205"
+LORASHEAR_ROWS[VARIANT_BASE] = {**LORASHEAR_ROWS["lorashear"], "round_to": 32, "distill_teacher_dtype": "auto",
+                                "lr": 8e-4}
+#: candidates on top of that recipe (each set against it on validation, ``lorashear-1205-*``): the teacher's KL
 #: kept after pruning (the warm-up's KL was what mattered at 50%; more teacher FLOPs) and a longer pruning phase (the
 #: shorter one lost); the learning-rate screen's next step stays on its own base (lorashear-lr1.6e-3)
 HEADLINE_VARIANTS: dict[str, dict[str, Any]] = {
@@ -115,7 +117,10 @@ HEADLINE_VARIANTS: dict[str, dict[str, Any]] = {
     "long": {"prune_end": 0.5},
 }
 for _name, _opts in HEADLINE_VARIANTS.items():
-    LORASHEAR_ROWS[f"{HEADLINE}-{_name}"] = {**LORASHEAR_ROWS[HEADLINE], **_opts}
+    LORASHEAR_ROWS[f"{VARIANT_BASE}-{_name}"] = {**LORASHEAR_ROWS[VARIANT_BASE], **_opts}
+#: the headline row: the recipe's defaults as of 2026-12-05 evening, pinned: ``lorashear-1205`` with pruning over
+#: 10%..50% of the steps, the candidate that won on validation at both ratios (adopted as the recipe's default)
+HEADLINE = f"{VARIANT_BASE}-long"
 #: a cheaper teacher (issue 26): no KL, so no teacher pass, in the warm-up before the first pruning period
 LORASHEAR_ROWS["lorashear-warmkd0"] = {**LORASHEAR_ROWS["lorashear"], "distill_before_pruning": 0.0}
 #: ... and the teacher in bfloat16 (3.05x faster forward on this CPU, teacher_dtype.py; the KL is taken in float32)
@@ -567,19 +572,23 @@ def write_report(work: Path, out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(public, indent=1) + "\n")
     table = ("\n".join(lines) + "\n" + "\n".join(seed_lines) + "\n" + margin_table(summary)
              + margin_table(summary, ours="lorashear-round32")
+             + margin_table(summary, ours=VARIANT_BASE)
              + margin_table(summary, ours=HEADLINE)
+             + margin_table(summary, ours=HEADLINE, matched=True)
              + variant_table(summary)
-             + variant_table(summary, base=HEADLINE))
+             + variant_table(summary, base=VARIANT_BASE))
     replace_table(out.with_suffix(".md"), table, "# Quality benchmark (v2)")
     print(table)
 
 
-def margin_table(summary: list[dict], ours: str = "lorashear", split: int = 1) -> str:
+def margin_table(summary: list[dict], ours: str = "lorashear", split: int = 1, matched: bool = False) -> str:
     """How far ``ours`` is below every trained peer row at every ratio and step count both ran (no tag, no
     extras), on the test split (``split=1``) of each source.
 
     The margin is the difference of the means; it is set against the two rows' half-ranges added (the seed
-    spread), and the paired differences (peer - ours) are listed for the seeds both rows ran.
+    spread), and the paired differences (peer - ours) are listed for the seeds both rows ran. ``matched``: the
+    peer rows given more steps than ``ours`` instead (the compute-matched peers, ``--steps`` chosen so that their
+    FLOPs equal ours), with both rows' FLOPs.
     """
     plain = {(e["row"], e["ratio"], e["steps"]): e for e in summary if not e["extra"] and not e["tag"]}
     lines = []
@@ -587,7 +596,9 @@ def margin_table(summary: list[dict], ours: str = "lorashear", split: int = 1) -
         if row != ours:
             continue
         for (peer, p_ratio, p_steps), other in sorted(plain.items(), key=lambda kv: kv[0][0]):
-            if "+" not in peer or p_ratio != ratio or p_steps != steps:
+            if "+" not in peer or p_ratio != ratio:
+                continue
+            if (p_steps is None or steps is None or p_steps <= steps) if matched else p_steps != steps:
                 continue
             for source, specs in EVAL_SOURCES.items():
                 s = specs[split]
@@ -599,28 +610,33 @@ def margin_table(summary: list[dict], ours: str = "lorashear", split: int = 1) -
                 times = f"{margin / spread:.1f}x" if spread > 0 else "—"
                 paired = [f"{seed}: {b['by_seed'][seed] - v:+.2f}{_paired_ci(a, b, seed)}"
                           for seed, v in sorted(a["by_seed"].items()) if seed in b["by_seed"]]
-                lines.append(f"| {ratio:.0%} | {steps} | {peer} | {s} | {','.join(map(str, sorted(a['by_seed'])))} "
+                steps_cell = (f"{steps} / {p_steps} (PF {mine['pflops']:.3f} / {other['pflops']:.3f})" if matched
+                              else f"{steps}")
+                lines.append(f"| {ratio:.0%} | {steps_cell} | {peer} | {s} | {','.join(map(str, sorted(a['by_seed'])))} "
                              f"/ {','.join(map(str, sorted(b['by_seed'])))} | {margin:+.2f} | {spread:.2f} | {times} "
                              f"| {'; '.join(paired)} |")
     if not lines:
         return ""
-    head = [f"\nMargins of `{ours}` on the test split (peer mean - ours; positive: ours is lower; spread: the two "
+    what = " against the compute-matched peers (more steps, the same FLOPs)" if matched else ""
+    head = [f"\nMargins of `{ours}`{what} on the test split (peer mean - ours; positive: ours is lower; spread: the two "
             "half-ranges added; paired: peer - ours in each seed both ran, with a 95 % bootstrap interval over the "
             "same windows resampled in pairs):\n",
-            "| ratio | steps | peer | source | seeds (ours / peer) | margin | spread | margin / spread | paired "
+            f"| ratio | {'steps (ours / peer)' if matched else 'steps'} | peer | source | seeds (ours / peer) | margin | "
+            "spread | margin / spread | paired "
             "[95 % interval over windows] |",
             "|---|---|---|---|---|---:|---:|---:|---|"]
     return "\n".join(head + lines) + "\n"
 
 
 def _variant_of(row: str) -> str:
-    """The row a recipe row is a variant of: ``lorashear-1205-*`` of the headline, every other one of ``lorashear``."""
-    return HEADLINE if row.startswith(f"{HEADLINE}-") else "lorashear"
+    """The row a recipe row is a variant of: ``lorashear-1205-*`` (the headline among them) of ``lorashear-1205``,
+    every other one of ``lorashear``."""
+    return VARIANT_BASE if row.startswith(f"{VARIANT_BASE}-") else "lorashear"
 
 
 def variant_table(summary: list[dict], base: str = "lorashear", split: int = 0) -> str:
-    """Every variant of ``base`` (of ``lorashear``: ``paper`` and ``lorashear-*``, the headline among them; of the
-    headline: ``lorashear-1205-*``) against it at the same ratio and step count, on the validation split
+    """Every variant of ``base`` (of ``lorashear``: ``paper`` and ``lorashear-*``, ``lorashear-1205`` among them; of
+    ``lorashear-1205``: ``lorashear-1205-*``, the headline among them) against it at the same ratio and step count, on the validation split
     (``split=0``) where recipe choices are made: the difference of the means (variant - base; negative: the
     variant is lower), the seed spread, and the paired differences per seed."""
     plain = {(e["row"], e["ratio"], e["steps"]): e for e in summary if not e["extra"] and not e["tag"]}

@@ -128,10 +128,10 @@ def test_variants_compare_on_validation_over_common_seeds(quality, tmp_path: Pat
     assert docs[7] == "+1.50" and docs[8] == "3.50" and docs[9] == "yes"  # half-ranges 1 and 2.5
 
 
-def test_a_variant_of_the_headline_is_set_against_the_headline(quality, tmp_path: Path) -> None:
-    """``lorashear-1205-*`` rows are candidates on top of the headline recipe: their table compares them with the
-    headline row (whose own line stays in the table of ``lorashear``'s variants), never with ``lorashear``."""
-    head = quality.HEADLINE
+def test_a_variant_of_the_1205_recipe_is_set_against_it(quality, tmp_path: Path) -> None:
+    """``lorashear-1205-*`` rows are candidates on top of the 2026-12-05 recipe: their table compares them with that
+    row (whose own line stays in the table of ``lorashear``'s variants), never with ``lorashear``."""
+    head = quality.VARIANT_BASE
     assert f"{head}-kdafter" in quality.LORASHEAR_ROWS
     assert quality.LORASHEAR_ROWS[f"{head}-kdafter"]["lr"] == quality.LORASHEAR_ROWS[head]["lr"]
     work = tmp_path / "rows"
@@ -153,3 +153,42 @@ def test_a_variant_of_the_headline_is_set_against_the_headline(quality, tmp_path
     assert {line[2] for line in kd} == {f"{head}-kdafter"}
     heldout = next(line for line in kd if line[3] == "builtin:heldout-validation")
     assert heldout[5] == "129.00" and heldout[6] == "130.00" and heldout[7] == "-1.00"
+
+
+def test_the_headline_row_is_the_recipe_lorashear_run_ships(quality) -> None:
+    """The headline row pins every option of the recipe's defaults: if the recipe changes, the headline must be
+    remade (and this test says so) rather than silently report another recipe's rows."""
+    from lorashear.recipes import RECIPES
+
+    row = quality.LORASHEAR_ROWS[quality.HEADLINE]
+    assert row["recipe"] == "lorashear" and row["knowledge"] == str(quality.KNOWLEDGE_FISHER)
+    differing = {k: (row[k], v) for k, v in RECIPES["lorashear"].items() if k in row and row[k] != v}
+    assert differing == {}
+    assert quality.HEADLINE.startswith(f"{quality.VARIANT_BASE}-")  # chosen against it on validation
+
+
+def test_compute_matched_peers_get_their_own_margin_table(quality, tmp_path: Path) -> None:
+    """A peer row given more steps (its FLOPs matched to ours) is compared in a table of its own, with both rows'
+    FLOPs; never in the equal-tokens table."""
+    head = quality.HEADLINE
+    work = tmp_path / "rows"
+    work.mkdir()
+    rows = [_row(head, 0, 30.0, 31.0), _row(head, 1, 32.0, 33.0),
+            _row("flap+lora_lr8e-4", 0, 35.0, 40.0), _row("flap+lora_lr8e-4", 1, 36.0, 41.0),
+            {**_row("flap+lora_lr8e-4", 0, 31.0, 30.0), "steps": 565, "compute": {"flops": 2.5e15}},
+            {**_row("flap+lora_lr8e-4", 1, 33.0, 32.0), "steps": 565, "compute": {"flops": 2.5e15}}]
+    for i, r in enumerate(rows):
+        (work / f"r{i}.json").write_text(json.dumps(r))
+    out = tmp_path / "report.md"
+    quality.write_report(work, out)
+    md = out.read_text()
+    equal, matched = md.split(f"Margins of `{head}` on the test split")[1].split("against the compute-matched")
+    equal_lines = [line for line in equal.split("\n\n")[1].splitlines() if line.startswith("| 20%")]
+    assert len(equal_lines) == 2 and all("| 400 |" in line for line in equal_lines)
+    matched_lines = [[c.strip() for c in line.strip("|").split("|")]
+                     for line in matched.split("\n\n")[1].splitlines() if line.startswith("| 20%")]
+    assert [line[1] for line in matched_lines] == ["400 / 565 (PF 2.000 / 2.500)"] * 2
+    heldout = next(line for line in matched_lines if line[3] == "builtin:heldout-test")
+    assert heldout[5] == "+1.00" and heldout[8] == "0: +1.00; 1: +1.00"
+    docs = next(line for line in matched_lines if line[3] == "builtin:heldout-docs-test")
+    assert docs[5] == "-1.00"  # the matched peer is ahead here: the table says so with a negative margin

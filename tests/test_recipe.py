@@ -177,7 +177,7 @@ def test_recipes_fill_only_what_is_not_given():
 
     default = config_from_dict(PruneConfig, {"model": "m", "out": "o", "ratio": 0.2})
     assert default.recipe == DEFAULT_RECIPE == "lorashear" and default.lhspg.saliency == ("fisher",)
-    assert default.lhspg.prune_end == 0.3 and default.distill.weight == 0.5
+    assert default.lhspg.prune_end == 0.5 and default.distill.weight == 0.5
     # ranked across all layers (the paper's allocation): layers keep different widths
     assert default.lhspg.allocation == "global" and not default.target.uniform_per_layer
     assert default.distill.after_pruning == 0.0  # KL only while pruning
