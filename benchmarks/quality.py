@@ -596,9 +596,8 @@ def margin_table(summary: list[dict], ours: str = "lorashear", split: int = 1, m
         if row != ours:
             continue
         for (peer, p_ratio, p_steps), other in sorted(plain.items(), key=lambda kv: kv[0][0]):
-            if "+" not in peer or p_ratio != ratio:
-                continue
-            if (p_steps is None or steps is None or p_steps <= steps) if matched else p_steps != steps:
+            more_steps = p_steps is not None and steps is not None and p_steps > steps
+            if "+" not in peer or p_ratio != ratio or (not more_steps if matched else p_steps != steps):
                 continue
             for source, specs in EVAL_SOURCES.items():
                 s = specs[split]
@@ -610,20 +609,20 @@ def margin_table(summary: list[dict], ours: str = "lorashear", split: int = 1, m
                 times = f"{margin / spread:.1f}x" if spread > 0 else "—"
                 paired = [f"{seed}: {b['by_seed'][seed] - v:+.2f}{_paired_ci(a, b, seed)}"
                           for seed, v in sorted(a["by_seed"].items()) if seed in b["by_seed"]]
-                steps_cell = (f"{steps} / {p_steps} (PF {mine['pflops']:.3f} / {other['pflops']:.3f})" if matched
-                              else f"{steps}")
-                lines.append(f"| {ratio:.0%} | {steps_cell} | {peer} | {s} | {','.join(map(str, sorted(a['by_seed'])))} "
+                steps_cell = (f"{steps} / {p_steps} (PF {mine['pflops']:.3f} / {other['pflops']:.3f})"
+                              if matched else f"{steps}")
+                lines.append(f"| {ratio:.0%} | {steps_cell} | {peer} | {s} "
+                             f"| {','.join(map(str, sorted(a['by_seed'])))} "
                              f"/ {','.join(map(str, sorted(b['by_seed'])))} | {margin:+.2f} | {spread:.2f} | {times} "
                              f"| {'; '.join(paired)} |")
     if not lines:
         return ""
     what = " against the compute-matched peers (more steps, the same FLOPs)" if matched else ""
-    head = [f"\nMargins of `{ours}`{what} on the test split (peer mean - ours; positive: ours is lower; spread: the two "
-            "half-ranges added; paired: peer - ours in each seed both ran, with a 95 % bootstrap interval over the "
-            "same windows resampled in pairs):\n",
-            f"| ratio | {'steps (ours / peer)' if matched else 'steps'} | peer | source | seeds (ours / peer) | margin | "
-            "spread | margin / spread | paired "
-            "[95 % interval over windows] |",
+    head = [f"\nMargins of `{ours}`{what} on the test split (peer mean - ours; positive: ours is lower; spread: the "
+            "two half-ranges added; paired: peer - ours in each seed both ran, with a 95 % bootstrap interval over "
+            "the same windows resampled in pairs):\n",
+            f"| ratio | {'steps (ours / peer)' if matched else 'steps'} | peer | source | seeds (ours / peer) "
+            "| margin | spread | margin / spread | paired [95 % interval over windows] |",
             "|---|---|---|---|---|---:|---:|---:|---|"]
     return "\n".join(head + lines) + "\n"
 
@@ -636,9 +635,9 @@ def _variant_of(row: str) -> str:
 
 def variant_table(summary: list[dict], base: str = "lorashear", split: int = 0) -> str:
     """Every variant of ``base`` (of ``lorashear``: ``paper`` and ``lorashear-*``, ``lorashear-1205`` among them; of
-    ``lorashear-1205``: ``lorashear-1205-*``, the headline among them) against it at the same ratio and step count, on the validation split
-    (``split=0``) where recipe choices are made: the difference of the means (variant - base; negative: the
-    variant is lower), the seed spread, and the paired differences per seed."""
+    ``lorashear-1205``: ``lorashear-1205-*``, the headline among them) against it at the same ratio and step count,
+    on the validation split (``split=0``) where recipe choices are made: the difference of the means (variant - base;
+    negative: the variant is lower), the seed spread, and the paired differences per seed."""
     plain = {(e["row"], e["ratio"], e["steps"]): e for e in summary if not e["extra"] and not e["tag"]}
     lines = []
     for (row, ratio, steps), variant in sorted(plain.items(), key=lambda kv: (kv[0][1] or 0, kv[0][0])):

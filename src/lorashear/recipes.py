@@ -33,7 +33,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         # pruning over steps 10%..50% (40-200 of 400), then the compacted model trains on: chosen on validation
         # against 10%..30% (row lorashear-1205-long against lorashear-1205, seeds 0 and 1): in domain -0.59 at 20%
         # and -1.48 at 50%, both beyond the seed spread, Python docs -0.19 and -2.32 (quality_smollm2.md); it costs
-        # 1.11x (20%) and 1.19x (50%) the FLOPs of 10%..30%. The shorter 10%..20% lost (lorashear-short).
+        # 1.11x (20%) and 1.18x (50%) the FLOPs of 10%..30%. The shorter 10%..20% lost (lorashear-short).
         "prune_end": 0.5,
         "merge_at_period_end": False,
         "distill_weight": 0.5,
