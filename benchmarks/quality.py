@@ -570,7 +570,10 @@ def write_report(work: Path, out: Path) -> None:
     public = [{**e, "ppl": {k: {f: v for f, v in p.items() if not f.startswith("_")} for k, p in e["ppl"].items()}}
               for e in summary]
     out.with_suffix(".json").write_text(json.dumps(public, indent=1) + "\n")
-    table = ("\n".join(lines) + "\n" + "\n".join(seed_lines) + "\n" + margin_table(summary)
+    table = (matrix_table(summary, STRONG_PEERS_MATRIX, "Issue 24's matrix")
+             + matrix_table(summary, COMPACTION_MATRIX, "Issue 26's matrix")
+             + "\n" + "\n".join(lines) + "\n" + "\n".join(seed_lines) + "\n"
+             + margin_table(summary)
              + margin_table(summary, ours="lorashear-round32")
              + margin_table(summary, ours=VARIANT_BASE)
              + margin_table(summary, ours=HEADLINE)
@@ -625,6 +628,65 @@ def margin_table(summary: list[dict], ours: str = "lorashear", split: int = 1, m
             "| margin | spread | margin / spread | paired [95 % interval over windows] |",
             "|---|---|---|---|---|---:|---:|---:|---|"]
     return "\n".join(head + lines) + "\n"
+
+
+@dataclass(frozen=True)
+class Asked:
+    """One line of issue 24's matrix (test split): the row and its step count at each ratio, and the seeds asked."""
+
+    what: str
+    rows: dict[float, tuple[str, int]]  #: ratio -> (row, steps)
+    seeds: dict[float, int]  #: ratio -> seeds asked for
+
+
+#: issue 24's matrix: 3 seeds for lorashear and the best peer at 20%, 2 elsewhere; the best peer at each ratio is the
+#: one ahead on validation (FLAP + LoRA at 8e-4 at 20%, LLM-Pruner + LoRA at 50%)
+STRONG_PEERS_MATRIX: tuple[Asked, ...] = (
+    Asked("lorashear (the recipe `lorashear run` ships)", {0.2: (HEADLINE, 400), 0.5: (HEADLINE, 400)},
+          {0.2: 3, 0.5: 2}),
+    Asked("the paper's recipe", {0.2: ("paper", 400), 0.5: ("paper", 400)}, {0.2: 2, 0.5: 2}),
+    Asked("FLAP + LoRA at its best rate (the best peer at 20%)",
+          {0.2: ("flap+lora_lr8e-4", 400), 0.5: ("flap+lora_lr8e-4", 400)}, {0.2: 3, 0.5: 2}),
+    Asked("LLM-Pruner at its best + LoRA (the best peer at 50%)",
+          {0.2: ("llmpruner+lora", 400), 0.5: ("llmpruner+lora", 400)}, {0.2: 2, 0.5: 2}),
+    Asked("Minitron + its own retraining (logit distillation)",
+          {0.2: ("minitron+kd", 400), 0.5: ("minitron+kd", 400)}, {0.2: 2, 0.5: 2}),
+    Asked("the best peer with the other retraining (logit distillation)",
+          {0.2: ("flap+kd", 400), 0.5: ("llmpruner+kd", 400)}, {0.2: 2, 0.5: 2}),
+    Asked("the best peer, compute-matched (more steps, the FLOPs of lorashear)",
+          {0.2: ("flap+lora_lr8e-4", 565), 0.5: ("llmpruner+lora", 1321)}, {0.2: 2, 0.5: 2}),
+)
+#: issue 26's matrix (two seeds each): the recipe of its time (exact widths, 2e-4, pruning over 10%..30%) masked to
+#: the last step (a), compacted when pruning ends and trained on (b), then the dynamic recovery mix (c)
+COMPACTION_MATRIX: tuple[Asked, ...] = tuple(
+    Asked(what, {0.2: (row, 400), 0.5: (row, 400)}, {0.2: 2, 0.5: 2})
+    for what, row in (("(a) masked to the last step", "lorashear-masked"),
+                      ("(b) compacted when pruning ends, trained on", "lorashear"),
+                      ("(c) compacted, then the dynamic recovery mix", "lorashear-recover"))
+) + (Asked("the best peer (FLAP + LoRA at 8e-4 at 20%, LLM-Pruner + LoRA at 50%)",
+          {0.2: ("flap+lora_lr8e-4", 400), 0.5: ("llmpruner+lora", 400)}, {0.2: 2, 0.5: 2}),)
+
+
+def matrix_table(summary: list[dict], matrix: tuple[Asked, ...], title: str) -> str:
+    """Which seeds of a matrix (``title``) are run: every asked row at every ratio, its seeds run against those
+    asked for (rows with no tag and no extras)."""
+    plain = {(e["row"], e["ratio"], e["steps"]): e for e in summary if not e["extra"] and not e["tag"]}
+    ratios = sorted({r for asked in matrix for r in asked.rows})
+    lines = [f"\n{title}: seeds run / asked\n",
+             "| what | " + " | ".join(f"{r:.0%}: row (steps) | seeds" for r in ratios) + " |",
+             "|---|" + "---|---|" * len(ratios)]
+    missing = 0
+    for asked in matrix:
+        cells = []
+        for r in ratios:
+            row, steps = asked.rows[r]
+            done = plain.get((row, r, steps), {}).get("seeds", [])
+            missing += max(asked.seeds[r] - len(done), 0)
+            mark = "" if len(done) >= asked.seeds[r] else " (missing)"
+            cells.append(f"`{row}` ({steps}) | {len(done)} / {asked.seeds[r]}{mark}")
+        lines.append(f"| {asked.what} | " + " | ".join(cells) + " |")
+    lines.append(f"\nSeeds still missing: {missing}.")
+    return "\n".join(lines) + "\n"
 
 
 def _variant_of(row: str) -> str:

@@ -192,3 +192,35 @@ def test_compute_matched_peers_get_their_own_margin_table(quality, tmp_path: Pat
     assert heldout[5] == "+1.00" and heldout[8] == "0: +1.00; 1: +1.00"
     docs = next(line for line in matched_lines if line[3] == "builtin:heldout-docs-test")
     assert docs[5] == "-1.00"  # the matched peer is ahead here: the table says so with a negative margin
+
+
+def test_the_matrix_counts_the_seeds_run_against_those_asked(quality, tmp_path: Path) -> None:
+    """Each asked line counts the seeds of its own row at its own step count (a compute-matched row's seeds are not
+    the 400-step row's); rows with extras never count."""
+    matrix = (quality.Asked("ours", {0.2: ("lorashear", 400), 0.5: ("lorashear", 400)}, {0.2: 3, 0.5: 2}),
+              quality.Asked("peer, matched", {0.2: ("flap+lora", 490), 0.5: ("flap+lora", 600)}, {0.2: 2, 0.5: 2}))
+    work = tmp_path / "rows"
+    work.mkdir()
+    rows = [_row("lorashear", 0, 30.0, 31.0), _row("lorashear", 1, 32.0, 33.0), _row("lorashear", 2, 31.0, 32.0),
+            _row("lorashear", 0, 80.0, 81.0, ratio=0.5),
+            {**_row("lorashear", 1, 80.0, 81.0, ratio=0.5), "extra": {"x": 1}},
+            _row("flap+lora", 0, 35.0, 40.0), {**_row("flap+lora", 0, 34.0, 39.0), "steps": 490}]
+    for i, r in enumerate(rows):
+        (work / f"r{i}.json").write_text(json.dumps(r))
+    md = quality.matrix_table(quality.summarise(work), matrix, "Test matrix")
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+             for line in md.splitlines() if line.startswith("| ours") or line.startswith("| peer")}
+    assert lines["ours"][2] == "3 / 3" and lines["ours"][4] == "1 / 2 (missing)"
+    assert lines["peer, matched"][1] == "`flap+lora` (490)" and lines["peer, matched"][2] == "1 / 2 (missing)"
+    assert lines["peer, matched"][4] == "0 / 2 (missing)"
+    assert "Seeds still missing: 4." in md
+
+
+def test_the_matrices_name_rows_the_benchmark_can_run(quality) -> None:
+    """Every row a matrix asks for is one ``quality.py --rows`` accepts (a typo would count as never run)."""
+    for matrix in (quality.STRONG_PEERS_MATRIX, quality.COMPACTION_MATRIX):
+        for asked in matrix:
+            for row, steps in asked.rows.values():
+                base, retrain = quality.split_row(row)
+                assert row in quality.LORASHEAR_ROWS or (base in quality.PEERS and retrain in quality.RETRAININGS)
+                assert steps >= 400
