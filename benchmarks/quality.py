@@ -101,7 +101,7 @@ LORASHEAR_ROWS["lorashear-short"] = {**LORASHEAR_ROWS["lorashear"], "prune_end":
 #: the learning rate decayed to 0 by a cosine over the budget (both the recipe and the peer: flap+lora_cosine)
 LORASHEAR_ROWS["lorashear-cosine"] = {**LORASHEAR_ROWS["lorashear"], "lr_scheduler": "cosine"}
 #: higher learning rates (the recipe and the peer alike: flap+lora_lr4e-4, ...): the retrainings looked rate-limited
-LEARNING_RATES = ("4e-4", "8e-4", "1.6e-3")
+LEARNING_RATES = ("4e-4", "8e-4", "1.6e-3", "3.2e-3")
 for _lr in LEARNING_RATES:
     LORASHEAR_ROWS[f"lorashear-lr{_lr}"] = {**LORASHEAR_ROWS["lorashear"], "lr": float(_lr)}
 #: the recipe's defaults as of 2026-12-05, pinned (the headline row until the evening): MLP widths rounded to 32, the
@@ -639,22 +639,24 @@ class Asked:
     seeds: dict[float, int]  #: ratio -> seeds asked for
 
 
-#: issue 24's matrix: 3 seeds for lorashear and the best peer at 20%, 2 elsewhere; the best peer at each ratio is the
-#: one ahead on validation (FLAP + LoRA at 8e-4 at 20%, LLM-Pruner + LoRA at 50%)
+#: issue 24's matrix: 3 seeds for lorashear and the best peer at 20%, 2 elsewhere; every peer at its best learning rate
+#: on validation (LoRA: FLAP 8e-4 at 20% and 50%; LLM-Pruner 8e-4 at 20%, 1.6e-3 at 50%); the best peer at each ratio
+#: is the one ahead on validation (FLAP + LoRA at 20%, LLM-Pruner + LoRA at 50%)
+BEST_PEER = {0.2: "flap+lora_lr8e-4", 0.5: "llmpruner+lora_lr1.6e-3"}
 STRONG_PEERS_MATRIX: tuple[Asked, ...] = (
     Asked("lorashear (the recipe `lorashear run` ships)", {0.2: (HEADLINE, 400), 0.5: (HEADLINE, 400)},
           {0.2: 3, 0.5: 2}),
     Asked("the paper's recipe", {0.2: ("paper", 400), 0.5: ("paper", 400)}, {0.2: 2, 0.5: 2}),
     Asked("FLAP + LoRA at its best rate (the best peer at 20%)",
           {0.2: ("flap+lora_lr8e-4", 400), 0.5: ("flap+lora_lr8e-4", 400)}, {0.2: 3, 0.5: 2}),
-    Asked("LLM-Pruner at its best + LoRA (the best peer at 50%)",
-          {0.2: ("llmpruner+lora", 400), 0.5: ("llmpruner+lora", 400)}, {0.2: 2, 0.5: 2}),
+    Asked("LLM-Pruner at its best + LoRA at its best rate (the best peer at 50%)",
+          {0.2: ("llmpruner+lora_lr8e-4", 400), 0.5: ("llmpruner+lora_lr1.6e-3", 400)}, {0.2: 2, 0.5: 2}),
     Asked("Minitron + its own retraining (logit distillation)",
           {0.2: ("minitron+kd", 400), 0.5: ("minitron+kd", 400)}, {0.2: 2, 0.5: 2}),
     Asked("the best peer with the other retraining (logit distillation)",
           {0.2: ("flap+kd", 400), 0.5: ("llmpruner+kd", 400)}, {0.2: 2, 0.5: 2}),
     Asked("the best peer, compute-matched (more steps, the FLOPs of lorashear)",
-          {0.2: ("flap+lora_lr8e-4", 565), 0.5: ("llmpruner+lora", 1321)}, {0.2: 2, 0.5: 2}),
+          {0.2: (BEST_PEER[0.2], 565), 0.5: (BEST_PEER[0.5], 1321)}, {0.2: 2, 0.5: 2}),
 )
 #: issue 26's matrix (two seeds each): the recipe of its time (exact widths, 2e-4, pruning over 10%..30%) masked to
 #: the last step (a), compacted when pruning ends and trained on (b), then the dynamic recovery mix (c)
@@ -663,8 +665,8 @@ COMPACTION_MATRIX: tuple[Asked, ...] = tuple(
     for what, row in (("(a) masked to the last step", "lorashear-masked"),
                       ("(b) compacted when pruning ends, trained on", "lorashear"),
                       ("(c) compacted, then the dynamic recovery mix", "lorashear-recover"))
-) + (Asked("the best peer (FLAP + LoRA at 8e-4 at 20%, LLM-Pruner + LoRA at 50%)",
-          {0.2: ("flap+lora_lr8e-4", 400), 0.5: ("llmpruner+lora", 400)}, {0.2: 2, 0.5: 2}),)
+) + (Asked("the best peer (FLAP + LoRA at 20%, LLM-Pruner + LoRA at 50%)",
+          {r: (row, 400) for r, row in BEST_PEER.items()}, {0.2: 2, 0.5: 2}),)
 
 
 def matrix_table(summary: list[dict], matrix: tuple[Asked, ...], title: str) -> str:
