@@ -182,7 +182,7 @@ def test_compute_matched_peers_get_their_own_margin_table(quality, tmp_path: Pat
     out = tmp_path / "report.md"
     quality.write_report(work, out)
     md = out.read_text()
-    equal, matched = md.split(f"Margins of `{head}` on the test split")[1].split("against the compute-matched")
+    equal, matched = md.split(f"Margins of `{head}` on the test split")[1].split("against the peers given more steps")
     equal_lines = [line for line in equal.split("\n\n")[1].splitlines() if line.startswith("| 20%")]
     assert len(equal_lines) == 2 and all("| 400 |" in line for line in equal_lines)
     matched_lines = [[c.strip() for c in line.strip("|").split("|")]
