@@ -231,6 +231,12 @@ def split_row(row: str) -> tuple[str, str | None]:
     return base, retrain or None
 
 
+def is_peer_row(row: str) -> bool:
+    """Whether ``row`` is a peer alone or with a known retraining (``PEER`` or ``PEER+RETRAINING``)."""
+    base, retrain = split_row(row)
+    return base in PEERS and (retrain is None or retrain in RETRAININGS)
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         import yaml
@@ -438,7 +444,7 @@ class Bench:
         if row == "dense":
             model = lorashear.load_model(MODEL)
             rec: dict[str, Any] = {"params": count_params(model), "compute": Compute().to_dict()}
-        elif base in PEERS and (retrain is None or retrain in RETRAININGS):
+        elif is_peer_row(row):
             model, rec = self.peer_row(base, retrain, ratio, seed, key)
             lorashear.save_pretrained(model, self.models / key, self.tokenizer)
         elif row in LORASHEAR_ROWS:
@@ -584,6 +590,11 @@ def write_report(work: Path, out: Path) -> None:
     print(table)
 
 
+def _plain_rows(summary: list[dict]) -> dict[tuple, dict]:
+    """The summary's rows with no tag and no extras, by (row, ratio, steps): the rows the tables compare."""
+    return {(e["row"], e["ratio"], e["steps"]): e for e in summary if not e["extra"] and not e["tag"]}
+
+
 def margin_table(summary: list[dict], ours: str = "lorashear", split: int = 1, matched: bool = False) -> str:
     """How far ``ours`` is below every trained peer row at every ratio and step count both ran (no tag, no
     extras), on the test split (``split=1``) of each source.
@@ -593,7 +604,7 @@ def margin_table(summary: list[dict], ours: str = "lorashear", split: int = 1, m
     peer rows given more steps than ``ours`` instead (the compute-matched peers, ``--steps`` chosen so that their
     FLOPs equal ours), with both rows' FLOPs.
     """
-    plain = {(e["row"], e["ratio"], e["steps"]): e for e in summary if not e["extra"] and not e["tag"]}
+    plain = _plain_rows(summary)
     lines = []
     for (row, ratio, steps), mine in sorted(plain.items(), key=lambda kv: (kv[0][1] or 0, kv[0][2] or 0)):
         if row != ours:
@@ -632,7 +643,7 @@ def margin_table(summary: list[dict], ours: str = "lorashear", split: int = 1, m
 
 @dataclass(frozen=True)
 class Asked:
-    """One line of issue 24's matrix (test split): the row and its step count at each ratio, and the seeds asked."""
+    """One line of an issue's matrix: the row and its step count at each ratio, and the seeds asked for."""
 
     what: str
     rows: dict[float, tuple[str, int]]  #: ratio -> (row, steps)
@@ -675,7 +686,7 @@ COMPACTION_MATRIX: tuple[Asked, ...] = tuple(
 def matrix_table(summary: list[dict], matrix: tuple[Asked, ...], title: str) -> str:
     """Which seeds of a matrix (``title``) are run: every asked row at every ratio, its seeds run against those
     asked for (rows with no tag and no extras)."""
-    plain = {(e["row"], e["ratio"], e["steps"]): e for e in summary if not e["extra"] and not e["tag"]}
+    plain = _plain_rows(summary)
     ratios = sorted({r for asked in matrix for r in asked.rows})
     lines = [f"\n{title}: seeds run / asked\n",
              "| what | " + " | ".join(f"{r:.0%}: row (steps) | seeds" for r in ratios) + " |",
@@ -705,7 +716,7 @@ def variant_table(summary: list[dict], base: str = "lorashear", split: int = 0) 
     ``lorashear-1205``: ``lorashear-1205-*``, the headline among them) against it at the same ratio and step count,
     on the validation split (``split=0``) where recipe choices are made: the difference of the means (variant - base;
     negative: the variant is lower), the seed spread, and the paired differences per seed."""
-    plain = {(e["row"], e["ratio"], e["steps"]): e for e in summary if not e["extra"] and not e["tag"]}
+    plain = _plain_rows(summary)
     lines = []
     for (row, ratio, steps), variant in sorted(plain.items(), key=lambda kv: (kv[0][1] or 0, kv[0][0])):
         if (row == base or row not in LORASHEAR_ROWS or _variant_of(row) != base

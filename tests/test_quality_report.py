@@ -221,6 +221,6 @@ def test_the_matrices_name_rows_the_benchmark_can_run(quality) -> None:
     for matrix in (quality.STRONG_PEERS_MATRIX, quality.COMPACTION_MATRIX):
         for asked in matrix:
             for row, steps in asked.rows.values():
-                base, retrain = quality.split_row(row)
-                assert row in quality.LORASHEAR_ROWS or (base in quality.PEERS and retrain in quality.RETRAININGS)
+                retrained_peer = quality.is_peer_row(row) and quality.split_row(row)[1] is not None
+                assert row in quality.LORASHEAR_ROWS or retrained_peer
                 assert steps >= 400
