@@ -218,3 +218,53 @@ def test_the_log_keeps_cross_entropy_and_kl_apart(tmp_path):
     for r in log[:end]:
         assert r["loss"] == pytest.approx(0.5 * r["ce"] + 0.5 * r["kl"], rel=1e-5)
     assert all("kl" not in r for r in log[end:])  # no teacher after pruning: the loss is the cross-entropy
+
+
+def test_every_weight_trains_after_the_compaction_with_post_pruning_full(tmp_path):
+    """``post_pruning=full``: the pruning phase is the LoRA one; after the compaction LoRA is merged and every weight
+    of the small model trains (embeddings and norms too), at full-training cost."""
+    lora = _run(tmp_path / "lora")
+    full = _run(tmp_path / "full", post_pruning="full", post_lr=1e-3)
+    assert full.report["compaction"] == {"step": 8, "at": "prune_end"}
+    assert full.report["verify"]["compacted_vs_masked_max_abs_logit_diff"] < 1e-5
+    assert full.report["groups"]["selected_ids"] == lora.report["groups"]["selected_ids"]
+    losses_lora = [r["loss"] for r in lora.report["log"]]
+    losses_full = [r["loss"] for r in full.report["log"]]
+    assert losses_full[:9] == losses_lora[:9]  # the same up to the first step of the small model
+    assert losses_full[9:] != losses_lora[9:]
+    dense = plain_tiny_llama(train=False).state_dict()
+    a, b = _weights(tmp_path / "lora"), _weights(tmp_path / "full")
+    assert a.keys() == b.keys() and all(a[n].shape == b[n].shape for n in a)
+    emb = "model.embed_tokens.weight"
+    assert torch.equal(a[emb], dense[emb])  # LoRA never touches the embedding (no channel of it was removed)
+    assert not torch.equal(b[emb], dense[emb])  # every weight trains after the compaction
+    norms = [n for n in b if n.endswith("norm.weight")]
+    assert norms and any(not torch.equal(b[n], a[n]) for n in norms)
+    # the steps after the compaction pay a full backward (2x forward) instead of LoRA's (1x)
+    cl, cf = lora.report["compute"], full.report["compute"]
+    assert cf["student_fwd"] == cl["student_fwd"] and cf["flops"] > cl["flops"]
+    assert full.report["post_pruning"] == "full" and full.report["settings"]["post_lr"] == 1e-3
+
+
+@pytest.mark.parametrize("kill_at", [8, 11])  # at the compaction step, after it
+def test_kill_and_resume_with_every_weight_training_is_bit_identical(tmp_path, kill_at):
+    whole = _run(tmp_path / "whole", post_pruning="full", post_lr=1e-3)
+    out = tmp_path / "killed"
+    stopped = prune_stage.run(_stage_cfg(out, steps=STEPS, post_pruning="full", post_lr=1e-3),
+                              model=plain_tiny_llama(train=False), data=random_batches(n=16, seq=16),
+                              stop_after=kill_at)
+    assert stopped is None
+    resumed = _run(out, resume=True, post_pruning="full", post_lr=1e-3)
+    assert resumed.report["resumed_from"] == kill_at - kill_at % 2
+    a, b = _weights(tmp_path / "whole"), _weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert [r["loss"] for r in resumed.report["log"]] == [r["loss"] for r in whole.report["log"]]
+
+
+def test_training_every_weight_needs_the_compaction_and_a_positive_rate():
+    from lorashear.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="compact-at prune_end"):
+        _stage_cfg("x", post_pruning="full", compact_at="end")
+    with pytest.raises(ConfigError, match="post_lr"):
+        _stage_cfg("x", post_pruning="full", post_lr=0.0)

@@ -155,6 +155,35 @@ def test_a_variant_of_the_1205_recipe_is_set_against_it(quality, tmp_path: Path)
     assert heldout[5] == "129.00" and heldout[6] == "130.00" and heldout[7] == "-1.00"
 
 
+def test_a_candidate_on_top_of_the_headline_is_set_against_the_headline(quality, tmp_path: Path) -> None:
+    """``lorashear-1205-long-*`` rows change one thing of the headline recipe: their table compares them with the
+    headline (whose own line stays in the table of ``lorashear-1205``'s variants)."""
+    head, base = quality.HEADLINE, quality.VARIANT_BASE
+    full = quality.LORASHEAR_ROWS[f"{head}-fullkd"]
+    assert full["post_pruning"] == "full" and full["distill_after_pruning"] == 1.0
+    assert {k: v for k, v in full.items() if k not in quality.HEADLINE_CANDIDATES["fullkd"]} == \
+        quality.LORASHEAR_ROWS[head]
+    work = tmp_path / "rows"
+    work.mkdir()
+    rows = [_row(base, 0, 31.0, 32.0), _row(head, 0, 30.0, 31.0), _row(f"{head}-fullkd", 0, 30.5, 29.0)]
+    for i, r in enumerate(rows):
+        (work / f"r{i}.json").write_text(json.dumps(r))
+    out = tmp_path / "report.md"
+    quality.write_report(work, out)
+    tables = out.read_text().split("| ratio | steps | variant |")[1:]
+    assert len(tables) == 2  # lorashear-1205's variants (the headline), the headline's (no lorashear row here)
+
+    def variants(table: str) -> list[list[str]]:
+        return [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]
+                if line.startswith("|")]
+
+    assert {line[2] for line in variants(tables[0])} == {head}
+    cand = variants(tables[1])
+    assert {line[2] for line in cand} == {f"{head}-fullkd"}
+    docs = next(line for line in cand if line[3] == "builtin:heldout-docs-validation")
+    assert docs[5] == "129.00" and docs[6] == "131.00" and docs[7] == "-2.00"
+
+
 def test_the_headline_row_is_the_recipe_lorashear_run_ships(quality) -> None:
     """The headline row pins every option of the recipe's defaults: if the recipe changes, the headline must be
     remade (and this test says so) rather than silently report another recipe's rows."""

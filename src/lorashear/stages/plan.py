@@ -326,8 +326,8 @@ def prune_work(p: Any) -> str:
     head = f"removes {target} with LHSPG over steps {sched.warmup_steps}-{sched.prune_end} of {steps}"
     if p.compact_at != "prune_end" or sched.prune_end >= steps:
         return head + f", the masked model at full width to step {steps}, then compacted"
-    rest = ("recovery rounds on the dynamic mix of " + ", ".join(p.post.sources)
-            if p.post_pruning == "recover" else f"{p.data.spec}")
+    rest = {"recover": "recovery rounds on the dynamic mix of " + ", ".join(p.post.sources),
+            "full": f"{p.data.spec}, every weight at lr {p.post_lr:g}"}.get(p.post_pruning, p.data.spec)
     return head + f"; compacted at step {sched.prune_end}, the small model trains on to step {steps} ({rest})"
 
 

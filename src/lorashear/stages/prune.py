@@ -25,6 +25,7 @@ import logging
 import math
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -94,10 +95,14 @@ class PruneConfig:
         "help": "when the zeroed structures are cut out: prune_end = as soon as the last pruning period ends, "
                 "so every later step trains the small model (LoRA factors and optimizer state sliced alike; "
                 "single process); end = after the last step (the masked model trains at full width throughout)"})
-    post_pruning: Literal["continue", "recover"] = field(default="continue", metadata={
+    post_pruning: Literal["continue", "recover", "full"] = field(default="continue", metadata={
         "help": "what the compacted model trains on for the rest of the budget: continue = the same training "
-                "stream; recover = the dynamic mix of paper Alg. 5 over --post-sources, its weights measured on "
-                "their validation split every round (needs --compact-at prune_end)"})
+                "stream (LoRA); recover = the dynamic mix of paper Alg. 5 over --post-sources, its weights measured "
+                "on their validation split every round; full = the same stream with every weight trained (LoRA "
+                "merged first; rate --post-lr; the loss as --distill-after-pruning sets it). recover and full need "
+                "--compact-at prune_end"})
+    post_lr: float = field(default=1e-4, metadata={
+        "help": "learning rate of --post-pruning full (every weight; Minitron retrains at 1e-4)"})
     post: RoundsConfig = section(RoundsConfig, prefix="post_", help="the dynamic mix after pruning")
 
     def __post_init__(self) -> None:
@@ -105,8 +110,11 @@ class PruneConfig:
         if self.eval_windows < 1:
             raise ConfigError(f"eval_windows must be >= 1, got {self.eval_windows}")
         parse_unprunable(self.unprunable)
-        if self.post_pruning == "recover" and self.compact_at != "prune_end":
-            raise ConfigError("--post-pruning recover trains the compacted model: it needs --compact-at prune_end")
+        if self.post_pruning != "continue" and self.compact_at != "prune_end":
+            raise ConfigError(f"--post-pruning {self.post_pruning} trains the compacted model: it needs "
+                              "--compact-at prune_end")
+        if not self.post_lr > 0:
+            raise ConfigError(f"post_lr must be > 0, got {self.post_lr}")
         if self.target.knowledge_grading and not (self.knowledge and self.target.uniform_per_layer):
             raise ConfigError("--knowledge-grading needs --knowledge FILE and --uniform-per-layer "
                               "(it grades the per-layer counts by the knowledge analysis)")
@@ -459,9 +467,11 @@ def _train(config: PruneConfig, s: _Setup, out: Path, accelerator: Any, stop_aft
                                        start=outcome.compact_step, optimizer=optimizer, checkpoint_root=small_dir,
                                        resume=config.resume, **common)
     else:
+        resume_small = config.resume and optimizer is None  # resumed after the compaction: a checkpoint fills in
+        if config.post_pruning == "full":
+            optimizer = _train_every_weight(peft_model, config.post_lr, train)
         second = train_loop(peft_model, data, config=train, checkpoint_dir=small_dir, desc="train pruned",
-                            resume=config.resume and optimizer is None, optimizer=optimizer,
-                            start_step=outcome.compact_step, **common)
+                            resume=resume_small, optimizer=optimizer, start_step=outcome.compact_step, **common)
     if second.stopped_early:
         return None
     return _Trained(outcome=outcome, mid=True, log=(log or outcome.log) + second.log, steps_done=second.steps_done,
@@ -496,7 +506,9 @@ def _finish(config: PruneConfig, s: _Setup, t: _Trained, out: Path, accelerator:
         with torch.no_grad():
             masked_logits = s.peft_model(input_ids=probe).logits.float().cpu()
     selected = [s.graph.groups[i] for i in outcome.selected_ids]
-    small = compact(s.peft_model, [] if mid else selected, merge_lora=True)
+    with warnings.catch_warnings():  # post_pruning=full merged the factors already: nothing left to merge
+        warnings.filterwarnings("ignore", message="All adapters are already merged")
+        small = compact(s.peft_model, [] if mid else selected, merge_lora=True)
     small.eval()
     logits_diff = outcome.compaction_logit_diff
     if masked_logits is not None:
@@ -744,6 +756,20 @@ def _compact_in_training(model: torch.nn.Module, lh: Any, data: torch.Tensor, ve
     return diff, optimizer
 
 
+def _train_every_weight(model: torch.nn.Module, lr: float, train: TrainConfig) -> torch.optim.Optimizer:
+    """Merge the LoRA factors into the base weights and make every weight of ``model`` trainable (the merged
+    factors are frozen: they no longer take part); returns a fresh optimizer over those weights at ``lr``
+    (``post_pruning=full``). A resume repeats this, then the checkpoint restores every weight and the moments."""
+    from ..training.optim import make_optimizer
+
+    model.merge_adapter()
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" not in name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    logger.info("post-pruning: every weight trains (%d parameters) at lr %.2e", sum(p.numel() for p in params), lr)
+    return make_optimizer(params, train.optimizer, lr, train.weight_decay)
+
+
 def _base_weight_names(model: torch.nn.Module) -> list[str]:
     """The frozen weights the pruning phase may have changed (decays, merges): every LoRA layer's base weight."""
     return [n for n, p in model.named_parameters() if not p.requires_grad and ".base_layer." in n]
@@ -756,7 +782,8 @@ def _compute(config: PruneConfig, dense_flops: float, small: torch.nn.Module, co
     per_step = config.train.batch_size * config.train.grad_accum * seq_len
     compute = Compute()
     compute.train(compact_step * per_step, dense_flops)
-    compute.train((steps - compact_step) * per_step, forward_flops_per_token(small, seq_len))
+    compute.train((steps - compact_step) * per_step, forward_flops_per_token(small, seq_len),
+                  full=config.post_pruning == "full")
     d = config.distill
     if d.enabled and d.topk:  # the top-k cache: one teacher pass over every training token
         compute.teacher(steps * per_step, dense_flops)
