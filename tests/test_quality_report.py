@@ -29,7 +29,8 @@ def _row(row: str, seed: int, heldout: float, docs: float, ratio: float = 0.2) -
     return {"row": row, "ratio": ratio, "seed": seed, "steps": 400, "params": 1000, "wall_s": 60.0,
             "compute": {"flops": 2e15},
             "ppl": {"builtin:heldout-test": ppl(heldout), "builtin:heldout-docs-test": ppl(docs),
-                    "builtin:heldout-validation": ppl(heldout + 100), "builtin:heldout-docs-validation": ppl(docs + 100)}}
+                    "builtin:heldout-validation": ppl(heldout + 100),
+                    "builtin:heldout-docs-validation": ppl(docs + 100)}}
 
 
 def _margin_lines(md: str) -> list[list[str]]:
@@ -128,28 +129,33 @@ def test_variants_compare_on_validation_over_common_seeds(quality, tmp_path: Pat
     assert docs[7] == "+1.50" and docs[8] == "3.50" and docs[9] == "yes"  # half-ranges 1 and 2.5
 
 
+def _variant_tables(quality, rows: list[dict], tmp_path: Path) -> list[str]:
+    """The variants tables of the report written from ``rows``."""
+    work = tmp_path / "rows"
+    work.mkdir()
+    for i, r in enumerate(rows):
+        (work / f"r{i}.json").write_text(json.dumps(r))
+    out = tmp_path / "report.md"
+    quality.write_report(work, out)
+    return out.read_text().split("| ratio | steps | variant |")[1:]
+
+
+def _variant_lines(table: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:] if line.startswith("|")]
+
+
 def test_a_variant_of_the_1205_recipe_is_set_against_it(quality, tmp_path: Path) -> None:
     """``lorashear-1205-*`` rows are candidates on top of the 2026-12-05 recipe: their table compares them with that
     row (whose own line stays in the table of ``lorashear``'s variants), never with ``lorashear``."""
     head = quality.VARIANT_BASE
     assert f"{head}-kdafter" in quality.LORASHEAR_ROWS
     assert quality.LORASHEAR_ROWS[f"{head}-kdafter"]["lr"] == quality.LORASHEAR_ROWS[head]["lr"]
-    work = tmp_path / "rows"
-    work.mkdir()
     rows = [_row("lorashear", 0, 40.0, 41.0), _row(head, 0, 30.0, 31.0), _row(f"{head}-kdafter", 0, 29.0, 33.0)]
-    for i, r in enumerate(rows):
-        (work / f"r{i}.json").write_text(json.dumps(r))
-    out = tmp_path / "report.md"
-    quality.write_report(work, out)
-    tables = out.read_text().split("| ratio | steps | variant |")[1:]
+    tables = _variant_tables(quality, rows, tmp_path)
     assert len(tables) == 2
 
-    def variants(table: str) -> list[list[str]]:
-        return [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]
-                if line.startswith("|")]
-
-    assert {line[2] for line in variants(tables[0])} == {head}
-    kd = variants(tables[1])
+    assert {line[2] for line in _variant_lines(tables[0])} == {head}
+    kd = _variant_lines(tables[1])
     assert {line[2] for line in kd} == {f"{head}-kdafter"}
     heldout = next(line for line in kd if line[3] == "builtin:heldout-validation")
     assert heldout[5] == "129.00" and heldout[6] == "130.00" and heldout[7] == "-1.00"
@@ -163,22 +169,12 @@ def test_a_candidate_on_top_of_the_headline_is_set_against_the_headline(quality,
     assert full["post_pruning"] == "full" and full["distill_after_pruning"] == 1.0
     assert {k: v for k, v in full.items() if k not in quality.HEADLINE_CANDIDATES["fullkd"]} == \
         quality.LORASHEAR_ROWS[head]
-    work = tmp_path / "rows"
-    work.mkdir()
     rows = [_row(base, 0, 31.0, 32.0), _row(head, 0, 30.0, 31.0), _row(f"{head}-fullkd", 0, 30.5, 29.0)]
-    for i, r in enumerate(rows):
-        (work / f"r{i}.json").write_text(json.dumps(r))
-    out = tmp_path / "report.md"
-    quality.write_report(work, out)
-    tables = out.read_text().split("| ratio | steps | variant |")[1:]
+    tables = _variant_tables(quality, rows, tmp_path)
     assert len(tables) == 2  # lorashear-1205's variants (the headline), the headline's (no lorashear row here)
 
-    def variants(table: str) -> list[list[str]]:
-        return [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]
-                if line.startswith("|")]
-
-    assert {line[2] for line in variants(tables[0])} == {head}
-    cand = variants(tables[1])
+    assert {line[2] for line in _variant_lines(tables[0])} == {head}
+    cand = _variant_lines(tables[1])
     assert {line[2] for line in cand} == {f"{head}-fullkd"}
     docs = next(line for line in cand if line[3] == "builtin:heldout-docs-validation")
     assert docs[5] == "129.00" and docs[6] == "131.00" and docs[7] == "-2.00"
