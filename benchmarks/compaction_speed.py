@@ -40,19 +40,19 @@ def _throughput(report: dict[str, Any], compacted: bool) -> float | None:
     return statistics.mean(after) if after else None
 
 
-def rows(work: Path, models: Path, compacted: str = COMPACTED) -> list[dict[str, Any]]:
-    """Every (masked, ``compacted``) pair of rows at the same ratio, seed and step count."""
+def rows(work: Path, models: Path, compacted: str = COMPACTED, masked: str = MASKED) -> list[dict[str, Any]]:
+    """Every (``masked``, ``compacted``) pair of rows at the same ratio, seed and step count."""
     found = {}
     for path in sorted(work.glob("*.json")):
         rec = json.loads(path.read_text())
-        if rec.get("row") in (MASKED, compacted):
+        if rec.get("row") in (masked, compacted):
             found[(rec["row"], rec["ratio"], rec["seed"], rec["steps"])] = (path.stem, rec)
     out = []
     for (row, ratio, seed, steps), (key, rec) in sorted(found.items(), key=lambda kv: (kv[0][1], kv[0][2])):
-        if row != compacted or (MASKED, ratio, seed, steps) not in found:
+        if row != compacted or (masked, ratio, seed, steps) not in found:
             continue
         pair = {}
-        for name, (k, r) in (("a", found[(MASKED, ratio, seed, steps)]), ("b", (key, rec))):
+        for name, (k, r) in (("a", found[(masked, ratio, seed, steps)]), ("b", (key, rec))):
             rep = _report(models, k)
             pair[name] = {
                 "key": k, "train_s": rep["train_wall_time_s"] if rep else r["train_s"],
@@ -74,8 +74,10 @@ def table(pairs: list[dict[str, Any]]) -> str:
     lines = [head, "|---|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(specs)]
     for p in pairs:
         b_row = p["b"]["key"].rsplit("_r", 1)[0]
+        a_row = p["a"]["key"].rsplit("_r", 1)[0]
         b_label = "(b) compacted at the end of pruning" + ("" if b_row == COMPACTED else f" (`{b_row}`)")
-        for name, label in (("a", "(a) masked to the last step"), ("b", b_label)):
+        a_label = "(a) masked to the last step" + ("" if a_row == MASKED else f" (`{a_row}`)")
+        for name, label in (("a", a_label), ("b", b_label)):
             r = p[name]
             tps = "—" if r["tokens_per_s_after"] is None else f"{r['tokens_per_s_after']:.1f}"
             lines.append(f"| {p['ratio']:.0%} | {p['seed']} | {p['steps']} | {label} | {r['compaction_step'] or '—'} | "
@@ -92,12 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", required=True, help="quality.py's --models (the kept prune reports)")
     p.add_argument("--compacted", default=COMPACTED,
                    help="the row compared with the masked one (a variant of the recipe, e.g. lorashear-cheapteacher)")
+    p.add_argument("--masked", default=MASKED,
+                   help="the masked row (the same recipe with --compact-at end, e.g. lorashear-1205-long-masked)")
     p.add_argument("--out", default=None, help="path without suffix for the pairs as JSON (the table goes to stdout)")
     a = p.parse_args(argv)
-    pairs = rows(Path(a.work).expanduser(), Path(a.models).expanduser(), a.compacted)
+    pairs = rows(Path(a.work).expanduser(), Path(a.models).expanduser(), a.compacted, a.masked)
     if not pairs:
         print(f"no (masked, compacted) pair of rows in {a.work}; run quality.py with "
-              f"--rows {MASKED},{a.compacted} first", file=sys.stderr)
+              f"--rows {a.masked},{a.compacted} first", file=sys.stderr)
         return 2
     text = table(pairs)
     print(text)

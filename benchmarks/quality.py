@@ -131,6 +131,8 @@ HEADLINE_CANDIDATES: dict[str, dict[str, Any]] = {
     "lr1.6e-3": {"lr": 1.6e-3},
 }
 #: the knowledge analysis from 4 sequences instead of 8 (half its 0.034 PF; it protects 8 of the same 12 blocks)
+#: the headline recipe masked to the last step (issue 26's row a for today's recipe; for the wall-time pair)
+HEADLINE_CANDIDATES["masked"] = {"compact_at": "end"}
 HEADLINE_CANDIDATES["k4"] = {"knowledge": str(HERE / "results" / "knowledge_smollm2_fisher_n4.json")}
 for _name, _opts in HEADLINE_CANDIDATES.items():
     LORASHEAR_ROWS[f"{HEADLINE}-{_name}"] = {**LORASHEAR_ROWS[HEADLINE], **_opts}
