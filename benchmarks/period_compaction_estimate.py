@@ -71,18 +71,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import quality
     import lorashear
-    from lorashear.compute import forward_flops_per_token
+    from lorashear.compute import Compute, forward_flops_per_token
 
     work = Path(a.work)
     dense = lorashear.load_model(quality.MODEL)
-    k = json.loads(quality.KNOWLEDGE_FISHER.read_text())
-    kc = k["config"]
-    tokens = kc["num_sequences"] * kc["seq_len"]
-    knowledge_flops = (k["forward_passes"] * tokens + 2 * tokens) * forward_flops_per_token(dense, kc["seq_len"])
     results, lines = [], []
     for row, ratio, peer in ROWS:
         rec = row_file(work, row, ratio)
-        est = estimate(rec, forward_flops_per_token(dense, rec["seq_len"]), knowledge_flops)
+        knowledge = Compute()
+        quality.add_knowledge_passes(knowledge, quality.LORASHEAR_ROWS[row]["knowledge"], dense)
+        est = estimate(rec, forward_flops_per_token(dense, rec["seq_len"]), knowledge.flops)
         peer_flops = row_file(work, peer, ratio)["compute"]["flops"]
         est["peer"], est["peer_flops"] = peer, peer_flops
         results.append(est)

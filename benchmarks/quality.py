@@ -130,9 +130,9 @@ HEADLINE_CANDIDATES: dict[str, dict[str, Any]] = {
     "fullmix": {"post_pruning": "full", "post_lr": 1e-4, "distill_after_pruning": 0.5},
     "lr1.6e-3": {"lr": 1.6e-3},
 }
-#: the knowledge analysis from 4 sequences instead of 8 (half its 0.034 PF; it protects 8 of the same 12 blocks)
 #: the headline recipe masked to the last step (issue 26's row a for today's recipe; for the wall-time pair)
 HEADLINE_CANDIDATES["masked"] = {"compact_at": "end"}
+#: the knowledge analysis from 4 sequences instead of 8 (half its 0.034 PF; it protects 8 of the same 12 blocks)
 HEADLINE_CANDIDATES["k4"] = {"knowledge": str(HERE / "results" / "knowledge_smollm2_fisher_n4.json")}
 for _name, _opts in HEADLINE_CANDIDATES.items():
     LORASHEAR_ROWS[f"{HEADLINE}-{_name}"] = {**LORASHEAR_ROWS[HEADLINE], **_opts}
@@ -440,12 +440,7 @@ class Bench:
                 teacher_steps = rep["steps"] if after is None or after > 0 else rep["schedule"]["prune_end"]
                 compute.teacher(teacher_steps * per_step, f_dense)
         if values.get("knowledge"):
-            k = json.loads(Path(values["knowledge"]).read_text())
-            kc = k["config"]
-            f_k = forward_flops_per_token(dense, kc["seq_len"])
-            tokens = kc["num_sequences"] * kc["seq_len"]
-            bwd = tokens if kc.get("proxy") == "fisher" else 0  # the fisher proxy's one gradient pass
-            compute.prep(k["forward_passes"] * tokens + bwd, f_k, bwd)
+            add_knowledge_passes(compute, values["knowledge"], dense)
         return compute
 
     def run_row(self, row: str, ratio: float, seed: int) -> dict[str, Any]:
@@ -559,6 +554,16 @@ def summarise(work: Path) -> list[dict[str, Any]]:
                     **_summarise(items)})
     out.sort(key=lambda e: (e["ratio"] or 0, e["steps"] or 0, e["row"], e["tag"]))
     return out
+
+
+def add_knowledge_passes(compute: Compute, knowledge: str | Path, dense: Any) -> None:
+    """Count the knowledge analysis ``knowledge`` (its JSON) ran before pruning as preparation passes of ``dense``."""
+    k = json.loads(Path(knowledge).read_text())
+    kc = k["config"]
+    f_k = forward_flops_per_token(dense, kc["seq_len"])
+    tokens = kc["num_sequences"] * kc["seq_len"]
+    bwd = tokens if kc.get("proxy") == "fisher" else 0  # the fisher proxy's one gradient pass
+    compute.prep(k["forward_passes"] * tokens + bwd, f_k, bwd)
 
 
 def write_report(work: Path, out: Path) -> None:

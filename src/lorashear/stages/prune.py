@@ -760,12 +760,12 @@ def _train_every_weight(model: torch.nn.Module, lr: float, train: TrainConfig) -
     """Merge the LoRA factors into the base weights and make every weight of ``model`` trainable (the merged
     factors are frozen: they no longer take part); returns a fresh optimizer over those weights at ``lr``
     (``post_pruning=full``). A resume repeats this, then the checkpoint restores every weight and the moments."""
-    from ..training.optim import make_optimizer
+    from ..training.optim import lora_parameters, make_optimizer
 
     model.merge_adapter()
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" not in name)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = lora_parameters(model)  # the trainable parameters, as the training loop takes them
     logger.info("post-pruning: every weight trains (%d parameters) at lr %.2e", sum(p.numel() for p in params), lr)
     return make_optimizer(params, train.optimizer, lr, train.weight_decay)
 
