@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from .soft_targets import IGNORE_INDEX, soft_target_loss
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 
@@ -158,17 +159,18 @@ def distillation_loss(teacher: torch.nn.Module, config: DistillConfig, share: KL
 
     def loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
         w = mix.value
-        out = model(input_ids=batch, labels=batch, use_cache=False)
         if w == 0.0:
+            out = model(input_ids=batch, labels=batch, use_cache=False)
             if mix.parts is not None:
                 mix.parts.add(out.loss, None)
             return out.loss
+        logits = model(input_ids=batch, use_cache=False).logits
         with torch.no_grad():
             t_logits = teacher(input_ids=batch, use_cache=False).logits
-        kl = kl_to_teacher(out.logits, t_logits, temp)
+        total, ce, kl = soft_target_loss(logits, t_logits, batch, w, temp)
         if mix.parts is not None:
-            mix.parts.add(out.loss, kl)
-        return kl if w == 1.0 else (1.0 - w) * out.loss + w * kl
+            mix.parts.add(ce, kl)
+        return total
 
     return loss
 
@@ -216,7 +218,6 @@ def native_bf16(device: torch.device) -> bool:
 
 
 # -- batches whose prompt tokens carry no loss (instruction data) -------------------------------
-IGNORE_INDEX = -100
 
 
 def mask_prompt(ids: torch.Tensor) -> torch.Tensor:
@@ -260,10 +261,6 @@ def masked_distillation_loss(teacher: torch.nn.Module, config: DistillConfig) ->
         logits = model(input_ids=ids, use_cache=False).logits
         with torch.no_grad():
             t_logits = teacher(input_ids=ids, use_cache=False).logits
-        kl = kl_to_teacher(logits, t_logits, temp, mask=labels[:, 1:] != IGNORE_INDEX)
-        if w == 1.0:
-            return kl
-        total, count = next_token_losses(logits, labels)
-        return (1.0 - w) * total / count.clamp(min=1) + w * kl
+        return soft_target_loss(logits, t_logits, labels, w, temp)[0]
 
     return loss
