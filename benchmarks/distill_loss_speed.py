@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -25,13 +26,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def median_s(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(fn) -> float:
+    """Seconds one call of ``fn`` takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     times = {name: [] for name in cases}
     for _ in range(a.repeats):  # interleaved: every case once per round
         for name, fn in cases.items():
-            times[name].append(median_s(fn, 1))
+            times[name].append(timed(fn))
     med = {name: statistics.median(ts) for name, ts in times.items()}
     ratios = {"loss": med["loss composed"] / med["loss one-pass"],
               "KD step": med["KD step composed"] / med["KD step one-pass"]}
-    machine = f"{platform.machine()}, {__import__('os').cpu_count()} cores, {platform.python_version()}"
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
     lines = [f"{a.batch} x {a.seq_len} tokens, vocabulary {vocab}, torch threads {a.threads}, KL share {w}, "
              f"median of {a.repeats} interleaved rounds ({machine})"]
     lines += [f"{name}: {sec:.3f} s" for name, sec in med.items()]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -51,8 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     from lorashear.training.losses import make_teacher
     from lorashear.training.soft_targets import soft_target_loss
 
+    report_path = Path(a.run).expanduser() / "prune_report.json"
+    if not report_path.is_file():
+        print(f"no prune_report.json in {a.run}: give --run a finished prune output directory", file=sys.stderr)
+        return 2
     torch.set_num_threads(a.threads)
-    report = json.loads((Path(a.run).expanduser() / "prune_report.json").read_text())
+    report = json.loads(report_path.read_text())
     settings = report["settings"]
     sched = report["schedule"]
     periods = [p_["selected"] for p_ in report["periods"]]
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {"masked / at prune end": masked / at_end, "masked / at every period end": masked / per_period,
               "at prune end / at every period end": at_end / per_period}
 
-    machine = f"{platform.machine()}, {__import__('os').cpu_count()} cores, {platform.python_version()}"
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
     command = "python benchmarks/period_compaction_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     ratio = settings["target"]["ratio"]
     lines = [f"# Compacting at every period end: step times at every period's width, {round(ratio * 100)}%", "",

@@ -13,6 +13,7 @@ from lorashear.training.losses import (
     masked_distillation_loss,
     mask_prompt,
     next_token_losses,
+    split_prompt_mask,
 )
 from lorashear.training.soft_targets import soft_target_loss
 from test_lhspg import random_batches, tiny_lora_model
@@ -93,8 +94,7 @@ def test_distillation_losses_give_the_composed_gradients_on_a_model(one_thread):
                        (lambda c: masked_distillation_loss(teacher, c), prompted)):
         fused_model, ref_model = tiny_lora_model(seed=1, random_b=True), tiny_lora_model(seed=1, random_b=True)
         make(DistillConfig(weight=0.5, temperature=2.0))(fused_model, data).backward()
-        ids = torch.where(data < 0, ~data, data)
-        labels = torch.where(data < 0, torch.full_like(data, IGNORE_INDEX), data)
+        ids, labels = split_prompt_mask(data)
         with torch.no_grad():
             t_logits = teacher(input_ids=ids).logits
         _composed(ref_model(input_ids=ids).logits, t_logits, labels, 0.5, 2.0)[0].backward()
