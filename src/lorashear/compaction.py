@@ -11,16 +11,18 @@ transformers' ``per_layer_config`` (layer index -> overrides), which
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .errors import ConfigError
-from .graph.groups import Group, RmsScale, removal_plan
+from .graph.groups import Group, ParamSlice, RmsScale, removal_plan
 from .models.adapters import LayerWidths, ModelAdapter, adapter_for
 
 logger = logging.getLogger(__name__)
@@ -116,6 +118,78 @@ def slice_optimizer(optimizer: torch.optim.Optimizer, replacements: Replacements
                     value = value.index_select(dim, keep.to(value.device))
                 state[key] = value.contiguous()
         optimizer.state[new] = state
+
+
+@dataclass
+class CompactionStep:
+    """One :meth:`Compactions.apply`: the replaced parameters and, by parameter name, the positions kept along
+    each cut dimension (positions before this step)."""
+
+    groups: list[int]
+    replacements: Replacements
+    kept: dict[str, dict[int, torch.Tensor]]
+
+
+class Compactions:
+    """Compactions applied one after another to a model that keeps training (LHSPG cuts out each pruning period's
+    structures as the period ends), and every remaining group re-indexed to the model as it is now.
+
+    Groups keep the indices of the model they were discovered on; :meth:`current` maps them through every step
+    applied so far (an index cut out is dropped: a query-head slot loses the rows of a removed KV group). Replaying
+    :attr:`rounds` on a fresh copy of that model, step by step, rebuilds the same model (a resume).
+    """
+
+    def __init__(self, groups: Iterable[Group]) -> None:
+        self._groups = {g.id: g for g in groups}
+        #: the group ids of every step, in order
+        self.rounds: list[list[int]] = []
+        self._removed: set[int] = set()
+        #: per cut ``(parameter, dim)``: the current position of every original index (-1: cut out)
+        self._positions: dict[tuple[str, int], list[int]] = {}
+
+    def current(self, group: Group) -> Group | None:
+        """``group`` with the indices of the model as it is now; ``None`` once it has been cut out."""
+        if group.id in self._removed:
+            return None
+        if not any((s.name, s.dim) in self._positions for s in group.slices):
+            return group
+        slices = []
+        for s in group.slices:
+            pos = self._positions.get((s.name, s.dim))
+            if pos is None:
+                slices.append(s)
+                continue
+            indices = tuple(j for j in (pos[i] for i in s.indices) if j >= 0)
+            if indices:
+                slices.append(ParamSlice(s.name, s.dim, indices))
+        return dataclasses.replace(group, slices=slices)
+
+    @torch.no_grad()
+    def apply(self, model: torch.nn.Module, ids: Sequence[int]) -> CompactionStep:
+        """Cut the groups ``ids`` (of the original model) out of ``model`` in place (:func:`compact`, LoRA factors
+        sliced too, not merged) and record the step."""
+        unknown = [i for i in ids if i not in self._groups or i in self._removed]
+        if unknown:
+            raise ConfigError(f"group {unknown[0]} is not in the model any more (or never was); "
+                              "compact each group once")
+        groups = [self.current(self._groups[i]) for i in ids]
+        sizes = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
+        replacements: Replacements = {}
+        compact(model, groups, replacements=replacements)  # type: ignore[arg-type]
+        kept: dict[str, dict[int, torch.Tensor]] = {}
+        for name, dims in removal_plan(groups).items():  # type: ignore[arg-type]
+            for dim, gone in dims.items():
+                size = sizes[name][dim]
+                keep = [i for i in range(size) if i not in gone]
+                kept.setdefault(name, {})[dim] = torch.tensor(keep, dtype=torch.long)
+                new = [-1] * size
+                for j, i in enumerate(keep):
+                    new[i] = j
+                old = self._positions.get((name, dim), range(size))
+                self._positions[(name, dim)] = [new[i] if i >= 0 else -1 for i in old]
+        self._removed.update(ids)
+        self.rounds.append(list(ids))
+        return CompactionStep(groups=list(ids), replacements=replacements, kept=kept)
 
 
 def check_groups(named: dict[str, torch.Tensor], groups: Sequence[Group]) -> None:

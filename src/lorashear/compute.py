@@ -28,7 +28,9 @@ def forward_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     """Forward FLOPs per token of ``model`` on sequences of ``seq_len`` tokens (see the module docstring)."""
     seen: set[int] = set()
     matmul = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
+        if ".lora_" in f".{name}":  # a LoRA factor (the docstring's rule: LoRA's own matmuls are left out)
+            continue
         if isinstance(module, torch.nn.Linear) and id(module.weight) not in seen:
             seen.add(id(module.weight))
             matmul += module.weight.numel()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -79,8 +79,10 @@ def consumer_columns(group: Group) -> list[tuple[str, tuple[int, ...]]]:
 ColumnMaps = dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
 
 
-def column_maps(model: torch.nn.Module, groups: Sequence[Group]) -> tuple[torch.Tensor, ColumnMaps, dict[str, str]]:
-    """Which input columns of which consumer module belong to which group.
+def column_maps(model: torch.nn.Module,
+                groups: Sequence[Group | None]) -> tuple[torch.Tensor, ColumnMaps, dict[str, str]]:
+    """Which input columns of which consumer module belong to which group (``None``: a group no longer in the
+    model, which owns no column).
 
     Returns whether each group has a consumer column, the maps (``index_add`` of per-column values by
     ``local`` into ``uniq`` positions sums them per group), and each consumer module's weight name.
@@ -89,6 +91,8 @@ def column_maps(model: torch.nn.Module, groups: Sequence[Group]) -> tuple[torch.
     cols: dict[str, dict[str, tuple[list[int], list[int]]]] = defaultdict(dict)
     weights: dict[str, str] = {}
     for pos, g in enumerate(groups):
+        if g is None:
+            continue
         for module, weight, indices in consumer_slices(g):
             weights[module] = weight
             idx, owner = cols[module].setdefault(g.kind, ([], []))
@@ -127,6 +131,19 @@ class _ConsumerScores(StepHook):
 
     def _make_forward_hook(self, name: str):  # pragma: no cover - every subclass defines it
         raise NotImplementedError
+
+    def rebind(self, model: torch.nn.Module, current: Callable[[Group], Group | None],
+               kept: Mapping[str, Mapping[int, torch.Tensor]]) -> None:
+        """Follow structures cut out of ``model`` in place (:class:`lorashear.compaction.Compactions`):
+        ``current(group)`` re-indexes a group to the model as it is now (``None`` once cut out), ``kept`` holds
+        the positions each cut parameter kept along each dimension. The statistics gathered so far stay with
+        the groups that remain."""
+        self.has_score, maps, _ = column_maps(model, [current(g) for g in self.groups])
+        self._maps = {name: maps.get(name, []) for name in self._maps}  # every hooked consumer keeps its entry
+        self._after_cut(model, kept)
+
+    def _after_cut(self, model: torch.nn.Module, kept: Mapping[str, Mapping[int, torch.Tensor]]) -> None:
+        """Per-column statistics of a subclass follow the cut (nothing to do for per-group statistics)."""
 
     def _for_groups(self, total: torch.Tensor, groups: Iterable[Group] | None) -> torch.Tensor:
         """``total`` (one value per group of the scorer) with ``nan`` where a group has no consumer column,
@@ -177,6 +194,8 @@ class ActivationFisher(_ConsumerScores):
         c = (h.float() * grad.float()).sum(dim=tuple(range(1, h.dim() - 1))) if h.dim() > 2 else h.float() * grad.float()
         c = c.double()
         maps = self._maps[name]
+        if not maps:
+            return
         if maps and maps[0][0].device != c.device:
             maps = self._maps[name] = [(i.to(c.device), l.to(c.device), u) for i, l, u in maps]
         for idx, local, uniq in maps:
@@ -240,6 +259,19 @@ class ActivationFluctuation(_ConsumerScores):
         moments[0] += h.shape[0]
         moments[1:width + 1] += h.sum(0).double()
         moments[width + 1:] += (h * h).sum(0).double()
+
+    def _after_cut(self, model: torch.nn.Module, kept: Mapping[str, Mapping[int, torch.Tensor]]) -> None:
+        params = dict(model.named_parameters())
+        self._weights = {module: params[name] for module, name in self._weight_names.items()}
+        for module, name in self._weight_names.items():
+            cols = kept.get(name, {}).get(1)
+            if cols is None:
+                continue
+            for moments in (self.current, self.smoothed):
+                m = moments[module]
+                width = (m.numel() - 1) // 2
+                idx = cols.to(m.device)
+                moments[module] = torch.cat([m[:1], m[1:width + 1][idx], m[width + 1:][idx]])
 
     def roll(self) -> None:
         """Fold the moments gathered since the last roll into the smoothed ones."""
@@ -345,6 +377,13 @@ class ActivationGram(StepHook):
     def roll(self) -> None:
         for gram in self.grams.values():
             gram.mul_(self.decay)
+
+    def cut_inputs(self, module: str, kept: torch.Tensor) -> None:
+        """``module`` lost input columns (structures cut out): keep the Gram's rows and columns of ``kept``."""
+        gram = self.grams.get(module)
+        if gram is not None:
+            idx = kept.to(gram.device)
+            self.grams[module] = gram.index_select(0, idx).index_select(1, idx).contiguous()
 
     def close(self) -> None:
         for h in self._handles:

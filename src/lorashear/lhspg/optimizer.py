@@ -265,6 +265,13 @@ class LHSPG:
         self._kinds = [k for k in plan.counts if any(g.kind == k for g in self.candidates)]
         self._layer_width: dict[str, Counter] = {k: Counter(g.layer for g in groups if g.kind == k)
                                                  for k in self._kinds}
+        #: each candidate as the model is now (its indices change when earlier structures are cut out)
+        self._live: list[Group] = list(self.candidates)
+        #: candidate positions cut out of the model (:meth:`rebind`); always committed ones
+        self.compacted: set[int] = set()
+        #: called when a period's structures have been committed (set to zero), before the next period is
+        #: selected: e.g. to cut them out of the model (:class:`lorashear.lhspg.compacting.PeriodCompaction`)
+        self.on_commit: Callable[[], None] | None = None
         self.step_count = 0
         self.selected_period = -1
         self.redundant: list[int] = []  # candidate positions of the current period
@@ -306,6 +313,8 @@ class LHSPG:
                 self._commit()
                 period_end = True
         self._hold()
+        if period_end and self.on_commit is not None:
+            self.on_commit()
         nxt = sched.period_starting_at(s + 1)
         if nxt is not None and self.selected_period < nxt:
             self._select(nxt)
@@ -363,9 +372,10 @@ class LHSPG:
     def _rebuild_hold(self) -> None:
         """Index lists that keep committed groups (and their folded LoRA parts) at zero."""
         self._hold_list = []
-        if not self.committed:
+        held = self.live_committed_groups
+        if not held:
             return
-        table = SliceTable([self.candidates[i] for i in self.committed], self.params)
+        table = SliceTable(held, self.params)
         for (name, dim), idx in table.union().items():
             p = self.params[name]
             self._hold_list.append((p, dim, idx))
@@ -397,7 +407,7 @@ class LHSPG:
         cands = [i for i in range(len(self.candidates)) if i not in taken]
         chosen: list[int] = []
         if cands:
-            table = SliceTable([self.candidates[i] for i in cands], self.params)
+            table = SliceTable([self._live[i] for i in cands], self.params)
             stats = group_statistics(table, self.params, self.loras)
             kind_id = {k: j for j, k in enumerate(self._kinds)}
             clusters = torch.tensor([kind_id.get(self.candidates[i].kind, 0) for i in cands], dtype=torch.long)
@@ -419,7 +429,7 @@ class LHSPG:
         if self.broadcast is not None:
             chosen = list(self.broadcast(chosen))
         self.redundant = chosen
-        self._red_table = SliceTable([self.candidates[i] for i in chosen], self.params) if chosen else None
+        self._red_table = SliceTable([self._live[i] for i in chosen], self.params) if chosen else None
         self._plan_transfer()
         self.selected_period = period
         self.history.append({"period": period, "step": self.step_count,
@@ -434,8 +444,8 @@ class LHSPG:
             return
         if self._red_table is not None:
             dead: dict[str, list[torch.Tensor]] = defaultdict(list)
-            if self.committed:
-                for e in SliceTable([self.candidates[i] for i in self.committed], self.params).base_entries:
+            if self.live_committed_groups:
+                for e in SliceTable(self.live_committed_groups, self.params).base_entries:
                     if e.dim == 1:
                         dead[e.name].append(e.idx)
             for e in self._red_table.base_entries:
@@ -526,7 +536,7 @@ class LHSPG:
             if cap is not None and layer is not None and cap.get(layer, 1) <= 0:
                 continue
             if claimed is not None:
-                keys = {(s.name, s.dim, j) for s in self.candidates[i].slices for j in s.indices}
+                keys = {(s.name, s.dim, j) for s in self._live[i].slices for j in s.indices}
                 if keys & claimed:
                     continue
                 claimed |= keys
@@ -545,7 +555,34 @@ class LHSPG:
 
     @property
     def committed_groups(self) -> list[Group]:
+        """The committed groups as discovered (indices of the uncut model)."""
         return [self.candidates[i] for i in self.committed]
+
+    @property
+    def live_committed_groups(self) -> list[Group]:
+        """The committed groups still in the model (not cut out yet), with the model's current indices."""
+        return [self._live[i] for i in self.committed if i not in self.compacted]
+
+    @torch.no_grad()
+    def rebind(self, current: Callable[[Group], Group | None]) -> None:
+        """Follow a model whose structures were cut out in place: ``current(group)`` is a candidate re-indexed to
+        the model as it is now, ``None`` once it has been cut out (:meth:`lorashear.compaction.Compactions.current`).
+        The parameters and LoRA factors are looked up again; the current period's table and the hold lists are
+        rebuilt. A transfer plan is dropped (the next selection plans the next period's)."""
+        self.params = dict(self.model.named_parameters(remove_duplicate=False))
+        self.loras = find_loras(self.model)
+        for i, group in enumerate(self.candidates):
+            if i in self.compacted:
+                continue
+            now = current(group)
+            if now is None:
+                self.compacted.add(i)
+            else:
+                self._live[i] = now
+        self._red_table = (SliceTable([self._live[i] for i in self.redundant], self.params)
+                           if self.redundant else None)
+        self._transfer = {}
+        self._rebuild_hold()
 
     @property
     def target_groups(self) -> int:
@@ -585,7 +622,7 @@ class LHSPG:
         self.history = list(state["history"])
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
-        self._red_table = (SliceTable([self.candidates[i] for i in self.redundant], self.params)
+        self._red_table = (SliceTable([self._live[i] for i in self.redundant], self.params)
                            if self.redundant else None)
         self._transfer = {}
         if self.grams is not None:

@@ -324,11 +324,13 @@ def prune_work(p: Any) -> str:
     sched = p.lhspg.resolve(steps).schedule
     target = f"{p.target.ratio:.0%} of the parameters" if p.target.ratio is not None else "the set ratios"
     head = f"removes {target} with LHSPG over steps {sched.warmup_steps}-{sched.prune_end} of {steps}"
-    if p.compact_at != "prune_end" or sched.prune_end >= steps:
+    if p.compact_at == "end" or sched.prune_end >= steps:
         return head + f", the masked model at full width to step {steps}, then compacted"
     rest = {"recover": "recovery rounds on the dynamic mix of " + ", ".join(p.post.sources),
             "full": f"{p.data.spec}, every weight at lr {p.post_lr:g}"}.get(p.post_pruning, p.data.spec)
-    return head + f"; compacted at step {sched.prune_end}, the small model trains on to step {steps} ({rest})"
+    when = (f"each period's structures cut out as it ends, the last at step {sched.prune_end}"
+            if p.compact_at == "period_end" else f"compacted at step {sched.prune_end}")
+    return head + f"; {when}, the small model trains on to step {steps} ({rest})"
 
 
 def _steps(config: PipelineConfig, layout: RunLayout, model: str, inputs: Inputs) -> list[StepPlan]:

@@ -91,10 +91,11 @@ class PruneConfig:
     eval_windows: int = field(default=32, metadata={"help": "perplexity windows of --seq-len tokens"})
     verify: bool = field(default=True, metadata={
         "help": "check the selected groups are exactly zero and compacted logits equal the masked model's"})
-    compact_at: Literal["prune_end", "end"] = field(default="prune_end", metadata={
-        "help": "when the zeroed structures are cut out: prune_end = as soon as the last pruning period ends, "
-                "so every later step trains the small model (LoRA factors and optimizer state sliced alike; "
-                "single process); end = after the last step (the masked model trains at full width throughout)"})
+    compact_at: Literal["period_end", "prune_end", "end"] = field(default="prune_end", metadata={
+        "help": "when the zeroed structures are cut out: period_end = each pruning period's as soon as it ends, "
+                "so every later step trains a smaller model; prune_end = all of them when the last pruning period "
+                "ends (LoRA factors and optimizer state sliced alike; both single process); end = after the last "
+                "step (the masked model trains at full width throughout)"})
     post_pruning: Literal["continue", "recover", "full"] = field(default="continue", metadata={
         "help": "what the compacted model trains on for the rest of the budget: continue = the same training "
                 "stream (LoRA); recover = the dynamic mix of paper Alg. 5 over --post-sources, its weights measured "
@@ -110,9 +111,9 @@ class PruneConfig:
         if self.eval_windows < 1:
             raise ConfigError(f"eval_windows must be >= 1, got {self.eval_windows}")
         parse_unprunable(self.unprunable)
-        if self.post_pruning != "continue" and self.compact_at != "prune_end":
+        if self.post_pruning != "continue" and self.compact_at == "end":
             raise ConfigError(f"--post-pruning {self.post_pruning} trains the compacted model: it needs "
-                              "--compact-at prune_end")
+                              "--compact-at prune_end or period_end")
         if not self.post_lr > 0:
             raise ConfigError(f"post_lr must be > 0, got {self.post_lr}")
         if self.target.knowledge_grading and not (self.knowledge and self.target.uniform_per_layer):
@@ -411,7 +412,7 @@ class _Trained:
 def _train(config: PruneConfig, s: _Setup, out: Path, accelerator: Any, stop_after: int | None) -> _Trained | None:
     """The pruning phase (LHSPG on the masked model), then, compacted when pruning ends, the small model for
     the rest of the budget (continued training or recovery rounds). ``None``: stopped early (``stop_after``)."""
-    from ..compaction import compact
+    from ..compaction import Compactions, compact
 
     train, lcfg, peft_model, graph, data = config.train, s.lcfg, s.peft_model, s.graph, s.data
     ckpt_dir = checkpoint_root(out)
@@ -427,15 +428,23 @@ def _train(config: PruneConfig, s: _Setup, out: Path, accelerator: Any, stop_aft
     log: list[dict[str, Any]] = []
     optimizer = None
     compacted = _compacted_checkpoints(small_dir) if mid and config.resume else None
+    periodic = mid and config.compact_at == "period_end"
     if compacted is not None:
         outcome = PruningOutcome.read(compacted)  # the pruning phase is over: rebuild the small model
-        compact(peft_model, [graph.groups[i] for i in outcome.selected_ids])
+        if outcome.rounds is None:
+            compact(peft_model, [graph.groups[i] for i in outcome.selected_ids])
+        else:  # cut by period: the same cuts in the same order make the same model, to the bit
+            replay = Compactions(graph.groups)
+            for cut in outcome.rounds:
+                replay.apply(peft_model, cut["groups"])
         resumed_from = outcome.resumed_from
     else:
         first = train_lhspg(peft_model, graph.groups, s.plan, data, train_config=train, lhspg_config=lcfg,
                             exclude=s.excluded, checkpoint_dir=ckpt_dir, resume=config.resume,
                             accelerator=accelerator, stop_after=stop_after, run_settings=settings, loss_fn=loss_fn,
-                            hooks=hooks, end_step=lcfg.schedule.prune_end if mid else None)
+                            hooks=hooks, end_step=lcfg.schedule.prune_end if mid else None,
+                            compact_periods=periodic,
+                            probe=_probe(data, accelerator.device) if periodic and config.verify else None)
         if first.stopped_early:
             return None
         lh = first.lhspg
@@ -443,7 +452,11 @@ def _train(config: PruneConfig, s: _Setup, out: Path, accelerator: Any, stop_aft
         outcome = PruningOutcome.from_lhspg(lh, peft_model, first, end=lcfg.schedule.prune_end if mid else train.steps)
         log = first.log
         resumed_from = first.resumed_from
-        if mid:
+        if periodic:  # every period's structures are cut out already, the last ones as pruning ended
+            from ..lhspg.optimizer import _inner
+
+            optimizer = _inner(lh.optimizer)
+        elif mid:
             outcome.compaction_logit_diff, optimizer = _compact_in_training(peft_model, lh, data, config.verify,
                                                                             accelerator.device)
         else:
@@ -524,8 +537,8 @@ def _finish(config: PruneConfig, s: _Setup, t: _Trained, out: Path, accelerator:
     kept = kept_per_layer(s.graph.groups, selected)
     sched = s.lcfg.schedule
     target = config.target
-    compute = _compute(config, s.dense_flops, small, outcome.compact_step, t.steps_done, data.shape[1],
-                       sched.warmup_steps, sched.prune_end)
+    compute = _compute(config, s.dense_flops, small, outcome, t.steps_done, data.shape[1], sched.warmup_steps,
+                       sched.prune_end)
     compute.prep(s.chat_tokens, s.dense_flops)  # the dense model's replies (self-distilled chat), if any
     recovery = None
     if t.rounds is not None:
@@ -561,7 +574,10 @@ def _finish(config: PruneConfig, s: _Setup, t: _Trained, out: Path, accelerator:
         },
         "kept_per_layer": {k: {str(layer): v for layer, v in d.items()} for k, d in kept.items()},
         "verify": {"compacted_vs_masked_max_abs_logit_diff": logits_diff},
-        "compaction": {"step": outcome.compact_step, "at": "prune_end" if mid else "end"},
+        "compaction": {"step": outcome.compact_step, "at": config.compact_at if mid else "end",
+                       **({"rounds": [{"step": r["step"], "groups": len(r["groups"]), "logit_diff": r["logit_diff"],
+                                       "flops_per_token": r["flops_per_token"]} for r in outcome.rounds]}
+                          if outcome.rounds is not None else {})},
         "post_pruning": config.post_pruning if mid else None,
         "recovery": recovery,
         "compute": compute.to_dict(),
@@ -621,18 +637,24 @@ class PruningOutcome:
     resumed_from: int | None = None
     compaction_logit_diff: float | None = None
     sparsity: float = 1.0  #: committed / candidate groups when pruning ended
+    #: the cuts at every period end (``compact_at=period_end``: step, group ids, logit difference, FLOPs per
+    #: token after it), replayed in order by a resume; None when everything was cut at once
+    rounds: list[dict[str, Any]] | None = None
 
     @classmethod
     def from_lhspg(cls, lh: Any, model: torch.nn.Module, result: Any, *, end: int) -> PruningOutcome:
         named = dict(model.named_parameters())
-        biggest = 0.0
-        for g in lh.committed_groups:
+        cut = result.compaction.rounds if getattr(result, "compaction", None) is not None else None
+        biggest = max((r["max_abs"] for r in cut), default=0.0) if cut else 0.0
+        for g in lh.live_committed_groups:
             for s in g.slices:
                 v = named[s.name].detach().index_select(s.dim, s.index_tensor(named[s.name].device))
                 biggest = max(biggest, float(v.abs().max()) if v.numel() else 0.0)
         return cls(selected_ids=[g.id for g in lh.committed_groups], candidates=len(lh.candidates),
                    history=lh.history, max_abs_selected=biggest, compact_step=end, log=result.log,
-                   train_wall_time_s=result.wall_time_s, resumed_from=result.resumed_from, sparsity=lh.sparsity())
+                   train_wall_time_s=result.wall_time_s, resumed_from=result.resumed_from, sparsity=lh.sparsity(),
+                   rounds=[dict(r) for r in cut] if cut is not None else None,
+                   compaction_logit_diff=result.compaction.max_logit_diff if cut is not None else None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -688,12 +710,12 @@ class PrunedLogFields(StepHook):
 
 
 def _compacts_mid_run(config: PruneConfig, lcfg: Any, accelerator: Any) -> bool:
-    """Whether the model is compacted as soon as pruning ends (``compact_at=prune_end``)."""
-    if config.compact_at != "prune_end" or lcfg.schedule.prune_end >= config.train.steps:
+    """Whether the model is compacted by the time pruning ends (``compact_at`` prune_end or period_end)."""
+    if config.compact_at == "end" or lcfg.schedule.prune_end >= config.train.steps:
         return False
     if accelerator.num_processes > 1:
-        logger.warning("compact_at=prune_end is single-process only: under %d processes the model is compacted "
-                       "after the last step", accelerator.num_processes)
+        logger.warning("compact_at=%s is single-process only: under %d processes the model is compacted "
+                       "after the last step", config.compact_at, accelerator.num_processes)
         return False
     return True
 
@@ -775,15 +797,20 @@ def _base_weight_names(model: torch.nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if not p.requires_grad and ".base_layer." in n]
 
 
-def _compute(config: PruneConfig, dense_flops: float, small: torch.nn.Module, compact_step: int, steps: int,
+def _compute(config: PruneConfig, dense_flops: float, small: torch.nn.Module, outcome: PruningOutcome, steps: int,
              seq_len: int, warmup_end: int, prune_end: int) -> Compute:
-    """Token-passes and FLOPs of the training: the masked model at full width until the compaction, the small
-    one after it, the teacher while its KL share is above zero."""
+    """Token-passes and FLOPs of the training: the masked model at full width until the first cut, each width
+    after it (the small one after the last), the teacher while its KL share is above zero."""
     per_step = config.train.batch_size * config.train.grad_accum * seq_len
     compute = Compute()
-    compute.train(compact_step * per_step, dense_flops)
-    compute.train((steps - compact_step) * per_step, forward_flops_per_token(small, seq_len),
-                  full=config.post_pruning == "full")
+    widths = [(0, dense_flops)]
+    if outcome.rounds is not None:
+        widths += [(int(r["step"]), float(r["flops_per_token"])) for r in outcome.rounds]
+    else:
+        widths.append((outcome.compact_step, forward_flops_per_token(small, seq_len)))
+    for (start, flops), (stop, _) in zip(widths, widths[1:] + [(steps, 0.0)]):
+        compute.train((stop - start) * per_step, flops,
+                      full=config.post_pruning == "full" and start >= outcome.compact_step)
     d = config.distill
     if d.enabled and d.topk:  # the top-k cache: one teacher pass over every training token
         compute.teacher(steps * per_step, dense_flops)

@@ -194,6 +194,15 @@ def load_checkpoint(path: str | os.PathLike[str], *, model: torch.nn.Module, sta
     state_tensors = read_checkpoint_file(path, "state.safetensors", lambda f: load_file(str(f)))
     rng = read_checkpoint_file(path, rng_name, _read_json)
     check_rng_state(rng, path / rng_name)
+    parts = state.pop("parts")
+    decoded = {name: _decode_part(parts[name], state_tensors, path, name) for name in stateful}
+    for name, obj in stateful.items():  # a part that changed the model's shapes (compaction) replays that first
+        if hasattr(obj, "before_load"):
+            try:
+                obj.before_load(decoded[name])
+            except (KeyError, ValueError, TypeError, IndexError) as exc:
+                raise CorruptCheckpointError(f"checkpoint file {path / 'state.json'} is corrupt (the state of "
+                                             f"{name!r} does not restore: {_first_line(exc)})") from exc
     params = dict(model.named_parameters(remove_duplicate=False))
     missing = sorted(set(tensors) - set(params))
     if missing:
@@ -203,8 +212,6 @@ def load_checkpoint(path: str | os.PathLike[str], *, model: torch.nn.Module, sta
         if params[name].shape != value.shape:
             raise CheckpointError(f"checkpoint {path}: {name} has shape {tuple(value.shape)}, the model "
                                   f"{tuple(params[name].shape)}; it belongs to another run")
-    parts = state.pop("parts")
-    decoded = {name: _decode_part(parts[name], state_tensors, path, name) for name in stateful}
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name].device))

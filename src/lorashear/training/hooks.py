@@ -43,6 +43,10 @@ class StepHook:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    # A hook that changes the shapes of the model's parameters (cutting structures out while training) also
+    # defines ``before_load(state)``: a resume calls it with the checkpointed state before the parameters are
+    # restored, so the model takes the checkpoint's shapes first (:class:`lorashear.lhspg.compacting.PeriodCompaction`).
+
     def close(self) -> None:
         """Called once when training ends (remove module hooks here)."""
 

@@ -287,8 +287,8 @@ def train(
                 loss = loss_fn(model_p, batch) / cfg.grad_accum
                 accelerator.backward(loss)
             loss_sum += loss.detach()
-        if cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        if cfg.max_grad_norm > 0:  # the optimizer's parameters: a hook may have replaced them (compaction)
+            accelerator.clip_grad_norm_([p for g in inner.param_groups for p in g["params"]], cfg.max_grad_norm)
         opt_p.step()
         for hook in all_hooks:
             hook.after_optimizer_step(step)
