@@ -132,6 +132,9 @@ HEADLINE_CANDIDATES: dict[str, dict[str, Any]] = {
 }
 #: the headline recipe masked to the last step (issue 26's row a for today's recipe; for the wall-time pair)
 HEADLINE_CANDIDATES["masked"] = {"compact_at": "end"}
+#: the headline recipe with each pruning period's structures cut out as the period ends (issue 26: the smaller
+#: model trains from the first period on)
+HEADLINE_CANDIDATES["periodic"] = {"compact_at": "period_end"}
 #: the knowledge analysis from 4 sequences instead of 8 (half its 0.034 PF; it protects 8 of the same 12 blocks)
 HEADLINE_CANDIDATES["k4"] = {"knowledge": str(HERE / "results" / "knowledge_smollm2_fisher_n4.json")}
 for _name, _opts in HEADLINE_CANDIDATES.items():
