@@ -63,6 +63,15 @@ def test_cutting_each_period_trains_what_the_masked_model_trains(tmp_path):
     assert per.report["params"] == once.report["params"]
 
 
+def test_the_paper_recipe_cut_by_period_matches_its_masked_run(tmp_path):
+    """The paper's recipe merges s*B*A into the base weights and restarts LoRA at every period end: after the cut,
+    on the smaller weights."""
+    per = _run(tmp_path / "per", recipe="paper", compact_at="period_end")
+    end = _run(tmp_path / "end", recipe="paper", compact_at="end")
+    assert len(per.report["compaction"]["rounds"]) == 2
+    _assert_same_training(per, end, tmp_path / "per", tmp_path / "end")
+
+
 @pytest.mark.parametrize("family", ["llama_mha", "qwen3", "phi3", "gemma", "olmo2"])
 def test_cutting_each_period_matches_the_masked_model_on_every_family(tmp_path, family):
     """Overlapping kinds (a query-head slot loses the rows of a KV group cut before it), and every statistic that

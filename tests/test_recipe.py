@@ -133,6 +133,24 @@ def test_activation_fluctuation_equals_flap_metric_of_the_consumer_inputs():
     assert torch.allclose(got, want, rtol=1e-6)
 
 
+def test_activation_statistics_pass_over_an_embedding_that_takes_token_ids():
+    """A hidden channel's slices include the input embedding's column; the embedding's input is token ids, which
+    are not activations: the fluctuation and Gram hooks leave it out (they used to fail on its shape)."""
+    from lorashear.lhspg.hooks import ActivationGram
+
+    model = tiny_lora_model(seed=3, random_b=True)
+    groups = [g for g in discover(model, hidden=True).prunable() if g.kind == "hidden_channel"]
+    fluct = ActivationFluctuation(model, groups, decay=0.5)
+    grams = ActivationGram.for_groups(model, groups)
+    lm_loss(model, random_batches(n=2, seq=12, seed=5)).backward()
+    scores = fluct.scores(groups)
+    embed = next(m for m in fluct._maps if m.endswith("embed_tokens"))
+    assert torch.isfinite(scores).all() and float(scores.min()) > 0
+    assert float(fluct.current[embed].abs().sum()) == 0.0 and embed not in grams.grams
+    fluct.close()
+    grams.close()
+
+
 def test_fluctuation_saliency_prunes_exactly_and_resumes_bit_identically(tmp_path):
     """The fluctuation criterion alone and mixed with the Fisher: the plan is reached exactly, the selection
     differs from the Fisher's, and kill + resume reproduces the run (its moments are in the checkpoint)."""

@@ -242,8 +242,10 @@ class ActivationFluctuation(_ConsumerScores):
 
     def _make_forward_hook(self, name: str):
         def forward_hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            # training steps only (as the Fisher): evaluation passes run under no_grad
-            if not self.enabled or not torch.is_grad_enabled() or not args or not isinstance(args[0], torch.Tensor):
+            # training steps only (as the Fisher): evaluation passes run under no_grad; an embedding (a hidden
+            # channel's input-side slice) takes token ids, not activations
+            if (not self.enabled or not torch.is_grad_enabled() or not args or not isinstance(args[0], torch.Tensor)
+                    or not args[0].is_floating_point()):
                 return
             with torch.no_grad():
                 self._accumulate(name, args[0])
@@ -351,7 +353,8 @@ class ActivationGram(StepHook):
 
     def _make_hook(self, name: str):
         def forward_hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if not self.enabled or not torch.is_grad_enabled() or not args or not isinstance(args[0], torch.Tensor):
+            if (not self.enabled or not torch.is_grad_enabled() or not args or not isinstance(args[0], torch.Tensor)
+                    or not args[0].is_floating_point()):  # an embedding takes token ids, not activations
                 return
             with torch.no_grad():
                 h = args[0].detach().reshape(-1, args[0].shape[-1])[::self.token_stride].float()
