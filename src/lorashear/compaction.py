@@ -78,8 +78,9 @@ def compact(model: torch.nn.Module, groups: Iterable[Group], *, merge_lora: bool
         new = p.data
         kept: dict[int, torch.Tensor] = {}
         for dim, removed in sorted(dims.items()):
-            keep = torch.tensor([i for i in range(new.shape[dim]) if i not in removed], dtype=torch.long,
-                                device=new.device)
+            alive = torch.ones(new.shape[dim], dtype=torch.bool)
+            alive[list(removed)] = False
+            keep = alive.nonzero().flatten().to(new.device)
             new = new.index_select(dim, keep)
             kept[dim] = keep
         replacement = torch.nn.Parameter(new.contiguous(), requires_grad=p.requires_grad)
@@ -144,18 +145,38 @@ class Compactions:
         #: the group ids of every step, in order
         self.rounds: list[list[int]] = []
         self._removed: set[int] = set()
-        #: per cut ``(parameter, dim)``: the current position of every original index (-1: cut out)
-        self._positions: dict[tuple[str, int], list[int]] = {}
+        self._positions: dict[tuple[str, int], torch.Tensor] = {}
+        self._lists: dict[tuple[str, int], list[int]] = {}  # the same, as lists (re-indexing groups one by one)
+        self._current: dict[int, Group | None] = {}  # re-indexed groups since the last step
+
+    @property
+    def positions(self) -> dict[tuple[str, int], torch.Tensor]:
+        """Per cut ``(parameter, dim)``: the current position of every index of the original model (-1: cut out);
+        :class:`lorashear.lhspg.tables.SliceTable` re-indexes whole tables with it."""
+        return dict(self._positions)
+
+    @property
+    def removed(self) -> set[int]:
+        """The ids of every group cut out so far."""
+        return set(self._removed)
 
     def current(self, group: Group) -> Group | None:
         """``group`` with the indices of the model as it is now; ``None`` once it has been cut out."""
         if group.id in self._removed:
             return None
-        if not any((s.name, s.dim) in self._positions for s in group.slices):
+        if not self._positions:
+            return group
+        cached = self._current.get(group.id)
+        if cached is None:
+            cached = self._current[group.id] = self._reindex(group)
+        return cached
+
+    def _reindex(self, group: Group) -> Group:
+        if not any((s.name, s.dim) in self._lists for s in group.slices):
             return group
         slices = []
         for s in group.slices:
-            pos = self._positions.get((s.name, s.dim))
+            pos = self._lists.get((s.name, s.dim))
             if pos is None:
                 slices.append(s)
                 continue
@@ -179,15 +200,16 @@ class Compactions:
         kept: dict[str, dict[int, torch.Tensor]] = {}
         for name, dims in removal_plan(groups).items():  # type: ignore[arg-type]
             for dim, gone in dims.items():
-                size = sizes[name][dim]
-                keep = [i for i in range(size) if i not in gone]
-                kept.setdefault(name, {})[dim] = torch.tensor(keep, dtype=torch.long)
-                new = [-1] * size
-                for j, i in enumerate(keep):
-                    new[i] = j
-                old = self._positions.get((name, dim), range(size))
-                self._positions[(name, dim)] = [new[i] if i >= 0 else -1 for i in old]
+                alive = torch.ones(sizes[name][dim], dtype=torch.bool)
+                alive[list(gone)] = False
+                keep = kept.setdefault(name, {})[dim] = alive.nonzero().flatten()
+                new = torch.full((alive.numel() + 1,), -1, dtype=torch.long)  # position -1 stays -1
+                new[keep] = torch.arange(keep.numel())
+                old = self._positions.get((name, dim))
+                moved = self._positions[(name, dim)] = new[:-1] if old is None else new[old]
+                self._lists[(name, dim)] = moved.tolist()
         self._removed.update(ids)
+        self._current = {}
         self.rounds.append(list(ids))
         return CompactionStep(groups=list(ids), replacements=replacements, kept=kept)
 

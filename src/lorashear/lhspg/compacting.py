@@ -27,7 +27,6 @@ from ..errors import CorruptCheckpointError
 from ..training.hooks import StepHook
 from .hooks import ActivationGram
 from .optimizer import LHSPG, _inner
-from .tables import SliceTable
 from .transfer import consumer_module
 
 logger = logging.getLogger(__name__)
@@ -69,10 +68,7 @@ class PeriodCompaction(StepHook):
         ids = [lh.candidates[i].id for i in lh.committed if i not in lh.compacted]
         if not ids:
             return
-        biggest = 0.0  # they are exactly zero: LHSPG set and held them so
-        for (name, dim), idx in SliceTable(lh.live_committed_groups, lh.params).union().items():
-            values = lh.params[name].detach().index_select(dim, idx)
-            biggest = max(biggest, float(values.abs().max()) if values.numel() else 0.0)
+        biggest = lh.committed_max_abs()  # 0: LHSPG set and held them at exactly zero
         diff = self._cut(ids, verify=self.probe is not None)
         self.rounds.append({"step": lh.step_count + 1, "groups": ids, "max_abs": biggest, "logit_diff": diff,
                             "flops_per_token": forward_flops_per_token(self.model, self.seq_len)})
@@ -89,9 +85,9 @@ class PeriodCompaction(StepHook):
             before = model(input_ids=self.probe).logits.float().cpu()
         step = self.compactions.apply(model, ids)
         slice_optimizer(_inner(self.lhspg.optimizer), step.replacements)
-        self.lhspg.rebind(self.compactions.current)
+        self.lhspg.rebind(self.compactions.positions, self.compactions.removed)
         for scorer in self.scorers:
-            scorer.rebind(model, self.compactions.current, step.kept)
+            scorer.rebind(model, step.kept)
         if self.grams is not None:
             for name, dims in step.kept.items():
                 if 1 in dims:

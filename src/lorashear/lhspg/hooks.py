@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -79,10 +79,8 @@ def consumer_columns(group: Group) -> list[tuple[str, tuple[int, ...]]]:
 ColumnMaps = dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
 
 
-def column_maps(model: torch.nn.Module,
-                groups: Sequence[Group | None]) -> tuple[torch.Tensor, ColumnMaps, dict[str, str]]:
-    """Which input columns of which consumer module belong to which group (``None``: a group no longer in the
-    model, which owns no column).
+def column_maps(model: torch.nn.Module, groups: Sequence[Group]) -> tuple[torch.Tensor, ColumnMaps, dict[str, str]]:
+    """Which input columns of which consumer module belong to which group.
 
     Returns whether each group has a consumer column, the maps (``index_add`` of per-column values by
     ``local`` into ``uniq`` positions sums them per group), and each consumer module's weight name.
@@ -91,8 +89,6 @@ def column_maps(model: torch.nn.Module,
     cols: dict[str, dict[str, tuple[list[int], list[int]]]] = defaultdict(dict)
     weights: dict[str, str] = {}
     for pos, g in enumerate(groups):
-        if g is None:
-            continue
         for module, weight, indices in consumer_slices(g):
             weights[module] = weight
             idx, owner = cols[module].setdefault(g.kind, ([], []))
@@ -132,14 +128,32 @@ class _ConsumerScores(StepHook):
     def _make_forward_hook(self, name: str):  # pragma: no cover - every subclass defines it
         raise NotImplementedError
 
-    def rebind(self, model: torch.nn.Module, current: Callable[[Group], Group | None],
-               kept: Mapping[str, Mapping[int, torch.Tensor]]) -> None:
-        """Follow structures cut out of ``model`` in place (:class:`lorashear.compaction.Compactions`):
-        ``current(group)`` re-indexes a group to the model as it is now (``None`` once cut out), ``kept`` holds
-        the positions each cut parameter kept along each dimension. The statistics gathered so far stay with
-        the groups that remain."""
-        self.has_score, maps, _ = column_maps(model, [current(g) for g in self.groups])
-        self._maps = {name: maps.get(name, []) for name in self._maps}  # every hooked consumer keeps its entry
+    def rebind(self, model: torch.nn.Module, kept: Mapping[str, Mapping[int, torch.Tensor]]) -> None:
+        """Follow structures cut out of ``model`` in place (:class:`lorashear.compaction.Compactions`): ``kept``
+        holds, per cut parameter and dimension, the positions it kept. Each consumer's columns are re-indexed
+        (a cut group loses its columns and its score); the statistics gathered so far stay with the groups that
+        remain."""
+        owned = torch.zeros(len(self.groups), dtype=torch.bool)
+        for module, entries in self._maps.items():
+            cols = kept.get(self._weight_names[module], {}).get(1)
+            remapped = []
+            for idx, local, uniq in entries:
+                if cols is not None:
+                    cut = cols.to(idx.device)
+                    width = int(max(idx.max(), cut.max() if cut.numel() else idx.max())) + 1
+                    position = torch.full((width,), -1, dtype=torch.long, device=idx.device)
+                    position[cut] = torch.arange(cut.numel(), device=idx.device)
+                    moved = position[idx]
+                    alive = moved >= 0
+                    owners = uniq.to(idx.device)[local][alive]
+                    if not owners.numel():
+                        continue
+                    uniq, local = torch.unique(owners.cpu(), return_inverse=True)
+                    idx, local = moved[alive], local.to(idx.device)
+                remapped.append((idx, local, uniq))
+                owned[uniq.cpu()] = True
+            self._maps[module] = remapped  # an emptied consumer keeps its (empty) entry: its hook still runs
+        self.has_score &= owned
         self._after_cut(model, kept)
 
     def _after_cut(self, model: torch.nn.Module, kept: Mapping[str, Mapping[int, torch.Tensor]]) -> None:

@@ -63,7 +63,7 @@ from ..errors import ConfigError
 from ..graph.groups import Group
 from .saliency import CRITERIA, DATA_CRITERIA, criteria, group_statistics, known_criteria, saliency
 from .schedule import PruningSchedule, period_quotas
-from .tables import LoraInfo, SliceTable, find_loras, gather, lora_rows, scatter
+from .tables import LoraInfo, Positions, SliceTable, find_loras, gather, lora_rows, scatter
 from .targets import TargetPlan, kind_multiple, layer_rounding
 from .transfer import GramSource, consumer_module, kept_columns, transfer_matrix
 
@@ -265,8 +265,8 @@ class LHSPG:
         self._kinds = [k for k in plan.counts if any(g.kind == k for g in self.candidates)]
         self._layer_width: dict[str, Counter] = {k: Counter(g.layer for g in groups if g.kind == k)
                                                  for k in self._kinds}
-        #: each candidate as the model is now (its indices change when earlier structures are cut out)
-        self._live: list[Group] = list(self.candidates)
+        #: the current position of every index of the uncut model, once structures were cut out (:meth:`rebind`)
+        self._positions: Positions | None = None
         #: candidate positions cut out of the model (:meth:`rebind`); always committed ones
         self.compacted: set[int] = set()
         #: called when a period's structures have been committed (set to zero), before the next period is
@@ -375,7 +375,7 @@ class LHSPG:
         held = self.live_committed_groups
         if not held:
             return
-        table = SliceTable(held, self.params)
+        table = self._table(held)
         for (name, dim), idx in table.union().items():
             p = self.params[name]
             self._hold_list.append((p, dim, idx))
@@ -407,7 +407,7 @@ class LHSPG:
         cands = [i for i in range(len(self.candidates)) if i not in taken]
         chosen: list[int] = []
         if cands:
-            table = SliceTable([self._live[i] for i in cands], self.params)
+            table = self._table([self.candidates[i] for i in cands])
             stats = group_statistics(table, self.params, self.loras)
             kind_id = {k: j for j, k in enumerate(self._kinds)}
             clusters = torch.tensor([kind_id.get(self.candidates[i].kind, 0) for i in cands], dtype=torch.long)
@@ -429,7 +429,7 @@ class LHSPG:
         if self.broadcast is not None:
             chosen = list(self.broadcast(chosen))
         self.redundant = chosen
-        self._red_table = SliceTable([self._live[i] for i in chosen], self.params) if chosen else None
+        self._red_table = self._table([self.candidates[i] for i in chosen]) if chosen else None
         self._plan_transfer()
         self.selected_period = period
         self.history.append({"period": period, "step": self.step_count,
@@ -445,7 +445,7 @@ class LHSPG:
         if self._red_table is not None:
             dead: dict[str, list[torch.Tensor]] = defaultdict(list)
             if self.live_committed_groups:
-                for e in SliceTable(self.live_committed_groups, self.params).base_entries:
+                for e in self._table(self.live_committed_groups).base_entries:
                     if e.dim == 1:
                         dead[e.name].append(e.idx)
             for e in self._red_table.base_entries:
@@ -536,7 +536,7 @@ class LHSPG:
             if cap is not None and layer is not None and cap.get(layer, 1) <= 0:
                 continue
             if claimed is not None:
-                keys = {(s.name, s.dim, j) for s in self._live[i].slices for j in s.indices}
+                keys = {(s.name, s.dim, j) for s in self.candidates[i].slices for j in s.indices}
                 if keys & claimed:
                     continue
                 claimed |= keys
@@ -560,27 +560,33 @@ class LHSPG:
 
     @property
     def live_committed_groups(self) -> list[Group]:
-        """The committed groups still in the model (not cut out yet), with the model's current indices."""
-        return [self._live[i] for i in self.committed if i not in self.compacted]
+        """The committed groups still in the model (not cut out yet), as discovered."""
+        return [self.candidates[i] for i in self.committed if i not in self.compacted]
+
+    def _table(self, groups: Sequence[Group]) -> SliceTable:
+        """The slices of ``groups`` in the model as it is now (re-indexed once structures were cut out)."""
+        return SliceTable(groups, self.params, positions=self._positions)
 
     @torch.no_grad()
-    def rebind(self, current: Callable[[Group], Group | None]) -> None:
-        """Follow a model whose structures were cut out in place: ``current(group)`` is a candidate re-indexed to
-        the model as it is now, ``None`` once it has been cut out (:meth:`lorashear.compaction.Compactions.current`).
-        The parameters and LoRA factors are looked up again; the current period's table and the hold lists are
-        rebuilt. A transfer plan is dropped (the next selection plans the next period's)."""
+    def committed_max_abs(self) -> float:
+        """The largest absolute value in the committed groups still in the model (0: exactly zero)."""
+        biggest = 0.0
+        for (name, dim), idx in self._table(self.live_committed_groups).union().items():
+            values = self.params[name].detach().index_select(dim, idx)
+            biggest = max(biggest, float(values.abs().max()) if values.numel() else 0.0)
+        return biggest
+
+    @torch.no_grad()
+    def rebind(self, positions: Positions, cut: Iterable[int]) -> None:
+        """Follow a model whose structures were cut out in place: ``positions`` maps every index of the uncut model
+        to its current position (:attr:`lorashear.compaction.Compactions.positions`), ``cut`` holds the ids of the
+        groups cut out so far. The parameters and LoRA factors are looked up again; the current period's table
+        and the hold lists are rebuilt. A transfer plan is dropped (the next selection plans the next period's)."""
         self.params = dict(self.model.named_parameters(remove_duplicate=False))
         self.loras = find_loras(self.model)
-        for i, group in enumerate(self.candidates):
-            if i in self.compacted:
-                continue
-            now = current(group)
-            if now is None:
-                self.compacted.add(i)
-            else:
-                self._live[i] = now
-        self._red_table = (SliceTable([self._live[i] for i in self.redundant], self.params)
-                           if self.redundant else None)
+        self._positions = positions
+        self.compacted |= {self._pos[i] for i in cut if i in self._pos}
+        self._red_table = self._table([self.candidates[i] for i in self.redundant]) if self.redundant else None
         self._transfer = {}
         self._rebuild_hold()
 
@@ -622,8 +628,7 @@ class LHSPG:
         self.history = list(state["history"])
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
-        self._red_table = (SliceTable([self._live[i] for i in self.redundant], self.params)
-                           if self.redundant else None)
+        self._red_table = self._table([self.candidates[i] for i in self.redundant]) if self.redundant else None
         self._transfer = {}
         if self.grams is not None:
             for name, item in state.get("transfer", {}).items():

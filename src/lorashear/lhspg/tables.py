@@ -15,7 +15,7 @@ Python loop over groups at step time.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,10 +83,18 @@ class SliceEntry:
     lora: bool  # a LoRA factor slice (lora_B rows / lora_A columns)
 
 
-class SliceTable:
-    """The slices of ``groups`` gathered per ``(parameter, dim)``; group ``i`` is ``groups[i]``."""
+#: per cut ``(parameter, dim)``: the current position of every index of the uncut model (-1: cut out)
+Positions = Mapping[tuple[str, int], torch.Tensor]
 
-    def __init__(self, groups: Sequence[Group], params: dict[str, torch.Tensor]) -> None:
+
+class SliceTable:
+    """The slices of ``groups`` gathered per ``(parameter, dim)``; group ``i`` is ``groups[i]``.
+
+    ``positions`` (:attr:`lorashear.compaction.Compactions.positions`) re-indexes the groups' slices to a model
+    that structures were cut out of: an index cut out is left out of the table."""
+
+    def __init__(self, groups: Sequence[Group], params: dict[str, torch.Tensor], *,
+                 positions: Positions | None = None) -> None:
         self.groups = list(groups)
         idx_lists: dict[tuple[str, int], list[int]] = defaultdict(list)
         gid_lists: dict[tuple[str, int], list[int]] = defaultdict(list)
@@ -98,11 +106,17 @@ class SliceTable:
         self.entries: list[SliceEntry] = []
         for (name, dim), idx in idx_lists.items():
             device = params[name].device
-            self.entries.append(SliceEntry(
-                name=name, dim=dim,
-                idx=torch.tensor(idx, dtype=torch.long, device=device),
-                gid=torch.tensor(gid_lists[(name, dim)], dtype=torch.long, device=device),
-                lora=is_lora_name(name)))
+            index = torch.tensor(idx, dtype=torch.long)
+            gid = torch.tensor(gid_lists[(name, dim)], dtype=torch.long)
+            moved = positions.get((name, dim)) if positions else None
+            if moved is not None:
+                index = moved[index]
+                alive = index >= 0
+                index, gid = index[alive], gid[alive]
+                if not index.numel():
+                    continue
+            self.entries.append(SliceEntry(name=name, dim=dim, idx=index.to(device), gid=gid.to(device),
+                                           lora=is_lora_name(name)))
         # rows (dim 0) first: folding rows zeroes lora_B rows before columns read B
         self.entries.sort(key=lambda e: (e.lora, e.dim, e.name))
 

@@ -444,7 +444,7 @@ def _train(config: PruneConfig, s: _Setup, out: Path, accelerator: Any, stop_aft
                             accelerator=accelerator, stop_after=stop_after, run_settings=settings, loss_fn=loss_fn,
                             hooks=hooks, end_step=lcfg.schedule.prune_end if mid else None,
                             compact_periods=periodic,
-                            probe=_probe(data, accelerator.device) if periodic and config.verify else None)
+                            probe=_probe(data, accelerator.device)[:1, :16] if periodic and config.verify else None)
         if first.stopped_early:
             return None
         lh = first.lhspg
@@ -643,13 +643,8 @@ class PruningOutcome:
 
     @classmethod
     def from_lhspg(cls, lh: Any, model: torch.nn.Module, result: Any, *, end: int) -> PruningOutcome:
-        named = dict(model.named_parameters())
         cut = result.compaction.rounds if getattr(result, "compaction", None) is not None else None
-        biggest = max((r["max_abs"] for r in cut), default=0.0) if cut else 0.0
-        for g in lh.live_committed_groups:
-            for s in g.slices:
-                v = named[s.name].detach().index_select(s.dim, s.index_tensor(named[s.name].device))
-                biggest = max(biggest, float(v.abs().max()) if v.numel() else 0.0)
+        biggest = max([lh.committed_max_abs(), *(r["max_abs"] for r in cut or [])])
         return cls(selected_ids=[g.id for g in lh.committed_groups], candidates=len(lh.candidates),
                    history=lh.history, max_abs_selected=biggest, compact_step=end, log=result.log,
                    train_wall_time_s=result.wall_time_s, resumed_from=result.resumed_from, sparsity=lh.sparsity(),
