@@ -57,7 +57,8 @@ def rows(work: Path, models: Path, compacted: str = COMPACTED, masked: str = MAS
             pair[name] = {
                 "key": k, "train_s": rep["train_wall_time_s"] if rep else r["train_s"],
                 "stage_s": r["train_s"], "pflops": r["compute"]["flops"] / 1e15,
-                "compaction_step": (rep or {}).get("compaction", {}).get("step"),
+                "compaction_step": _compaction_steps((rep or {}).get("compaction", {})),
+                "compaction_at": (rep or {}).get("compaction", {}).get("at"),
                 "tokens_per_s_after": _throughput(rep, name == "b") if rep else None,
                 "ppl": {s: v["ppl"] for s, v in r["ppl"].items()}}
         pair.update(ratio=ratio, seed=seed, steps=steps,
@@ -65,6 +66,19 @@ def rows(work: Path, models: Path, compacted: str = COMPACTED, masked: str = MAS
                     stage_speedup=pair["a"]["stage_s"] / pair["b"]["stage_s"])
         out.append(pair)
     return out
+
+
+#: how each row trained, by its report's ``compaction.at``
+HOW = {"end": "masked to the last step", "prune_end": "compacted at the end of pruning",
+       "period_end": "cut at every period end"}
+
+
+def _compaction_steps(compaction: dict[str, Any]) -> str | None:
+    """The step of the compaction, or the first and last of the cuts at every period end."""
+    rounds = compaction.get("rounds")
+    if rounds:
+        return f"{rounds[0]['step']}..{rounds[-1]['step']}"
+    return None if compaction.get("step") is None else str(compaction["step"])
 
 
 def table(pairs: list[dict[str, Any]]) -> str:
@@ -75,8 +89,10 @@ def table(pairs: list[dict[str, Any]]) -> str:
     for p in pairs:
         b_row = p["b"]["key"].rsplit("_r", 1)[0]
         a_row = p["a"]["key"].rsplit("_r", 1)[0]
-        b_label = "(b) compacted at the end of pruning" + ("" if b_row == COMPACTED else f" (`{b_row}`)")
-        a_label = "(a) masked to the last step" + ("" if a_row == MASKED else f" (`{a_row}`)")
+        b_how = HOW.get(p["b"]["compaction_at"] or "prune_end", "compacted at the end of pruning")
+        a_how = HOW.get(p["a"]["compaction_at"] or "end", "masked to the last step")
+        b_label = f"(b) {b_how}" + ("" if b_row == COMPACTED else f" (`{b_row}`)")
+        a_label = f"(a) {a_how}" + ("" if a_row == MASKED else f" (`{a_row}`)")
         for name, label in (("a", a_label), ("b", b_label)):
             r = p[name]
             tps = "—" if r["tokens_per_s_after"] is None else f"{r['tokens_per_s_after']:.1f}"

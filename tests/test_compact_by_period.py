@@ -107,6 +107,19 @@ def test_kill_and_resume_across_the_cuts_is_bit_identical(tmp_path, kill_at):
     assert resumed.report["groups"]["selected_ids"] == whole.report["groups"]["selected_ids"]
 
 
+@pytest.mark.parametrize("kill_at", [6, 11])
+def test_every_weight_training_after_the_cuts_resumes_bit_identically(tmp_path, kill_at):
+    kw = {"compact_at": "period_end", "post_pruning": "full", "post_lr": 1e-3}
+    whole = _run(tmp_path / "whole", **kw)
+    out = tmp_path / "killed"
+    assert prune_stage.run(_stage_cfg(out, steps=STEPS, **kw), model=plain_tiny_llama(train=False),
+                           data=random_batches(n=16, seq=16), stop_after=kill_at) is None
+    resumed = _run(out, resume=True, **kw)
+    a, b = _weights(tmp_path / "whole"), _weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert [r["loss"] for r in resumed.report["log"]] == [r["loss"] for r in whole.report["log"]]
+
+
 def test_a_checkpoint_of_the_other_compaction_is_refused(tmp_path):
     from lorashear.errors import CheckpointError
 
