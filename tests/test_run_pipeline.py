@@ -230,3 +230,5 @@ def test_dry_run_lists_the_plan_and_the_prune_budget_and_writes_nothing(tiny_dir
     assert not out.exists()
     main(["run", str(tiny_dir), "--out", str(out), *ARGS, "--dry-run", "--compact-at", "end"])
     assert "the masked model at full width to step 12" in capsys.readouterr().out
+    main(["run", str(tiny_dir), "--out", str(out), *ARGS, "--dry-run", "--compact-at", "period_end"])
+    assert "each period's structures cut out as it ends" in capsys.readouterr().out
