@@ -121,12 +121,18 @@ def slice_optimizer(optimizer: torch.optim.Optimizer, replacements: Replacements
         optimizer.state[new] = state
 
 
+def index_positions(kept: torch.Tensor, size: int) -> torch.Tensor:
+    """Where each of ``size`` indices went once only ``kept`` (ascending) were kept: its new position, or -1."""
+    position = torch.full((size,), -1, dtype=torch.long, device=kept.device)
+    position[kept] = torch.arange(kept.numel(), device=kept.device)
+    return position
+
+
 @dataclass
 class CompactionStep:
     """One :meth:`Compactions.apply`: the replaced parameters and, by parameter name, the positions kept along
     each cut dimension (positions before this step)."""
 
-    groups: list[int]
     replacements: Replacements
     kept: dict[str, dict[int, torch.Tensor]]
 
@@ -147,7 +153,6 @@ class Compactions:
         self._removed: set[int] = set()
         self._positions: dict[tuple[str, int], torch.Tensor] = {}
         self._lists: dict[tuple[str, int], list[int]] = {}  # the same, as lists (re-indexing groups one by one)
-        self._current: dict[int, Group | None] = {}  # re-indexed groups since the last step
 
     @property
     def positions(self) -> dict[tuple[str, int], torch.Tensor]:
@@ -164,14 +169,6 @@ class Compactions:
         """``group`` with the indices of the model as it is now; ``None`` once it has been cut out."""
         if group.id in self._removed:
             return None
-        if not self._positions:
-            return group
-        cached = self._current.get(group.id)
-        if cached is None:
-            cached = self._current[group.id] = self._reindex(group)
-        return cached
-
-    def _reindex(self, group: Group) -> Group:
         if not any((s.name, s.dim) in self._lists for s in group.slices):
             return group
         slices = []
@@ -194,24 +191,20 @@ class Compactions:
             raise ConfigError(f"group {unknown[0]} is not in the model any more (or never was); "
                               "compact each group once")
         groups = [self.current(self._groups[i]) for i in ids]
-        sizes = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
+        before = dict(model.named_parameters(remove_duplicate=False))
         replacements: Replacements = {}
         compact(model, groups, replacements=replacements)  # type: ignore[arg-type]
-        kept: dict[str, dict[int, torch.Tensor]] = {}
-        for name, dims in removal_plan(groups).items():  # type: ignore[arg-type]
-            for dim, gone in dims.items():
-                alive = torch.ones(sizes[name][dim], dtype=torch.bool)
-                alive[list(gone)] = False
-                keep = kept.setdefault(name, {})[dim] = alive.nonzero().flatten()
-                new = torch.full((alive.numel() + 1,), -1, dtype=torch.long)  # position -1 stays -1
-                new[keep] = torch.arange(keep.numel())
+        kept = {name: {dim: keep.cpu() for dim, keep in replacements[id(p)][1].items()}
+                for name, p in before.items() if id(p) in replacements}
+        for name, dims in kept.items():
+            for dim, keep in dims.items():
+                new = index_positions(keep, before[name].shape[dim] + 1)  # the extra last slot: -1 stays -1
                 old = self._positions.get((name, dim))
                 moved = self._positions[(name, dim)] = new[:-1] if old is None else new[old]
                 self._lists[(name, dim)] = moved.tolist()
         self._removed.update(ids)
-        self._current = {}
         self.rounds.append(list(ids))
-        return CompactionStep(groups=list(ids), replacements=replacements, kept=kept)
+        return CompactionStep(replacements=replacements, kept=kept)
 
 
 def check_groups(named: dict[str, torch.Tensor], groups: Sequence[Group]) -> None:

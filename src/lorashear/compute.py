@@ -23,13 +23,15 @@ from typing import Any
 
 import torch
 
+from .models.params import is_lora_name
+
 
 def forward_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     """Forward FLOPs per token of ``model`` on sequences of ``seq_len`` tokens (see the module docstring)."""
     seen: set[int] = set()
     matmul = 0
     for name, module in model.named_modules():
-        if ".lora_" in f".{name}":  # a LoRA factor (the docstring's rule: LoRA's own matmuls are left out)
+        if is_lora_name(f"{name}."):  # a LoRA factor (the docstring's rule: LoRA's own matmuls are left out)
             continue
         if isinstance(module, torch.nn.Linear) and id(module.weight) not in seen:
             seen.add(id(module.weight))

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..compaction import index_positions
 from ..graph.groups import Group
 from ..models.params import is_lora_name
 from ..training.hooks import StepHook
@@ -141,9 +142,7 @@ class _ConsumerScores(StepHook):
                 if cols is not None:
                     cut = cols.to(idx.device)
                     width = int(max(idx.max(), cut.max() if cut.numel() else idx.max())) + 1
-                    position = torch.full((width,), -1, dtype=torch.long, device=idx.device)
-                    position[cut] = torch.arange(cut.numel(), device=idx.device)
-                    moved = position[idx]
+                    moved = index_positions(cut, width)[idx]
                     alive = moved >= 0
                     owners = uniq.to(idx.device)[local][alive]
                     if not owners.numel():
@@ -210,7 +209,7 @@ class ActivationFisher(_ConsumerScores):
         maps = self._maps[name]
         if not maps:
             return
-        if maps and maps[0][0].device != c.device:
+        if maps[0][0].device != c.device:
             maps = self._maps[name] = [(i.to(c.device), l.to(c.device), u) for i, l, u in maps]
         for idx, local, uniq in maps:
             per_seq = torch.zeros(c.shape[0], uniq.numel(), dtype=torch.float64, device=c.device)

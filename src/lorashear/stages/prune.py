@@ -449,7 +449,7 @@ def _train(config: PruneConfig, s: _Setup, out: Path, accelerator: Any, stop_aft
             return None
         lh = first.lhspg
         assert lh is not None
-        outcome = PruningOutcome.from_lhspg(lh, peft_model, first, end=lcfg.schedule.prune_end if mid else train.steps)
+        outcome = PruningOutcome.from_lhspg(lh, first, end=lcfg.schedule.prune_end if mid else train.steps)
         log = first.log
         resumed_from = first.resumed_from
         if periodic:  # every period's structures are cut out already, the last ones as pruning ended
@@ -642,7 +642,7 @@ class PruningOutcome:
     rounds: list[dict[str, Any]] | None = None
 
     @classmethod
-    def from_lhspg(cls, lh: Any, model: torch.nn.Module, result: Any, *, end: int) -> PruningOutcome:
+    def from_lhspg(cls, lh: Any, result: Any, *, end: int) -> PruningOutcome:
         cut = result.compaction.rounds if getattr(result, "compaction", None) is not None else None
         biggest = max([lh.committed_max_abs(), *(r["max_abs"] for r in cut or [])])
         return cls(selected_ids=[g.id for g in lh.committed_groups], candidates=len(lh.candidates),
