@@ -21,8 +21,13 @@ from lorashear.stages import prune as prune_stage
 STEPS = 14  # warm-up 2, two periods of 3: the first cut after step 5, the second as pruning ends at step 8
 
 
+def _cfg(out, **kw):
+    """The stage config of these tests: every period cuts (``compact_min_gain`` 0) unless a test says otherwise."""
+    return _stage_cfg(out, steps=STEPS, **{"compact_min_gain": 0.0, **kw})
+
+
 def _run(out, model=None, **kw):
-    return prune_stage.run(_stage_cfg(out, steps=STEPS, **kw), model=model or plain_tiny_llama(train=False),
+    return prune_stage.run(_cfg(out, **kw), model=model or plain_tiny_llama(train=False),
                            data=random_batches(n=16, seq=16))
 
 
@@ -63,6 +68,19 @@ def test_cutting_each_period_trains_what_the_masked_model_trains(tmp_path):
     assert per.report["params"] == once.report["params"]
 
 
+def test_a_cut_that_would_not_pay_waits_for_a_later_one(tmp_path):
+    """With a gain threshold the first period's structures (worth 3 steps x their share) wait, exactly zero, and
+    the last period's cut takes them along; the training is still the masked model's."""
+    per = _run(tmp_path / "per", compact_at="period_end", compact_min_gain=0.5)
+    end = _run(tmp_path / "end", compact_at="end")
+    rounds = per.report["compaction"]["rounds"]
+    assert [r["step"] for r in rounds] == [8]
+    assert rounds[0]["groups"] == per.report["groups"]["selected"]
+    _assert_same_training(per, end, tmp_path / "per", tmp_path / "end")
+    cheap = _run(tmp_path / "cheap", compact_at="period_end", compact_min_gain=0.01)
+    assert [r["step"] for r in cheap.report["compaction"]["rounds"]] == [5, 8]
+
+
 def test_the_paper_recipe_cut_by_period_matches_its_masked_run(tmp_path):
     """The paper's recipe merges s*B*A into the base weights and restarts LoRA at every period end: after the cut,
     on the smaller weights."""
@@ -96,7 +114,7 @@ def test_hidden_channels_cut_by_period_match_the_masked_model(tmp_path):
 def test_kill_and_resume_across_the_cuts_is_bit_identical(tmp_path, kill_at):
     whole = _run(tmp_path / "whole", compact_at="period_end")
     out = tmp_path / "killed"
-    assert prune_stage.run(_stage_cfg(out, steps=STEPS, compact_at="period_end"), model=plain_tiny_llama(train=False),
+    assert prune_stage.run(_cfg(out, compact_at="period_end"), model=plain_tiny_llama(train=False),
                            data=random_batches(n=16, seq=16), stop_after=kill_at) is None
     resumed = _run(out, compact_at="period_end", resume=True)
     assert resumed.report["resumed_from"] == kill_at - kill_at % 2  # checkpoint every 2 steps
@@ -112,7 +130,7 @@ def test_every_weight_training_after_the_cuts_resumes_bit_identically(tmp_path, 
     kw = {"compact_at": "period_end", "post_pruning": "full", "post_lr": 1e-3}
     whole = _run(tmp_path / "whole", **kw)
     out = tmp_path / "killed"
-    assert prune_stage.run(_stage_cfg(out, steps=STEPS, **kw), model=plain_tiny_llama(train=False),
+    assert prune_stage.run(_cfg(out, **kw), model=plain_tiny_llama(train=False),
                            data=random_batches(n=16, seq=16), stop_after=kill_at) is None
     resumed = _run(out, resume=True, **kw)
     a, b = _weights(tmp_path / "whole"), _weights(out)
@@ -124,7 +142,7 @@ def test_a_checkpoint_of_the_other_compaction_is_refused(tmp_path):
     from lorashear.errors import CheckpointError
 
     out = tmp_path / "p"
-    assert prune_stage.run(_stage_cfg(out, steps=STEPS, compact_at="prune_end"), model=plain_tiny_llama(train=False),
+    assert prune_stage.run(_cfg(out, compact_at="prune_end"), model=plain_tiny_llama(train=False),
                            data=random_batches(n=16, seq=16), stop_after=6) is None
     with pytest.raises(CheckpointError, match="compact_at"):
         _run(out, compact_at="period_end", resume=True)

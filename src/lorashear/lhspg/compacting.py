@@ -42,6 +42,10 @@ class PeriodCompaction(StepHook):
         grams: explicit transfer's input statistics, if any.
         probe: token ids (``(batch, len)``) to compare logits on before and after each cut; ``None``: no check.
         seq_len: training sequence length (the forward FLOPs per token recorded at each width).
+        min_gain: cut a period's structures only when what they still cost before pruning ends is worth at
+            least this many training steps of the current model (their share of its forward FLOPs times the
+            pruning steps left); the structures of a period not cut wait, exactly zero, for a later cut, and the
+            last period's cut takes all that are left. 0: cut at every period end.
 
     :attr:`rounds` records every cut: the step from which the smaller model trains, the groups cut out, the
     largest absolute value they held (0: exactly zero), the largest logit difference on ``probe`` and the forward
@@ -51,13 +55,15 @@ class PeriodCompaction(StepHook):
     state_name = "compactions"
 
     def __init__(self, model: torch.nn.Module, lhspg: LHSPG, *, scorers: Sequence[Any] = (),
-                 grams: ActivationGram | None = None, probe: torch.Tensor | None = None, seq_len: int = 1) -> None:
+                 grams: ActivationGram | None = None, probe: torch.Tensor | None = None, seq_len: int = 1,
+                 min_gain: float = 0.0) -> None:
         self.model = model
         self.lhspg = lhspg
         self.scorers = list(scorers)
         self.grams = grams
         self.probe = probe
         self.seq_len = seq_len
+        self.min_gain = min_gain
         self.compactions = Compactions(lhspg.candidates)
         self.rounds: list[dict[str, Any]] = []
         lhspg.on_commit = self.compact_committed
@@ -65,15 +71,29 @@ class PeriodCompaction(StepHook):
     def compact_committed(self) -> None:
         """Cut out every committed structure still in the model (LHSPG calls this when a period ends)."""
         lh = self.lhspg
-        ids = [lh.candidates[i].id for i in lh.committed if i not in lh.compacted]
-        if not ids:
+        pending = [lh.candidates[i] for i in lh.committed if i not in lh.compacted]
+        if not pending:
             return
+        steps_left = lh.schedule.prune_end - (lh.step_count + 1)
+        if steps_left > 0 and self.min_gain > 0:
+            gain = self.pending_share(pending) * steps_left
+            if gain < self.min_gain:
+                logger.debug("step %d: %d structures wait (gain %.2f < %.2f)", lh.step_count + 1, len(pending),
+                             gain, self.min_gain)
+                return
+        ids = [g.id for g in pending]
         biggest = lh.committed_max_abs()  # 0: LHSPG set and held them at exactly zero
         diff = self._cut(ids, verify=self.probe is not None)
         self.rounds.append({"step": lh.step_count + 1, "groups": ids, "max_abs": biggest, "logit_diff": diff,
                             "flops_per_token": forward_flops_per_token(self.model, self.seq_len)})
         logger.info("step %d: %d structures cut out (%d so far)%s", lh.step_count + 1, len(ids),
                     len(lh.compacted), "" if diff is None else f", max |logit difference| {diff:.2e}")
+
+    def pending_share(self, pending: Sequence[Any]) -> float:
+        """The share of the current model's forward FLOPs per token that ``pending`` groups' weights take (2 FLOPs
+        per weight of theirs that a token multiplies, LoRA factors left out; an upper bound where groups overlap)."""
+        weights = sum(g.base_params for g in pending)
+        return 2.0 * weights / forward_flops_per_token(self.model, self.seq_len)
 
     @torch.no_grad()
     def _cut(self, ids: list[int], *, verify: bool) -> float | None:

@@ -49,6 +49,7 @@ def train_lhspg(
     run_settings: dict[str, Any] | None = None,
     end_step: int | None = None,
     compact_periods: bool = False,
+    compact_min_gain: float = 0.0,
     probe: torch.Tensor | None = None,
 ) -> LHSPGTrainResult:
     """Train with LHSPG until ``plan`` is reached (masked model, in place): :func:`train` + :class:`LHSPGHook`.
@@ -58,6 +59,7 @@ def train_lhspg(
     pruning ends, to compact the model and train on at its new width). ``compact_periods``: cut each period's
     structures out of the model as the period ends (:class:`~lorashear.lhspg.compacting.PeriodCompaction`; single
     process), checking the logits on ``probe`` at each cut when it is given; the model is then smaller in place.
+    ``compact_min_gain``: a period's cut waits until it is worth that many training steps (``PeriodCompaction``).
     """
     from accelerate.utils import broadcast_object_list
 
@@ -100,7 +102,7 @@ def train_lhspg(
         made.append(LHSPGHook(lh))
         if compact_periods:
             box["compaction"] = PeriodCompaction(unwrapped, lh, scorers=list(scorers.values()), grams=grams,
-                                                 probe=probe, seq_len=data.shape[1])
+                                                 probe=probe, seq_len=data.shape[1], min_gain=compact_min_gain)
             made.append(box["compaction"])
         return made
 

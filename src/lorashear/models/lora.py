@@ -11,12 +11,13 @@ reproducible factors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from ..errors import ConfigError
 from .adapters import adapter_for
+from .gap_dropout import use_gap_dropout
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -29,6 +30,10 @@ class LoraSettings:
     r: int = field(default=8, metadata={"help": "LoRA rank"})
     alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale s = alpha / r)"})
     dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    dropout_sampler: Literal["gaps", "torch"] = field(default="gaps", metadata={
+        "help": "how LoRA dropout masks are drawn on a CPU: 'gaps' draws only the dropped positions (the same "
+                "distribution, about 1/p fewer random numbers; models/gap_dropout.py), 'torch' one number per "
+                "element as torch.nn.Dropout does (the masks of runs before 2026-12-06). Accelerators use torch's"})
     targets: tuple[str, ...] = field(default=(), metadata={
         "help": "module names that get LoRA (default: the model family's projections, fused ones included)"})
 
@@ -74,7 +79,9 @@ def attach_lora(model: torch.nn.Module, settings: LoraSettings | None = None) ->
 
     The base weights are frozen by peft; ``lora_B`` starts at zero, so the wrapped
     model computes what ``model`` did. Only the LoRA initialisation consumes random
-    numbers (torch's global RNG), exactly as ``peft.get_peft_model`` does.
+    numbers (torch's global RNG), exactly as ``peft.get_peft_model`` does. With
+    ``dropout_sampler="gaps"`` peft's dropout modules are replaced by
+    :class:`~lorashear.models.gap_dropout.GapDropout`.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -84,7 +91,10 @@ def attach_lora(model: torch.nn.Module, settings: LoraSettings | None = None) ->
     targets = lora_targets(model, settings)
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=list(targets), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    if settings.dropout_sampler == "gaps":
+        use_gap_dropout(peft_model)
+    return peft_model
 
 
 __all__ = ["LoraSettings", "attach_lora", "lora_targets"]
