@@ -64,7 +64,7 @@ from ..graph.groups import Group
 from .saliency import CRITERIA, DATA_CRITERIA, criteria, group_statistics, known_criteria, saliency
 from .schedule import PruningSchedule, period_quotas
 from .tables import LoraInfo, Positions, SliceTable, find_loras, gather, lora_rows, scatter
-from .targets import TargetPlan, kind_multiple, layer_rounding
+from .targets import TargetPlan, layer_rounding
 from .transfer import GramSource, consumer_module, kept_columns, transfer_matrix
 
 logger = logging.getLogger(__name__)
@@ -484,7 +484,7 @@ class LHSPG:
         chosen: list[int] = []
         claimed: set[tuple[str, int, int]] | None = set() if self._kinds_overlap() else None
         for k in self._kinds:
-            m = kind_multiple(k, self.plan.round_to)
+            m = self.plan.multiple(k)
             items = sorted(by_kind.get(k, []))
             # never empty a layer: keep at least max(1, the kind's multiple) structures per layer
             cap = {layer: w - max(1, m, math.ceil(self.config.min_keep * w)) - removed_layer[(k, layer)]

@@ -41,14 +41,18 @@ CLUSTER_OF_KIND: dict[str, str] = {**BLOCK_OF_KIND, "hidden_channel": "hidden"}
 ROUNDED_KINDS: tuple[str, ...] = ("mlp_channel", "hidden_channel")
 
 
-def kind_multiple(kind: str, round_to: int) -> int:
-    """The multiple that ``kind``'s kept per-layer widths keep: ``round_to`` for channels, 1 for heads."""
+def kind_multiple(kind: str, round_to: int, hidden_multiple: int = 1) -> int:
+    """The multiple that ``kind``'s kept per-layer widths keep: ``round_to`` for channels, 1 for heads; for
+    the residual width also ``hidden_multiple``, what the family's config accepts as a hidden size (LLaMA's
+    config wants a multiple of its attention heads)."""
+    if kind == "hidden_channel":
+        return math.lcm(round_to, hidden_multiple)
     return round_to if kind in ROUNDED_KINDS else 1
 
 
-def min_kept(kind: str, round_to: int) -> int:
+def min_kept(kind: str, round_to: int, hidden_multiple: int = 1) -> int:
     """Structures of ``kind`` every layer keeps at the least (never empty a layer)."""
-    return max(1, kind_multiple(kind, round_to))
+    return max(1, kind_multiple(kind, round_to, hidden_multiple))
 
 
 @dataclass
@@ -111,6 +115,12 @@ class TargetPlan:
     per_layer: dict[str, dict[int, int]] | None = None
     round_to: int = 1
     notes: list[str] = field(default_factory=list)
+    #: the multiple the family's config needs of a hidden size (:func:`kind_multiple`)
+    hidden_multiple: int = 1
+
+    def multiple(self, kind: str) -> int:
+        """The multiple ``kind``'s kept widths keep under this plan."""
+        return kind_multiple(kind, self.round_to, self.hidden_multiple)
 
     @property
     def expected_ratio(self) -> float:
@@ -131,6 +141,7 @@ class TargetPlan:
             "per_layer": {k: {str(layer): n for layer, n in v.items()} for k, v in self.per_layer.items()}
             if self.per_layer else None,
             "round_to": self.round_to,
+            "hidden_multiple": self.hidden_multiple,
             "total_params": self.total_params,
             "embedding_params": self.embedding_params,
             "target_params": self.target_params,
@@ -171,6 +182,7 @@ def plan_targets(
     config: TargetConfig,
     all_groups: Sequence[Group] | None = None,
     layer_weights: Mapping[tuple[str, int], float] | None = None,
+    hidden_multiple: int = 1,
 ) -> TargetPlan:
     """Number of groups of each kind to prune so the parameter drop is closest to the target.
 
@@ -183,6 +195,9 @@ def plan_targets(
         layer_weights: ``{(kind, layer): weight}``; with ``uniform_per_layer`` each kind's total is
             then spread over its layers in proportion to the weights (:func:`graded_counts`) instead
             of equally. Layers without a weight get 1.
+        hidden_multiple: the multiple a kept hidden size must be for the family's config
+            (:func:`lorashear.models.widths.hidden_size_multiple`); the residual width keeps a multiple of it
+            and of ``round_to``.
     """
     all_groups = list(all_groups if all_groups is not None else candidates)
     notes: list[str] = []
@@ -234,7 +249,7 @@ def plan_targets(
         per: dict[object, int] = defaultdict(int)
         for g in by_kind[k]:
             per[g.layer] += 1
-        keep = min_kept(k, config.round_to)
+        keep = min_kept(k, config.round_to, hidden_multiple)
         limit[k] = sum(n if layer is None else min(n, max(0, widths.get(layer, n) - keep))
                        for layer, n in per.items())
     counts = {k: min(limit[k], max(0, round(desired[k] / size[k]))) for k in kinds}
@@ -255,8 +270,8 @@ def plan_targets(
                 notes.append(f"{k}: layers differ in width; uniform mode removes the same count from each")
             n_layers = len(layers)
             width = min(widths[layer] for layer in layers)
-            m = kind_multiple(k, config.round_to)
-            cap = min(min(layers.values()), max(0, width - min_kept(k, config.round_to)))
+            m = kind_multiple(k, config.round_to, hidden_multiple)
+            cap = min(min(layers.values()), max(0, width - min_kept(k, config.round_to, hidden_multiple)))
             feasible = [q for q in range(0, cap + 1) if (width - q) % m == 0 or q == 0]
             want = counts[k] / n_layers
             q = min(feasible, key=lambda q: abs(q - want))
@@ -269,15 +284,15 @@ def plan_targets(
         # Tune the finest-grained kind to land closest to the target.
         fine = min(kinds, key=lambda k: step_size[k])
         per_layer, counts = _tune_uniform(per_layer, counts, fine, size, target, by_kind, all_groups,
-                                          kind_multiple(fine, config.round_to))
+                                          kind_multiple(fine, config.round_to, hidden_multiple))
         if layer_weights:
             for k in kinds:
                 widths = _layer_widths(all_groups, k)
-                caps = {layer: min(n, max(0, widths[layer] - min_kept(k, config.round_to)))
+                caps = {layer: min(n, max(0, widths[layer] - min_kept(k, config.round_to, hidden_multiple)))
                         for layer, n in have[k].items()}
                 per_layer[k] = graded_counts(counts[k], caps, {layer: layer_weights.get((k, layer), 1.0)
                                                                for layer in caps},
-                                             widths, kind_multiple(k, config.round_to))
+                                             widths, kind_multiple(k, config.round_to, hidden_multiple))
                 counts[k] = sum(per_layer[k].values())
             notes.append("per-layer counts graded by the knowledge analysis")
     else:
@@ -292,9 +307,14 @@ def plan_targets(
     for k in config.kinds:
         if k not in kinds:
             notes.append(f"no prunable {k} groups")
+    if "hidden_channel" in kinds and hidden_multiple > 1:
+        notes.append(f"hidden_channel: the kept hidden size stays a multiple of "
+                     f"{kind_multiple('hidden_channel', config.round_to, hidden_multiple)} (round_to "
+                     f"{config.round_to}; the config wants a multiple of {hidden_multiple})")
     return TargetPlan(counts=counts, group_params=size, total_params=total_params,
                       embedding_params=embedding_params, target_params=int(round(target)),
-                      expected_removed=expected, per_layer=per_layer, round_to=config.round_to, notes=notes)
+                      expected_removed=expected, per_layer=per_layer, round_to=config.round_to, notes=notes,
+                      hidden_multiple=hidden_multiple)
 
 
 def _tune_uniform(per_layer, counts, fine, size, target, by_kind, all_groups, m):

@@ -85,6 +85,7 @@ class PipelineConfig:
     distill: DistillConfig = section(DistillConfig, prefix="distill_", help="distillation from the dense model")
     unprunable: tuple[str, ...] = _prune_option("unprunable")
     compact_at: Literal["period_end", "prune_end", "end"] = _prune_option("compact_at")
+    compact_min_gain: float = _prune_option("compact_min_gain")
     post_pruning: Literal["continue", "recover", "full"] = _prune_option("post_pruning")
     post_lr: float = _prune_option("post_lr")
     post: RoundsConfig = section(RoundsConfig, prefix="post_", help="the dynamic mix after pruning (prune stage)")

@@ -91,11 +91,12 @@ class PruneConfig:
     eval_windows: int = field(default=32, metadata={"help": "perplexity windows of --seq-len tokens"})
     verify: bool = field(default=True, metadata={
         "help": "check the selected groups are exactly zero and compacted logits equal the masked model's"})
-    compact_at: Literal["period_end", "prune_end", "end"] = field(default="prune_end", metadata={
-        "help": "when the zeroed structures are cut out: period_end = each pruning period's as soon as it ends, "
-                "so every later step trains a smaller model; prune_end = all of them when the last pruning period "
-                "ends (LoRA factors and optimizer state sliced alike; both single process); end = after the last "
-                "step (the masked model trains at full width throughout)"})
+    compact_at: Literal["period_end", "prune_end", "end"] = field(default="period_end", metadata={
+        "help": "when the zeroed structures are cut out: period_end (the default since 2026-12-06) = each pruning "
+                "period's once the cut pays (--compact-min-gain), so the later steps train a smaller model; "
+                "prune_end = all of them when the last pruning period ends (LoRA factors and optimizer state "
+                "sliced alike; both single process, several processes compact after the last step); end = after "
+                "the last step (the masked model trains at full width throughout)"})
     compact_min_gain: float = field(default=0.5, metadata={
         "help": "--compact-at period_end: a period's structures are cut out only when what they would still cost "
                 "until pruning ends is worth this many training steps (their share of the model's forward FLOPs "
@@ -107,7 +108,7 @@ class PruneConfig:
                 "stream (LoRA); recover = the dynamic mix of paper Alg. 5 over --post-sources, its weights measured "
                 "on their validation split every round; full = the same stream with every weight trained (LoRA "
                 "merged first; rate --post-lr; the loss as --distill-after-pruning sets it). recover and full need "
-                "--compact-at prune_end"})
+                "--compact-at prune_end or period_end"})
     post_lr: float = field(default=1e-4, metadata={
         "help": "learning rate of --post-pruning full (every weight; Minitron retrains at 1e-4)"})
     post: RoundsConfig = section(RoundsConfig, prefix="post_", help="the dynamic mix after pruning")
@@ -376,6 +377,14 @@ def _setup(config: PruneConfig, accelerator: Any, *, model: Any, tokenizer: Any,
     sources, dense_losses = _round_sources(config, model, tokenizer, data) if recovers else ([], {})
     set_seed(train.seed)
     dense_flops = forward_flops_per_token(model, data.shape[1])
+    hidden_multiple = 1
+    if "hidden_channel" in config.target.kinds:
+        from ..models.widths import hidden_size_multiple
+
+        hidden_multiple = hidden_size_multiple(model.config)
+        if hidden_multiple == 0:
+            raise ConfigError(f"the {model.config.model_type} config accepts no other hidden size, so the pruned "
+                              f"model could not be saved; drop hidden_channel from --kinds")
     peft_model = attach_lora(model, config.lora)
     graph = discover(peft_model, hidden="hidden_channel" in config.target.kinds)
     excluded, blocks = unprunable_ids(graph, config.knowledge, config.unprunable)
@@ -388,7 +397,7 @@ def _setup(config: PruneConfig, accelerator: Any, *, model: Any, tokenizer: Any,
         weights = load_knowledge(config.knowledge).layer_weights(config.target.knowledge_grading)
     try:
         plan = plan_targets(candidates, total_params=params_before, embedding_params=emb, config=config.target,
-                            all_groups=graph.groups, layer_weights=weights)
+                            all_groups=graph.groups, layer_weights=weights, hidden_multiple=hidden_multiple)
     except ConfigError as exc:
         if "unreachable" in str(exc):
             raise ConfigError(f"{exc}; choose a smaller --ratio") from exc
