@@ -11,13 +11,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_lhspg import random_batches
-from test_prune import _stage_cfg
+from test_prune import _stage_cfg as _base_cfg
 from tiny_models import plain_tiny_llama
 
 from lorashear.compaction import compact, slice_optimizer
 from lorashear.stages import prune as prune_stage
 
 STEPS = 14  # warm-up 2, two periods of 3: pruning ends at step 8, then 6 steps of the small model
+
+
+def _stage_cfg(out, **kw):
+    """The prune stage's test config, cut once when pruning ends (what this module tests) unless told otherwise."""
+    return _base_cfg(out, **{"compact_at": "prune_end", **kw})
 
 
 def _run(out, **kw):

@@ -226,9 +226,10 @@ def test_dry_run_lists_the_plan_and_the_prune_budget_and_writes_nothing(tiny_dir
         assert any(line.split()[:2] == [stage, "RUN"] for line in printed.splitlines()), printed
     assert "recover      SKIP" in printed
     does = next(line for line in printed.splitlines() if line.strip().startswith("does"))
-    assert "LHSPG over steps" in does and "compacted at step" in does and "to step 12 (builtin:calibration)" in does
+    assert "LHSPG over steps" in does and "to step 12 (builtin:calibration)" in does
+    assert "each period's structures cut out as it ends once the cut pays" in does  # the default: period_end
     assert not out.exists()
     main(["run", str(tiny_dir), "--out", str(out), *ARGS, "--dry-run", "--compact-at", "end"])
     assert "the masked model at full width to step 12" in capsys.readouterr().out
-    main(["run", str(tiny_dir), "--out", str(out), *ARGS, "--dry-run", "--compact-at", "period_end"])
-    assert "each period's structures cut out as it ends" in capsys.readouterr().out
+    main(["run", str(tiny_dir), "--out", str(out), *ARGS, "--dry-run", "--compact-at", "prune_end"])
+    assert "compacted at step 11, the small model trains on to step 12" in capsys.readouterr().out

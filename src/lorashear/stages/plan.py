@@ -328,7 +328,7 @@ def prune_work(p: Any) -> str:
         return head + f", the masked model at full width to step {steps}, then compacted"
     rest = {"recover": "recovery rounds on the dynamic mix of " + ", ".join(p.post.sources),
             "full": f"{p.data.spec}, every weight at lr {p.post_lr:g}"}.get(p.post_pruning, p.data.spec)
-    when = (f"each period's structures cut out as it ends, the last at step {sched.prune_end}"
+    when = (f"each period's structures cut out as it ends once the cut pays, the last at step {sched.prune_end}"
             if p.compact_at == "period_end" else f"compacted at step {sched.prune_end}")
     return head + f"; {when}, the small model trains on to step {steps} ({rest})"
 
