@@ -41,3 +41,15 @@ def test_a_llama_with_pruned_hidden_channels_is_saved_and_loads(tmp_path, compac
     assert result.report["plan"]["hidden_multiple"] == 6
     model = lorashear.load_pretrained(out)
     assert model.config.hidden_size == saved["hidden_size"]
+
+
+def test_a_config_that_accepts_no_other_hidden_size_is_refused_before_training(tmp_path, monkeypatch):
+    import lorashear.models.widths as widths
+    from lorashear.errors import ConfigError
+
+    monkeypatch.setattr(widths, "hidden_size_multiple", lambda config: 0)
+    out = tmp_path / "p"
+    cfg = _stage_cfg(out, steps=14, ratio=0.3, kinds=("mlp_channel", "hidden_channel"))
+    with pytest.raises(ConfigError, match="accepts no other hidden size.*drop hidden_channel"):
+        prune_stage.run(cfg, model=tiny_model("llama", train=False), data=random_batches(n=16, seq=16))
+    assert not out.exists()  # refused before anything was written

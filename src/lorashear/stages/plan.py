@@ -250,7 +250,8 @@ def decide(step: StepPlan, config: PipelineConfig, layout: RunLayout, *, persist
 def check_prune_target(config: prune.PruneConfig, *, knowledge: str | None) -> None:
     """The prune target's reachability (``--ratio``, ``--attention-ratio``, ``--mlp-ratio``) on the model
     built on ``meta`` with LoRA attached (no weights read), with the protected blocks of ``knowledge`` (an
-    existing knowledge.json) and ``--unprunable``."""
+    existing knowledge.json) and ``--unprunable``; and that the config accepts a pruned hidden size if hidden
+    channels are pruned."""
     from ..graph.discover import discover
     from ..models.loading import build_meta_model, resolve_model_path
     from ..models.lora import attach_lora
@@ -260,6 +261,7 @@ def check_prune_target(config: prune.PruneConfig, *, knowledge: str | None) -> N
     if not resolved.is_dir():
         return  # a hub id: checked by the stage once loaded
     model = build_meta_model(resolved, name=config.model)
+    prune.check_hidden_width(config, model.config)
     total = count_params(model)
     graph = discover(attach_lora(model, config.lora), hidden="hidden_channel" in config.target.kinds)
     excluded, _ = prune.unprunable_ids(graph, knowledge, config.unprunable)

@@ -221,6 +221,20 @@ def max_removable(candidates: list, all_groups: list, target: TargetConfig) -> f
     return total
 
 
+def check_hidden_width(config: PruneConfig, model_config: Any) -> int:
+    """The multiple the kept hidden size must keep for ``model_config``'s class to accept it (1 when hidden
+    channels are not pruned); refuses hidden-channel pruning where the config accepts no other hidden size."""
+    if "hidden_channel" not in config.target.kinds:
+        return 1
+    from ..models.widths import hidden_size_multiple
+
+    multiple = hidden_size_multiple(model_config)
+    if multiple == 0:
+        raise ConfigError(f"the {model_config.model_type} config accepts no other hidden size, so the pruned "
+                          f"model could not be saved; drop hidden_channel from --kinds")
+    return multiple
+
+
 def check_reachable(candidates: list, all_groups: list, target: TargetConfig, total_params: int) -> None:
     """Refuse a target the structure cannot reach, with one line stating the most it can: ``--attention-ratio``
     and ``--mlp-ratio`` (a fraction of their cluster's prunable parameters), then ``--ratio`` (of the model)."""
@@ -358,6 +372,7 @@ def _setup(config: PruneConfig, accelerator: Any, *, model: Any, tokenizer: Any,
 
         check_tokenizer_fits(model, tokenizer, config.model)
     model.to(accelerator.device)
+    hidden_multiple = check_hidden_width(config, model.config)  # before any data or teacher work
     params_before = count_params(model)
     emb = embedding_params(model)
     ppl_before = None
@@ -377,14 +392,6 @@ def _setup(config: PruneConfig, accelerator: Any, *, model: Any, tokenizer: Any,
     sources, dense_losses = _round_sources(config, model, tokenizer, data) if recovers else ([], {})
     set_seed(train.seed)
     dense_flops = forward_flops_per_token(model, data.shape[1])
-    hidden_multiple = 1
-    if "hidden_channel" in config.target.kinds:
-        from ..models.widths import hidden_size_multiple
-
-        hidden_multiple = hidden_size_multiple(model.config)
-        if hidden_multiple == 0:
-            raise ConfigError(f"the {model.config.model_type} config accepts no other hidden size, so the pruned "
-                              f"model could not be saved; drop hidden_channel from --kinds")
     peft_model = attach_lora(model, config.lora)
     graph = discover(peft_model, hidden="hidden_channel" in config.target.kinds)
     excluded, blocks = unprunable_ids(graph, config.knowledge, config.unprunable)
